@@ -1,0 +1,531 @@
+//! Configuration: a TOML file, then `TIERGATE_<SECTION>_<KEY>` environment variables, then flags;
+//! validated once at start-up into [`Settings`], with errors that name the offending key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::hashing::{RecipientHasher, MIN_KEY_LEN};
+use crate::policy::{self, Ladder, Limit, ScopeMode, Tier};
+use crate::store::redis::{RedisOptions, Topology};
+use crate::store::Windows;
+
+/// A configuration error, naming the key (or environment variable) at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), message: message.into() }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub policy: PolicyConfig,
+    /// Static per-portfolio overrides.
+    pub portfolios: Vec<PortfolioConfig>,
+}
+
+/// `[server]`: where to listen and how to stop.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The gRPC API (Limiter, health, reflection).
+    pub grpc_listen: SocketAddr,
+    /// HTTP: /metrics, /livez, /readyz.
+    pub admin_listen: SocketAddr,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            grpc_listen: ([127, 0, 0, 1], 50051).into(),
+            admin_listen: ([127, 0, 0, 1], 9090).into(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Which store backend holds the windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// In this process only.
+    #[default]
+    Memory,
+    /// Shared through Redis (standalone, Sentinel or Cluster).
+    Redis,
+}
+
+/// What Admit does when the store cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Fail the call with UNAVAILABLE, so no message goes out unchecked.
+    #[default]
+    Deny,
+    /// Admit, log a warning and count it.
+    Allow,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    /// `redis://`, `rediss://`, or `redis+sentinel://[user:pass@]host:port[,host:port]/master[/db]`.
+    pub url: Option<String>,
+    /// Treat `url` as a seed node of a Redis Cluster.
+    pub cluster: bool,
+    /// Sentinel addresses (`host:port` or `redis://host:port`), with `master_name`.
+    pub sentinels: Vec<String>,
+    pub master_name: Option<String>,
+    /// Secret for hashing recipients; at least 16 bytes; the same on every sidecar of a store.
+    pub hash_key: Option<String>,
+    /// Bound on connecting to and each call into the store.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    pub on_error: OnError,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+    /// How long a scope's persisted tier outlives its last activity.
+    #[serde(with = "humantime_serde")]
+    pub state_ttl: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: Backend::Memory,
+            url: None,
+            cluster: false,
+            sentinels: Vec::new(),
+            master_name: None,
+            hash_key: None,
+            timeout: Duration::from_millis(250),
+            on_error: OnError::Deny,
+            key_prefix: "tg".into(),
+            state_ttl: Duration::from_secs(35 * 24 * 3600),
+        }
+    }
+}
+
+/// A ladder: a preset name or a list of tiers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum LadderConfig {
+    Preset(String),
+    Custom(Vec<TierConfig>),
+}
+
+/// One tier of a custom ladder; no `limit` means unlimited.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    pub name: String,
+    pub limit: Option<u64>,
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub scope: ScopeMode,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub service_window: Duration,
+    pub ladder: LadderConfig,
+    /// The tier of a scope nobody set; the ladder's first tier when absent.
+    pub default_tier: Option<String>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        let day = Duration::from_secs(24 * 3600);
+        PolicyConfig {
+            scope: ScopeMode::Portfolio,
+            window: day,
+            service_window: day,
+            ladder: LadderConfig::Preset("meta-2025".into()),
+            default_tier: None,
+        }
+    }
+}
+
+/// `[[portfolios]]`: a static tier for one portfolio (SetTier still wins).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortfolioConfig {
+    pub id: String,
+    pub tier: Option<String>,
+}
+
+/// Keys that may be set from the environment, by section.
+const ENV_KEYS: &[(&str, &[&str])] = &[
+    ("server", &["grpc_listen", "admin_listen", "shutdown_grace"]),
+    (
+        "store",
+        &[
+            "backend",
+            "url",
+            "cluster",
+            "sentinels",
+            "master_name",
+            "hash_key",
+            "timeout",
+            "on_error",
+            "key_prefix",
+            "state_ttl",
+        ],
+    ),
+    ("policy", &["scope", "window", "service_window", "ladder", "default_tier"]),
+];
+
+impl Config {
+    /// Reads the file (if any) and applies `TIERGATE_<SECTION>_<KEY>` variables from `env`.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let mut doc = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| err(p.display().to_string(), e.to_string()))?;
+                text.parse::<toml::Table>().map_err(|e| err(p.display().to_string(), e.to_string()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            apply_env(&mut doc, &name, &value)?;
+        }
+        Config::deserialize(toml::Value::Table(doc)).map_err(|e| err("config", e.message().to_string()))
+    }
+
+    /// Parses TOML text without the environment; for tests and `check-config`.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| err("config", e.message().to_string()))
+    }
+}
+
+fn apply_env(doc: &mut toml::Table, name: &str, value: &str) -> Result<(), ConfigError> {
+    let Some(rest) = name.strip_prefix("TIERGATE_") else { return Ok(()) };
+    let Some((section, keys)) =
+        ENV_KEYS.iter().find(|(s, _)| rest.strip_prefix(&s.to_ascii_uppercase()).is_some_and(|r| r.starts_with('_')))
+    else {
+        return Ok(()); // Not a config section (e.g. TIERGATE_LOG).
+    };
+    let key = rest[section.len() + 1..].to_ascii_lowercase();
+    if !keys.contains(&key.as_str()) {
+        return Err(err(name, format!("no key `{key}` in [{section}]; known: {}", keys.join(", "))));
+    }
+    let parsed = match key.as_str() {
+        "cluster" => toml::Value::Boolean(
+            value.parse().map_err(|_| err(name, format!("expected true or false, got {value:?}")))?,
+        ),
+        "sentinels" => toml::Value::Array(
+            value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
+        ),
+        _ => toml::Value::String(value.to_owned()),
+    };
+    let table = doc
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| err(*section, "must be a table"))?;
+    table.insert(key, parsed);
+    Ok(())
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server: ServerConfig,
+    pub scope: ScopeMode,
+    pub windows: Windows,
+    pub ladder: Ladder,
+    pub default_tier: Tier,
+    /// Static tiers by portfolio id.
+    pub portfolio_tiers: BTreeMap<String, Tier>,
+    pub store: StoreSettings,
+    pub on_error: OnError,
+}
+
+/// The store to build.
+#[derive(Debug, Clone)]
+pub enum StoreSettings {
+    /// The embedded store; `hasher` is random when no key was configured.
+    Memory {
+        hasher: RecipientHasher,
+        generated_key: bool,
+    },
+    Redis {
+        hasher: RecipientHasher,
+        options: RedisOptions,
+    },
+}
+
+impl StoreSettings {
+    /// The recipient hasher for this store.
+    pub fn hasher(&self) -> &RecipientHasher {
+        match self {
+            StoreSettings::Memory { hasher, .. } | StoreSettings::Redis { hasher, .. } => hasher,
+        }
+    }
+}
+
+impl Config {
+    /// Checks every key and resolves the ladder, tiers and store.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let p = &self.policy;
+        if p.window.is_zero() {
+            return Err(err("policy.window", "must be longer than zero"));
+        }
+        if p.service_window.is_zero() {
+            return Err(err("policy.service_window", "must be longer than zero"));
+        }
+        let ladder = match &p.ladder {
+            LadderConfig::Preset(name) => Ladder::preset(name).ok_or_else(|| {
+                err(
+                    "policy.ladder",
+                    format!("unknown preset {name:?}; use one of {:?} or a list of tiers", policy::LADDER_PRESETS),
+                )
+            })?,
+            LadderConfig::Custom(tiers) => Ladder::custom(
+                tiers
+                    .iter()
+                    .map(|t| Tier { name: t.name.clone(), limit: t.limit.map_or(Limit::Unlimited, Limit::Limited) })
+                    .collect(),
+            )
+            .map_err(|m| err("policy.ladder", m))?,
+        };
+        let tier = |key: &str, name: &str| {
+            ladder
+                .get(name)
+                .cloned()
+                .ok_or_else(|| err(key, format!("unknown tier {name:?}; the ladder has {}", ladder.names())))
+        };
+        let default_tier = match &p.default_tier {
+            Some(name) => tier("policy.default_tier", name)?,
+            None => ladder.tiers()[0].clone(),
+        };
+        let mut portfolio_tiers = BTreeMap::new();
+        for (i, pf) in self.portfolios.iter().enumerate() {
+            let key = format!("portfolios[{i}]");
+            policy::validate_id(&pf.id).map_err(|m| err(format!("{key}.id"), m))?;
+            if let Some(name) = &pf.tier {
+                let t = tier(&format!("{key}.tier"), name)?;
+                if portfolio_tiers.insert(pf.id.clone(), t).is_some() {
+                    return Err(err(format!("{key}.id"), format!("portfolio {:?} is listed twice", pf.id)));
+                }
+            }
+        }
+        let s = &self.store;
+        if s.timeout.is_zero() {
+            return Err(err("store.timeout", "must be longer than zero"));
+        }
+        if s.key_prefix.is_empty() || s.key_prefix.contains(['{', '}']) {
+            return Err(err("store.key_prefix", "must be non-empty and contain no braces"));
+        }
+        let hasher = match &s.hash_key {
+            Some(key) => Some(RecipientHasher::new(key.as_bytes()).map_err(|m| err("store.hash_key", m))?),
+            None => None,
+        };
+        let windows = Windows { window: p.window, service_window: p.service_window };
+        let store = match s.backend {
+            Backend::Memory => match hasher {
+                Some(hasher) => StoreSettings::Memory { hasher, generated_key: false },
+                None => StoreSettings::Memory { hasher: RecipientHasher::random(), generated_key: true },
+            },
+            Backend::Redis => {
+                let hasher = hasher.ok_or_else(|| {
+                    err(
+                        "store.hash_key",
+                        format!(
+                            "is required with the redis backend (at least {MIN_KEY_LEN} bytes, the same on every \
+                             sidecar; set TIERGATE_STORE_HASH_KEY)"
+                        ),
+                    )
+                })?;
+                let options = RedisOptions {
+                    topology: self.topology()?,
+                    windows,
+                    timeout: s.timeout,
+                    state_ttl: s.state_ttl,
+                    key_prefix: s.key_prefix.clone(),
+                };
+                StoreSettings::Redis { hasher, options }
+            }
+        };
+        Ok(Settings {
+            server: self.server.clone(),
+            scope: p.scope,
+            windows,
+            ladder,
+            default_tier,
+            portfolio_tiers,
+            store,
+            on_error: s.on_error,
+        })
+    }
+
+    fn topology(&self) -> Result<Topology, ConfigError> {
+        let s = &self.store;
+        let with_scheme = |a: &str| if a.contains("://") { a.to_owned() } else { format!("redis://{a}") };
+        if !s.sentinels.is_empty() {
+            let master_name = s
+                .master_name
+                .clone()
+                .filter(|m| !m.is_empty())
+                .ok_or_else(|| err("store.master_name", "is required with store.sentinels"))?;
+            return Ok(Topology::Sentinel {
+                sentinels: s.sentinels.iter().map(|a| with_scheme(a)).collect(),
+                master_name,
+                master_url: s.url.clone(),
+            });
+        }
+        let url = s.url.clone().ok_or_else(|| err("store.url", "is required with the redis backend"))?;
+        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            return parse_sentinel_url(rest);
+        }
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(err("store.url", "must start with redis://, rediss:// or redis+sentinel://"));
+        }
+        redis::Client::open(url.as_str()).map_err(|e| err("store.url", e.to_string()))?;
+        if s.cluster {
+            Ok(Topology::Cluster { nodes: vec![url] })
+        } else {
+            Ok(Topology::Standalone { url })
+        }
+    }
+}
+
+/// `[user:pass@]host:port[,host:port...]/master_name[/db]`: credentials and db are the master's.
+fn parse_sentinel_url(rest: &str) -> Result<Topology, ConfigError> {
+    let bad = |m: &str| {
+        err("store.url", format!("{m}; expected redis+sentinel://[user:pass@]host:port[,host:port]/master_name[/db]"))
+    };
+    let (authority, path) = rest.split_once('/').ok_or_else(|| bad("no master name"))?;
+    let (creds, hosts) = authority.rsplit_once('@').map_or((None, authority), |(c, h)| (Some(c), h));
+    let mut path = path.split('/');
+    let master_name = path.next().filter(|m| !m.is_empty()).ok_or_else(|| bad("no master name"))?.to_owned();
+    let db = path.next().filter(|d| !d.is_empty());
+    if let Some(db) = db {
+        db.parse::<u32>().map_err(|_| bad("the database must be a number"))?;
+    }
+    let sentinels: Vec<String> = hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("redis://{h}")).collect();
+    if sentinels.is_empty() {
+        return Err(bad("no sentinel address"));
+    }
+    let master_url = (creds.is_some() || db.is_some()).then(|| {
+        format!("redis://{}localhost/{}", creds.map(|c| format!("{c}@")).unwrap_or_default(), db.unwrap_or("0"))
+    });
+    Ok(Topology::Sentinel { sentinels, master_name, master_url })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_validate_to_the_meta_ladder_on_memory() {
+        let s = Config::default().validate().unwrap();
+        assert_eq!(s.default_tier, Tier::limited("TIER_250", 250));
+        assert!(matches!(s.store, StoreSettings::Memory { generated_key: true, .. }));
+        assert_eq!(s.windows, Windows::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let e = Config::from_toml("[store]\nbakend = \"redis\"").unwrap_err();
+        assert!(e.to_string().contains("bakend"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_the_file_and_unknown_env_keys_are_named() {
+        let c = Config::load(None, env(&[("TIERGATE_STORE_HASH_KEY", "12345678901234567890"), ("TIERGATE_LOG", "x")]))
+            .unwrap();
+        assert_eq!(c.store.hash_key.as_deref(), Some("12345678901234567890"));
+        let e = Config::load(None, env(&[("TIERGATE_STORE_URLL", "redis://x")])).unwrap_err();
+        assert_eq!(e.key, "TIERGATE_STORE_URLL");
+        let c =
+            Config::load(None, env(&[("TIERGATE_POLICY_WINDOW", "90s"), ("TIERGATE_STORE_CLUSTER", "true")])).unwrap();
+        assert_eq!(c.policy.window, Duration::from_secs(90));
+        assert!(c.store.cluster);
+    }
+
+    #[test]
+    fn redis_needs_a_long_enough_hash_key() {
+        let e = Config::from_toml("[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:6379\"").unwrap().validate();
+        assert_eq!(e.unwrap_err().key, "store.hash_key");
+        let e = Config::from_toml("[store]\nbackend = \"redis\"\nurl = \"redis://h\"\nhash_key = \"short\"")
+            .unwrap()
+            .validate();
+        assert_eq!(e.unwrap_err().key, "store.hash_key");
+    }
+
+    #[test]
+    fn ladders_resolve_presets_and_custom_lists() {
+        let c = Config::from_toml("[policy]\nladder = \"legacy\"").unwrap().validate().unwrap();
+        assert_eq!(c.default_tier.name, "TIER_1K");
+        let c =
+            Config::from_toml("[policy]\nladder = [{name=\"T5\", limit=5}, {name=\"UNL\"}]\ndefault_tier = \"UNL\"")
+                .unwrap()
+                .validate()
+                .unwrap();
+        assert_eq!(c.default_tier, Tier::unlimited("UNL"));
+        let e = Config::from_toml("[policy]\ndefault_tier = \"TIER_1K\"").unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "policy.default_tier");
+        let e = Config::from_toml("[policy]\nladder = \"newest\"").unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "policy.ladder");
+    }
+
+    #[test]
+    fn portfolio_overrides_are_checked() {
+        let c = Config::from_toml("[[portfolios]]\nid = \"acme\"\ntier = \"TIER_10K\"").unwrap().validate().unwrap();
+        assert_eq!(c.portfolio_tiers["acme"].limit, Limit::Limited(10_000));
+        let e = Config::from_toml("[[portfolios]]\nid = \"a b\"\ntier = \"TIER_10K\"").unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "portfolios[0].id");
+        let e = Config::from_toml("[[portfolios]]\nid = \"a\"\ntier = \"TIER_3\"").unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "portfolios[0].tier");
+    }
+
+    #[test]
+    fn redis_topologies_parse() {
+        let base = "[store]\nbackend = \"redis\"\nhash_key = \"0123456789abcdef\"\n";
+        let topo = |extra: &str| match Config::from_toml(&format!("{base}{extra}")).unwrap().validate() {
+            Ok(Settings { store: StoreSettings::Redis { options, .. }, .. }) => Ok(options.topology),
+            Ok(_) => panic!("not redis"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(topo("url = \"redis://h:1\"").unwrap(), Topology::Standalone { url: "redis://h:1".into() });
+        assert_eq!(
+            topo("url = \"redis://h:1\"\ncluster = true").unwrap(),
+            Topology::Cluster { nodes: vec!["redis://h:1".into()] }
+        );
+        assert_eq!(
+            topo("url = \"redis+sentinel://:pw@s1:26379,s2:26379/mymaster/2\"").unwrap(),
+            Topology::Sentinel {
+                sentinels: vec!["redis://s1:26379".into(), "redis://s2:26379".into()],
+                master_name: "mymaster".into(),
+                master_url: Some("redis://:pw@localhost/2".into()),
+            }
+        );
+        assert_eq!(topo("sentinels = [\"s1:26379\"]").unwrap_err().key, "store.master_name");
+        assert_eq!(topo("").unwrap_err().key, "store.url");
+        assert_eq!(topo("url = \"http://h\"").unwrap_err().key, "store.url");
+    }
+}

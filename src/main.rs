@@ -1,0 +1,190 @@
+//! The `tiergate` command: serve, check a configuration, or ask a running sidecar for usage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tiergate::config::{Backend, Config};
+use tiergate::pb;
+
+/// Enforces WhatsApp Business messaging limits across many sender processes.
+///
+/// Senders call the Admit RPC before each business-initiated message; tiergate answers ADMITTED
+/// or DENIED so that, together, they never reach more unique recipients in the rolling 24 hours
+/// than the business's tier allows. Sidecars that share a Redis share one count.
+#[derive(Parser)]
+#[command(name = "tiergate", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar: gRPC on server.grpc_listen, /metrics /livez /readyz on server.admin_listen.
+    ///
+    /// Without a config file it runs on the embedded in-memory store with Meta's 2025 ladder.
+    /// Every key can also be set as TIERGATE_<SECTION>_<KEY> (e.g. TIERGATE_STORE_URL); flags
+    /// win over the environment, which wins over the file. Logs go to stderr; set TIERGATE_LOG
+    /// (e.g. "debug" or "tiergate=debug") to change the level.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, short, env = "TIERGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// gRPC listen address (server.grpc_listen).
+        #[arg(long)]
+        grpc_listen: Option<std::net::SocketAddr>,
+        /// Admin HTTP listen address (server.admin_listen).
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
+        /// Redis URL (store.url); implies store.backend = "redis".
+        #[arg(long)]
+        redis_url: Option<String>,
+    },
+    /// Validate a configuration file (and the TIERGATE_* environment) and print what it resolves to.
+    CheckConfig {
+        /// TOML configuration file.
+        file: PathBuf,
+    },
+    /// Ask a running sidecar for the usage of a portfolio (or of one number in per-number scope).
+    Usage {
+        /// Portfolio id.
+        #[arg(long)]
+        portfolio: String,
+        /// Sender phone number id, needed in per-number scope.
+        #[arg(long, default_value = "")]
+        sender: String,
+        /// The sidecar's gRPC address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+    },
+}
+
+fn load(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(path, std::env::vars())?)
+}
+
+async fn serve(
+    config: Option<PathBuf>,
+    grpc_listen: Option<std::net::SocketAddr>,
+    admin_listen: Option<std::net::SocketAddr>,
+    redis_url: Option<String>,
+) -> anyhow::Result<()> {
+    let mut cfg = load(config.as_deref())?;
+    if let Some(a) = grpc_listen {
+        cfg.server.grpc_listen = a;
+    }
+    if let Some(a) = admin_listen {
+        cfg.server.admin_listen = a;
+    }
+    if let Some(url) = redis_url {
+        cfg.store.backend = Backend::Redis;
+        cfg.store.url = Some(url);
+    }
+    let settings = cfg.validate().context("invalid configuration")?;
+    let grpc = tokio::net::TcpListener::bind(settings.server.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen on server.grpc_listen = {}", settings.server.grpc_listen))?;
+    let admin = tokio::net::TcpListener::bind(settings.server.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on server.admin_listen = {}", settings.server.admin_listen))?;
+    tiergate::server::run(settings, grpc, admin, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received."),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received."),
+    }
+}
+
+fn check_config(file: PathBuf) -> anyhow::Result<()> {
+    let settings = load(Some(&file))?.validate()?;
+    println!("{}: ok", file.display());
+    println!("grpc_listen   {}", settings.server.grpc_listen);
+    println!("admin_listen  {}", settings.server.admin_listen);
+    let store = match &settings.store {
+        tiergate::config::StoreSettings::Memory { .. } => "memory".to_string(),
+        tiergate::config::StoreSettings::Redis { options, .. } => format!("redis {:?}", redact(&options.topology)),
+    };
+    println!("store         {store}");
+    println!("scope         {:?}", settings.scope);
+    println!("window        {}", humantime::format_duration(settings.windows.window));
+    println!("service       {}", humantime::format_duration(settings.windows.service_window));
+    println!("ladder        {}", settings.ladder.names());
+    println!("default_tier  {}", settings.default_tier.name);
+    for (id, tier) in &settings.portfolio_tiers {
+        println!("portfolio     {id} = {}", tier.name);
+    }
+    Ok(())
+}
+
+fn redact(t: &tiergate::store::redis::Topology) -> String {
+    use tiergate::store::redis::{redact_url, Topology};
+    match t {
+        Topology::Standalone { url } => redact_url(url),
+        Topology::Cluster { nodes } => {
+            format!("cluster {}", nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>().join(","))
+        }
+        Topology::Sentinel { sentinels, master_name, .. } => {
+            format!("sentinel {} master {master_name}", sentinels.join(","))
+        }
+    }
+}
+
+async fn usage(portfolio: String, sender: String, addr: String) -> anyhow::Result<()> {
+    let mut client = pb::limiter_client::LimiterClient::connect(addr.clone())
+        .await
+        .with_context(|| format!("cannot reach a sidecar at {addr}"))?;
+    let u = client
+        .get_usage(pb::GetUsageRequest { portfolio_id: portfolio, sender_id: sender })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    println!("portfolio          {}", u.portfolio_id);
+    if !u.sender_id.is_empty() {
+        println!("sender             {}", u.sender_id);
+    }
+    println!("tier               {}", u.tier);
+    println!("unique_recipients  {}", u.unique_recipients);
+    if u.unlimited {
+        println!("limit              unlimited");
+    } else {
+        println!("limit              {}", u.limit);
+        println!("remaining          {}", u.remaining);
+    }
+    if let Some(t) = u.next_slot_at {
+        let t = std::time::SystemTime::try_from(t).unwrap_or(std::time::UNIX_EPOCH);
+        println!("next_slot_at       {}", humantime::format_rfc3339_millis(t));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TIERGATE_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config, grpc_listen, admin_listen, redis_url } => {
+                serve(config, grpc_listen, admin_listen, redis_url).await
+            }
+            Command::CheckConfig { file } => check_config(file),
+            Command::Usage { portfolio, sender, addr } => usage(portfolio, sender, addr).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tiergate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

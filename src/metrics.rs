@@ -1,0 +1,104 @@
+//! Metric names, their descriptions, and the Prometheus recorder. Every metric tiergate exports
+//! is named here once.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::policy::{Limit, Reason, ScopeKey};
+use crate::store::{StoreError, UsageSnapshot};
+
+/// Admission decisions, by `decision` and `reason`.
+pub const DECISIONS: &str = "tiergate_decisions_total";
+/// Time to answer one Admit or AdmitBatch call, store round trip included.
+pub const ADMIT_SECONDS: &str = "tiergate_admit_duration_seconds";
+/// Unique recipients counted in the rolling window, by `portfolio` and `sender` (per-number scope).
+pub const UNIQUE_RECIPIENTS: &str = "tiergate_unique_recipients";
+/// The messaging limit of the scope's tier (+Inf when unlimited).
+pub const LIMIT: &str = "tiergate_limit";
+/// Failed store calls, by `op` and `kind` (transient or internal).
+pub const STORE_ERRORS: &str = "tiergate_store_errors_total";
+/// Messages admitted unchecked because the store was down and `store.on_error = "allow"`.
+pub const FAIL_OPEN: &str = "tiergate_store_fail_open_total";
+/// Release calls, by `released` (true or false).
+pub const RELEASES: &str = "tiergate_releases_total";
+/// Inbound messages recorded (service windows opened or restarted).
+pub const INBOUND: &str = "tiergate_inbound_total";
+
+/// Buckets of [`ADMIT_SECONDS`]: from 50 µs (memory store) to 1 s (a struggling Redis).
+const LATENCY_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(ADMIT_SECONDS.into()), LATENCY_BUCKETS)
+                .expect("buckets are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only when another recorder is installed; then ours stays unused but renders.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(DECISIONS, "Admission decisions by decision and reason.");
+    describe_histogram!(ADMIT_SECONDS, Unit::Seconds, "Time to answer one Admit or AdmitBatch call.");
+    describe_gauge!(UNIQUE_RECIPIENTS, "Unique recipients counted in the rolling window of a limit scope.");
+    describe_gauge!(LIMIT, "Messaging limit of the scope's tier (+Inf when unlimited).");
+    describe_counter!(STORE_ERRORS, "Failed store calls by operation and kind.");
+    describe_counter!(FAIL_OPEN, "Messages admitted unchecked because the store could not answer.");
+    describe_counter!(RELEASES, "Release calls by whether a slot was given back.");
+    describe_counter!(INBOUND, "Inbound messages recorded.");
+}
+
+/// Counts one decision.
+pub fn decision(reason: Reason) {
+    counter!(DECISIONS, "decision" => reason.decision().as_str(), "reason" => reason.as_str()).increment(1);
+}
+
+/// Records the latency of one Admit or AdmitBatch call.
+pub fn admit_latency(elapsed: Duration) {
+    histogram!(ADMIT_SECONDS).record(elapsed.as_secs_f64());
+}
+
+/// Publishes a scope's usage versus its tier.
+pub fn usage(scope: &ScopeKey, usage: &UsageSnapshot) {
+    let labels = [("portfolio", scope.portfolio.clone()), ("sender", scope.sender.clone().unwrap_or_default())];
+    gauge!(UNIQUE_RECIPIENTS, &labels).set(usage.counted as f64);
+    let limit = match usage.tier.limit {
+        Limit::Limited(n) => n as f64,
+        Limit::Unlimited => f64::INFINITY,
+    };
+    gauge!(LIMIT, &labels).set(limit);
+}
+
+/// Counts a failed store call.
+pub fn store_error(op: &'static str, e: &StoreError) {
+    let kind = if e.is_transient() { "transient" } else { "internal" };
+    counter!(STORE_ERRORS, "op" => op, "kind" => kind).increment(1);
+}
+
+/// Counts a message admitted without a check.
+pub fn fail_open() {
+    counter!(FAIL_OPEN).increment(1);
+}
+
+/// Counts a Release call.
+pub fn release(released: bool) {
+    counter!(RELEASES, "released" => if released { "true" } else { "false" }).increment(1);
+}
+
+/// Counts an inbound message.
+pub fn inbound() {
+    counter!(INBOUND).increment(1);
+}

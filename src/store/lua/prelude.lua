@@ -1,0 +1,49 @@
+-- Shared by the admit, usage and set-tier scripts (prepended to each).
+--
+-- Times are microseconds since the Unix epoch, from the Redis server's clock, so sidecars with
+-- skewed clocks agree. They stay below 2^53, so Lua's doubles hold them exactly; numbers sent
+-- back to Redis go through tg_fmt because Lua's own conversion keeps only 14 digits.
+
+local US_PER_DAY = 86400000000
+
+local function tg_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function tg_fmt(n)
+  return string.format('%.0f', n)
+end
+
+-- The scope's tier (persisted by set-tier, else the caller's fallback), last score and day of
+-- the unique-recipient estimate.
+local function tg_meta(meta_key, fallback_tier, fallback_limit)
+  local m = redis.call('HMGET', meta_key, 'tier', 'limit', 'seq', 'day')
+  local tier, limit = fallback_tier, tonumber(fallback_limit)
+  if m[1] then
+    tier, limit = m[1], tonumber(m[2])
+  end
+  return tier, limit, tonumber(m[3]) or 0, tonumber(m[4])
+end
+
+-- Drops contacts that have left the rolling window.
+local function tg_expire(window_key, now, window)
+  redis.call('ZREMRANGEBYSCORE', window_key, '-inf', tg_fmt(now - window))
+end
+
+-- Counted recipients and when the oldest leaves the window (0: none). Unlimited tiers keep no
+-- window: they report the day's HyperLogLog estimate instead.
+local function tg_usage(limit, window_key, unique_key, day, now, window)
+  if limit < 0 then
+    if day ~= math.floor(now / US_PER_DAY) then
+      return 0, 0
+    end
+    return redis.call('PFCOUNT', unique_key), 0
+  end
+  local oldest = redis.call('ZRANGE', window_key, 0, 0, 'WITHSCORES')
+  local next_slot = 0
+  if oldest[2] then
+    next_slot = tonumber(oldest[2]) + window
+  end
+  return redis.call('ZCARD', window_key), next_slot
+end

@@ -1,0 +1,360 @@
+//! The Redis store: every sidecar on one Redis (standalone, Sentinel or Cluster) shares one set of
+//! windows, and every decision is one Lua script call, so it is atomic and one round trip.
+//!
+//! Key layout, all under the hash tag of the portfolio so a script never crosses Cluster slots
+//! (`<p>` = `store.key_prefix`, `<scope>` = empty, or `:n:<sender>` in per-number scope):
+//!
+//! | key                        | type       | holds                                          | TTL |
+//! |----------------------------|------------|------------------------------------------------|-----|
+//! | `<p>:{portfolio}:w<scope>` | sorted set | recipient hash → last counted contact (µs)     | window |
+//! | `<p>:{portfolio}:m<scope>` | hash       | persisted tier and limit, last score, HLL day  | `store.state_ttl` |
+//! | `<p>:{portfolio}:u<scope>` | HyperLogLog| unique recipients today (unlimited tiers only) | 2 days |
+//! | `<p>:{portfolio}:sw`       | sorted set | (sender, recipient) hash → window closes (µs)  | service window |
+//!
+//! The scripts live in `lua/` beside this file; each documents its KEYS and ARGV at its top.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind};
+use tokio::sync::Mutex;
+
+use super::{Admission, AdmitOp, Store, StoreError, UsageSnapshot, Windows};
+use crate::policy::{self, Lease, Limit, Micros, Reason, ScopeKey, Tier};
+
+const PRELUDE: &str = include_str!("lua/prelude.lua");
+
+fn with_prelude(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}\n{body}"))
+}
+
+static ADMIT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("lua/admit.lua")));
+static USAGE: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("lua/usage.lua")));
+static SET_TIER: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("lua/set_tier.lua")));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release.lua")));
+static RECORD_INBOUND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/record_inbound.lua")));
+
+/// How to reach Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// One server (`redis://` or `rediss://`), reconnecting on its own.
+    Standalone { url: String },
+    /// A Redis Cluster, from one or more seed node URLs.
+    Cluster { nodes: Vec<String> },
+    /// A master found through Sentinel; re-resolved after a failover.
+    Sentinel {
+        sentinels: Vec<String>,
+        master_name: String,
+        /// Credentials, database and TLS for the master, as a `redis://` URL without host meaning.
+        master_url: Option<String>,
+    },
+}
+
+/// Everything the Redis store needs.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub topology: Topology,
+    pub windows: Windows,
+    /// Bound on connecting and on each call; past it the call fails as unavailable.
+    pub timeout: Duration,
+    /// How long a scope's tier and state stay after its last activity.
+    pub state_ttl: Duration,
+    /// Prefix of every key, so several deployments can share one Redis.
+    pub key_prefix: String,
+}
+
+/// Strips the password (and user) from a Redis URL before it reaches a log line.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest.split_once('/').map_or((rest, String::new()), |(a, p)| (a, format!("/{p}")));
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}{path}"),
+        None => format!("{scheme}://{authority}{path}"),
+    }
+}
+
+enum Connection {
+    Standalone(ConnectionManager),
+    Cluster { client: redis::cluster::ClusterClient, conn: Mutex<Option<ClusterConnection>> },
+    Sentinel { client: Mutex<SentinelClient>, conn: Mutex<Option<MultiplexedConnection>>, timeout: Duration },
+}
+
+/// The Redis store.
+pub struct RedisStore {
+    conn: Arc<Connection>,
+    opts: RedisOptions,
+}
+
+fn transient(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(ServerErrorKind::BusyLoading)
+                | ErrorKind::Server(ServerErrorKind::MasterDown)
+                | ErrorKind::Server(ServerErrorKind::ReadOnly)
+                | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::MasterNameNotFoundBySentinel
+                | ErrorKind::EmptySentinelList
+        )
+}
+
+fn store_error(e: RedisError) -> StoreError {
+    if transient(&e) {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Internal(e.to_string())
+    }
+}
+
+impl RedisStore {
+    /// Builds the store. Connections are made lazily and re-made after failures, so a sidecar
+    /// starts (and reports not ready) while Redis is down, and recovers without a restart.
+    pub fn new(opts: RedisOptions) -> Result<RedisStore, StoreError> {
+        let invalid = |e: RedisError| StoreError::Internal(format!("invalid Redis configuration: {e}"));
+        let conn = match &opts.topology {
+            Topology::Standalone { url } => {
+                let client = redis::Client::open(url.as_str()).map_err(invalid)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(opts.timeout))
+                    .set_response_timeout(Some(opts.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                Connection::Standalone(ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)?)
+            }
+            Topology::Cluster { nodes } => {
+                let client = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
+                    .connection_timeout(opts.timeout)
+                    .response_timeout(opts.timeout)
+                    .retries(1)
+                    .build()
+                    .map_err(invalid)?;
+                Connection::Cluster { client, conn: Mutex::new(None) }
+            }
+            Topology::Sentinel { sentinels, master_name, master_url } => {
+                let node = match master_url {
+                    Some(url) => {
+                        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).map_err(invalid)?;
+                        SentinelNodeConnectionInfo::default().set_redis_connection_info(info.redis_settings().clone())
+                    }
+                    None => SentinelNodeConnectionInfo::default(),
+                };
+                let client = SentinelClient::build(
+                    sentinels.iter().map(String::as_str).collect(),
+                    master_name.clone(),
+                    Some(node),
+                    SentinelServerType::Master,
+                )
+                .map_err(invalid)?;
+                Connection::Sentinel { client: Mutex::new(client), conn: Mutex::new(None), timeout: opts.timeout }
+            }
+        };
+        Ok(RedisStore { conn: Arc::new(conn), opts })
+    }
+
+    fn keys(&self, scope: &ScopeKey) -> [String; 4] {
+        let tag = format!("{}:{{{}}}", self.opts.key_prefix, scope.portfolio);
+        let sub = scope.sender.as_ref().map(|s| format!(":n:{s}")).unwrap_or_default();
+        [format!("{tag}:w{sub}"), format!("{tag}:m{sub}"), format!("{tag}:u{sub}"), format!("{tag}:sw")]
+    }
+
+    fn service_key(&self, portfolio: &str) -> String {
+        format!("{}:{{{}}}:sw", self.opts.key_prefix, portfolio)
+    }
+
+    fn window_us(&self) -> u64 {
+        policy::micros(self.opts.windows.window)
+    }
+
+    fn state_ttl_ms(&self) -> u64 {
+        u64::try_from(self.opts.state_ttl.max(self.opts.windows.window).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Runs one script invocation within the configured timeout.
+    async fn run<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> Result<T, StoreError> {
+        let timeout = self.opts.timeout;
+        let call = async {
+            match &*self.conn {
+                Connection::Standalone(m) => inv.invoke_async(&mut m.clone()).await,
+                Connection::Cluster { client, conn } => {
+                    let mut c = {
+                        let mut slot = conn.lock().await;
+                        match &*slot {
+                            Some(c) => c.clone(),
+                            None => {
+                                let c = client.get_async_connection().await?;
+                                *slot = Some(c.clone());
+                                c
+                            }
+                        }
+                    };
+                    inv.invoke_async(&mut c).await
+                }
+                Connection::Sentinel { client, conn, timeout } => {
+                    let mut c = sentinel_connection(client, conn, *timeout).await?;
+                    let result = inv.invoke_async(&mut c).await;
+                    if let Err(e) = &result {
+                        if transient(e) {
+                            // The master may have moved: ask the sentinels again next time.
+                            *conn.lock().await = None;
+                        }
+                    }
+                    result
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result.map_err(store_error),
+            Err(_) => {
+                if let Connection::Sentinel { conn, .. } = &*self.conn {
+                    *conn.lock().await = None;
+                }
+                Err(StoreError::Unavailable(format!("Redis did not answer within {timeout:?}")))
+            }
+        }
+    }
+
+    fn tier_from(name: String, limit: i64) -> Tier {
+        Tier { name, limit: Limit::from_i64(limit) }
+    }
+
+    fn usage_from(&self, (name, limit, counted, next): (String, i64, u64, u64)) -> UsageSnapshot {
+        UsageSnapshot { tier: Self::tier_from(name, limit), counted, next_slot_at: (next > 0).then_some(next) }
+    }
+}
+
+async fn sentinel_connection(
+    client: &Mutex<SentinelClient>,
+    conn: &Mutex<Option<MultiplexedConnection>>,
+    timeout: Duration,
+) -> Result<MultiplexedConnection, RedisError> {
+    let mut slot = conn.lock().await;
+    if let Some(c) = &*slot {
+        return Ok(c.clone());
+    }
+    let master = client.lock().await.async_get_client().await?;
+    let config =
+        redis::AsyncConnectionConfig::new().set_connection_timeout(Some(timeout)).set_response_timeout(Some(timeout));
+    let mut c = master.get_multiplexed_async_connection_with_config(&config).await?;
+    // A sentinel may still name the old master for a moment after a failover: insist on a master.
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await?;
+    if !matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+        return Err(RedisError::from((ErrorKind::Server(ServerErrorKind::ReadOnly), "sentinel named a replica")));
+    }
+    *slot = Some(c.clone());
+    Ok(c)
+}
+
+fn reason_from(code: i64) -> Result<Reason, StoreError> {
+    match code {
+        1 => Ok(Reason::NewRecipient),
+        2 => Ok(Reason::AlreadyCounted),
+        3 => Ok(Reason::ServiceWindow),
+        4 => Ok(Reason::LimitReached),
+        other => Err(StoreError::Internal(format!("admit script returned reason {other}"))),
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn admit(&self, scope: &ScopeKey, fallback: &Tier, ops: &[AdmitOp]) -> Result<Vec<Admission>, StoreError> {
+        let keys = self.keys(scope);
+        let mut inv = ADMIT.prepare_invoke();
+        inv.key(&keys[..])
+            .arg(self.window_us())
+            .arg(&fallback.name)
+            .arg(fallback.limit.to_i64())
+            .arg(self.state_ttl_ms());
+        for op in ops {
+            inv.arg(&op.member[..]).arg(op.service_member.as_deref().unwrap_or(b""));
+        }
+        let (name, limit, flat): (String, i64, Vec<i64>) = self.run(&inv).await?;
+        if flat.len() != ops.len() * 5 {
+            return Err(StoreError::Internal(format!(
+                "admit script returned {} values for {} ops",
+                flat.len(),
+                ops.len()
+            )));
+        }
+        let tier = Self::tier_from(name, limit);
+        flat.chunks_exact(5)
+            .map(|c| {
+                let positive = |v: i64| u64::try_from(v).ok().filter(|v| *v > 0);
+                Ok(Admission {
+                    reason: reason_from(c[0])?,
+                    lease_score: positive(c[1]),
+                    retry_after: positive(c[2]).map(Duration::from_micros),
+                    usage: UsageSnapshot {
+                        tier: tier.clone(),
+                        counted: positive(c[3]).unwrap_or(0),
+                        next_slot_at: positive(c[4]),
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let [window, ..] = self.keys(&lease.scope);
+        let mut inv = RELEASE.prepare_invoke();
+        inv.key(window).arg(&lease.member[..]).arg(lease.score);
+        let removed: i64 = self.run(&inv).await?;
+        Ok(removed == 1)
+    }
+
+    async fn record_inbound(&self, portfolio: &str, service_member: &[u8]) -> Result<Micros, StoreError> {
+        let mut inv = RECORD_INBOUND.prepare_invoke();
+        inv.key(self.service_key(portfolio)).arg(service_member).arg(policy::micros(self.opts.windows.service_window));
+        self.run(&inv).await
+    }
+
+    async fn usage(&self, scope: &ScopeKey, fallback: &Tier) -> Result<UsageSnapshot, StoreError> {
+        let keys = self.keys(scope);
+        let mut inv = USAGE.prepare_invoke();
+        inv.key(&keys[..3]).arg(self.window_us()).arg(&fallback.name).arg(fallback.limit.to_i64());
+        Ok(self.usage_from(self.run(&inv).await?))
+    }
+
+    async fn set_tier(&self, scope: &ScopeKey, tier: &Tier) -> Result<UsageSnapshot, StoreError> {
+        let keys = self.keys(scope);
+        let mut inv = SET_TIER.prepare_invoke();
+        inv.key(&keys[..3]).arg(self.window_us()).arg(&tier.name).arg(tier.limit.to_i64()).arg(self.state_ttl_ms());
+        Ok(self.usage_from(self.run(&inv).await?))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // A script call exercises the same path as a decision (and loads nothing new).
+        let mut inv = RELEASE.prepare_invoke();
+        inv.key(format!("{}:{{ping}}:w", self.opts.key_prefix)).arg("").arg(0);
+        let _: i64 = self.run(&inv).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        match &*self.conn {
+            Connection::Standalone(_) => "redis",
+            Connection::Cluster { .. } => "redis-cluster",
+            Connection::Sentinel { .. } => "redis-sentinel",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn urls_lose_their_credentials() {
+        assert_eq!(redact_url("redis://user:s3cret@db:6379/2"), "redis://***@db:6379/2");
+        assert_eq!(redact_url("rediss://:pw@db:6380"), "rediss://***@db:6380");
+        assert_eq!(redact_url("redis://db:6379"), "redis://db:6379");
+        assert!(!redact_url("redis+sentinel://u:pw@s1:26379,s2:26379/mymaster").contains("pw"));
+    }
+}
