@@ -109,7 +109,7 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
     println!("admin_listen  {}", settings.server.admin_listen);
     let store = match &settings.store {
         tiergate::config::StoreSettings::Memory { .. } => "memory".to_string(),
-        tiergate::config::StoreSettings::Redis { options, .. } => format!("redis {:?}", redact(&options.topology)),
+        tiergate::config::StoreSettings::Redis { options, .. } => format!("redis, {}", options.topology),
     };
     println!("store         {store}");
     println!("scope         {:?}", settings.scope);
@@ -121,19 +121,6 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
         println!("portfolio     {id} = {}", tier.name);
     }
     Ok(())
-}
-
-fn redact(t: &tiergate::store::redis::Topology) -> String {
-    use tiergate::store::redis::{redact_url, Topology};
-    match t {
-        Topology::Standalone { url } => redact_url(url),
-        Topology::Cluster { nodes } => {
-            format!("cluster {}", nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>().join(","))
-        }
-        Topology::Sentinel { sentinels, master_name, .. } => {
-            format!("sentinel {} master {master_name}", sentinels.join(","))
-        }
-    }
 }
 
 async fn usage(portfolio: String, sender: String, addr: String) -> anyhow::Result<()> {
@@ -168,6 +155,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TIERGATE_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -83,11 +83,18 @@ pub async fn run(
     if let StoreSettings::Memory { generated_key: true, .. } = settings.store {
         tracing::info!("No store.hash_key set: recipients are hashed under a key generated for this process.");
     }
+    let target = match &settings.store {
+        StoreSettings::Memory { .. } => "this process".to_string(),
+        StoreSettings::Redis { options, .. } => options.topology.to_string(),
+    };
     match store.ping().await {
-        Ok(()) => tracing::info!(backend = store.backend(), "Store answers."),
-        Err(e) => {
-            tracing::warn!(backend = store.backend(), error = %e, "Store does not answer yet; serving anyway and retrying on every call.")
-        }
+        Ok(()) => tracing::info!(backend = store.backend(), store = %target, "Store answers."),
+        Err(e) => tracing::warn!(
+            backend = store.backend(),
+            store = %target,
+            error = %e,
+            "Store does not answer yet; serving anyway and retrying on every call."
+        ),
     }
     let limiter = Arc::new(Limiter::new(&settings, store.clone()));
 
@@ -95,6 +102,7 @@ pub async fn run(
     health.set_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the compiled descriptor set is valid");
 

@@ -22,7 +22,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Micros {
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| policy::micros(d))
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, policy::micros)
     }
 }
 

@@ -54,6 +54,23 @@ pub enum Topology {
     },
 }
 
+impl std::fmt::Display for Topology {
+    /// Describes the topology for logs, without credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Topology::Standalone { url } => f.write_str(&redact_url(url)),
+            Topology::Cluster { nodes } => {
+                let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
+                write!(f, "cluster seeded by {}", nodes.join(","))
+            }
+            Topology::Sentinel { sentinels, master_name, .. } => {
+                let sentinels: Vec<String> = sentinels.iter().map(|s| redact_url(s)).collect();
+                write!(f, "master {master_name:?} from sentinels {}", sentinels.join(","))
+            }
+        }
+    }
+}
+
 /// Everything the Redis store needs.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {

@@ -1,0 +1,2 @@
+pub mod redis;
+pub mod server;

@@ -1,0 +1,156 @@
+//! Starting the real sidecar for tests: in this process through `server::run` on real sockets,
+//! or as the real `tiergate` binary in its own process.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tiergate::config::Config;
+use tiergate::pb::limiter_client::LimiterClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+/// A sidecar running `server::run` in this process on 127.0.0.1 ports chosen by the OS.
+pub struct TestServer {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), tiergate::server::RunError>>>,
+}
+
+impl TestServer {
+    /// Starts a sidecar with this TOML configuration (without the environment).
+    pub async fn start(config_toml: &str) -> TestServer {
+        let settings = Config::from_toml(config_toml).unwrap().validate().unwrap();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tiergate::server::run(settings, grpc, admin, async {
+            let _ = stopped.await;
+        }));
+        TestServer { grpc_addr, admin_addr, stop: Some(stop), task: Some(task) }
+    }
+
+    /// A client of the Limiter service.
+    pub async fn client(&self) -> LimiterClient<Channel> {
+        client(self.grpc_addr).await
+    }
+
+    /// A channel to the gRPC port, for the health service.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc_addr)).unwrap().connect().await.unwrap()
+    }
+
+    /// Triggers the shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), tiergate::server::RunError> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap()
+    }
+
+    /// GET a path of the admin server: (status, body).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin_addr, path).await
+    }
+}
+
+/// Connects a Limiter client, retrying for a few seconds while the server comes up.
+pub async fn client(addr: SocketAddr) -> LimiterClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match LimiterClient::connect(format!("http://{addr}")).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("no sidecar at {addr}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("an HTTP status line");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The real `tiergate serve` binary in its own process; killed on drop.
+pub struct Sidecar {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Starts `tiergate serve --config <file>` with `config_toml` and extra environment.
+    pub fn spawn(config_toml: &str, env: &[(&str, &str)]) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiergate.toml");
+        std::fs::File::create(&path).unwrap().write_all(config_toml.as_bytes()).unwrap();
+        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .arg("--grpc-listen")
+            .arg(grpc_addr.to_string())
+            .arg("--admin-listen")
+            .arg(admin_addr.to_string())
+            .envs(env.iter().copied())
+            .env("TIERGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Sidecar { grpc_addr, admin_addr, child, _dir: dir }
+    }
+
+    /// A client, once the sidecar accepts connections.
+    pub async fn client(&self) -> LimiterClient<Channel> {
+        client(self.grpc_addr).await
+    }
+
+    /// What the sidecar wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        self.wait(Duration::from_secs(20))
+    }
+
+    /// Waits for the process to exit; panics after `limit`.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "sidecar still running after {limit:?}: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

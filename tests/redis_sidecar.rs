@@ -1,0 +1,224 @@
+//! The real `tiergate` binary on real Redis servers started by the tests: shared exactness across
+//! processes, outages and recovery, Sentinel failover, Cluster, and start-up checks.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::{RedisCluster, RedisServer, SentinelSetup};
+use common::server::{http_get, Sidecar};
+use tiergate::pb::{self, limiter_client::LimiterClient, Decision, Reason};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const HASH_KEY: (&str, &str) = ("TIERGATE_STORE_HASH_KEY", "test-hash-key-0123456789");
+
+fn config(store: &str, extra_policy: &str) -> String {
+    format!(
+        "[store]\nbackend = \"redis\"\ntimeout = \"300ms\"\n{store}\n\n[policy]\n\
+         ladder = [{{ name = \"T50\", limit = 50 }}, {{ name = \"T1K\", limit = 1000 }}, {{ name = \"UNL\" }}]\n{extra_policy}\n"
+    )
+}
+
+fn req(portfolio: &str, recipient: &str) -> pb::AdmitRequest {
+    pb::AdmitRequest {
+        portfolio_id: portfolio.into(),
+        sender_id: "sender-1".into(),
+        recipient: recipient.into(),
+        category: pb::Category::Utility.into(),
+        template: String::new(),
+    }
+}
+
+async fn usage(c: &mut LimiterClient<Channel>, portfolio: &str) -> pb::Usage {
+    c.get_usage(pb::GetUsageRequest { portfolio_id: portfolio.into(), sender_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Retries an Admit until it succeeds or `limit` passes; returns the answer and how long it took.
+async fn admit_until_ok(
+    c: &mut LimiterClient<Channel>,
+    r: pb::AdmitRequest,
+    limit: Duration,
+) -> (pb::AdmitResponse, Duration) {
+    let started = Instant::now();
+    loop {
+        match c.admit(r.clone()).await {
+            Ok(resp) => return (resp.into_inner(), started.elapsed()),
+            Err(s) if started.elapsed() < limit => {
+                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("admission did not recover within {limit:?}: {s:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sidecar_processes_on_one_redis_admit_exactly_the_limit() {
+    let redis = RedisServer::start();
+    let cfg = config(&format!("url = \"{}\"", redis.url()), "default_tier = \"T50\"");
+    let a = Sidecar::spawn(&cfg, &[HASH_KEY]);
+    let b = Sidecar::spawn(&cfg, &[HASH_KEY]);
+    let (ca, cb) = (a.client().await, b.client().await);
+    let tasks: Vec<_> = (0..400)
+        .map(|i| {
+            let mut c = if i % 2 == 0 { ca.clone() } else { cb.clone() };
+            tokio::spawn(async move {
+                let r = c.admit(req("acme", &format!("+1555{i:07}"))).await.unwrap().into_inner();
+                r.decision() == Decision::Admitted
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 50, "400 concurrent Admits through two sidecars against a limit of 50");
+    let (mut ca, mut cb) = (ca, cb);
+    assert_eq!(usage(&mut ca, "acme").await.unique_recipients, 50);
+    assert_eq!(usage(&mut cb, "acme").await.unique_recipients, 50);
+
+    // Same hash key: a recipient counted through one sidecar is known to the other.
+    let first = ca.admit(req("acme", "+15550000000")).await.unwrap().into_inner();
+    let again = cb.admit(req("acme", "+1 555 000 0000")).await.unwrap().into_inner();
+    if first.reason() == Reason::NewRecipient {
+        panic!("the window was full, so a new recipient could not be counted");
+    }
+    assert_eq!(again.reason(), first.reason());
+
+    // A tier set through one sidecar holds for the other.
+    let set = pb::SetTierRequest { portfolio_id: "acme".into(), sender_id: String::new(), tier: "T1K".into() };
+    ca.set_tier(set).await.unwrap();
+    assert_eq!(usage(&mut cb, "acme").await.limit, 1000);
+    let more = cb.admit(req("acme", "+15559999999")).await.unwrap().into_inner();
+    assert_eq!(more.reason(), Reason::NewRecipient);
+
+    // Redis holds keyed hashes only: no recipient number appears in any key or member.
+    let keys = redis.cli(&["--scan", "--pattern", "tg:*"]);
+    assert!(keys.contains("tg:{acme}:w"), "{keys}");
+    let members = redis.cli(&["ZRANGE", "tg:{acme}:w", "0", "-1"]);
+    assert!(!members.contains("555") && !keys.contains("555"), "raw numbers stored: {members}");
+    let ttl: i64 = redis.cli(&["PTTL", "tg:{acme}:w"]).parse().unwrap();
+    assert!(ttl > 0, "every key expires");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_fails_calls_fast_then_recovers_without_a_sidecar_restart() {
+    let mut redis = RedisServer::start();
+    let cfg = config(&format!("url = \"{}\"", redis.url()), "");
+    let sidecar = Sidecar::spawn(&cfg, &[HASH_KEY]);
+    let mut c = sidecar.client().await;
+    assert_eq!(c.admit(req("acme", "+15550000001")).await.unwrap().into_inner().reason(), Reason::NewRecipient);
+    assert_eq!(http_get(sidecar.admin_addr, "/readyz").await.0, 200);
+
+    redis.kill();
+    let started = Instant::now();
+    let e = c.admit(req("acme", "+15550000002")).await.unwrap_err();
+    println!("Admit failed in {:?} while Redis was down", started.elapsed());
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let (status, body) = http_get(sidecar.admin_addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+
+    redis.restart(); // A new process: data and loaded scripts are gone.
+    let (answer, took) = admit_until_ok(&mut c, req("acme", "+15550000002"), Duration::from_secs(15)).await;
+    println!("Admission recovered {took:?} after Redis came back");
+    assert_eq!(answer.reason(), Reason::NewRecipient);
+    assert_eq!(http_get(sidecar.admin_addr, "/readyz").await.0, 200);
+    let log = sidecar.log();
+    assert!(!log.contains("5550000002"), "no recipient in logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_allow_admits_unchecked_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let cfg = config(&format!("url = \"{}\"\non_error = \"allow\"", redis.url()), "");
+    let sidecar = Sidecar::spawn(&cfg, &[HASH_KEY]);
+    let mut c = sidecar.client().await;
+    c.admit(req("acme", "+15550000001")).await.unwrap();
+    redis.kill();
+    let r = c.admit(req("acme", "+15550000002")).await.unwrap().into_inner();
+    assert_eq!((r.decision(), r.reason()), (Decision::Admitted, Reason::StoreUnavailable));
+    assert!(r.lease.is_empty());
+    let (_, metrics) = http_get(sidecar.admin_addr, "/metrics").await;
+    assert!(metrics.contains("tiergate_store_fail_open_total 1"), "{metrics}");
+    assert!(sidecar.log().contains("store.on_error"), "the fail-open is logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_keeps_admission_working() {
+    let setup = SentinelSetup::start();
+    let url = format!("url = \"redis+sentinel://127.0.0.1:{}/{}\"", setup.sentinel.port(), setup.master_name);
+    let sidecar = Sidecar::spawn(&config(&url, ""), &[HASH_KEY]);
+    let mut c = sidecar.client().await;
+    assert_eq!(c.admit(req("acme", "+15550000001")).await.unwrap().into_inner().reason(), Reason::NewRecipient);
+    let old = setup.master_port();
+    let new = setup.failover();
+    assert_ne!(old, new);
+    let (answer, took) = admit_until_ok(&mut c, req("acme", "+15550000002"), Duration::from_secs(20)).await;
+    println!("Admission worked again {took:?} after the failover to port {new}");
+    assert_eq!(answer.decision(), Decision::Admitted);
+    // The write went to the new master.
+    let keys = common::redis::cli(new, &["--scan", "--pattern", "tg:*"]);
+    assert!(keys.contains("tg:{acme}:w"), "{keys}");
+    let counted = common::redis::cli(new, &["ZCARD", "tg:{acme}:w"]);
+    assert!(counted == "2" || counted == "1", "{counted}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_on_redis_cluster_serves_portfolios_on_every_slot() {
+    let cluster = RedisCluster::start();
+    let cfg = config(&format!("url = \"{}\"\ncluster = true", cluster.url()), "default_tier = \"T50\"");
+    let sidecar = Sidecar::spawn(&cfg, &[HASH_KEY]);
+    let mut c = sidecar.client().await;
+    let requests: Vec<_> = (0..40).map(|i| req(&format!("portfolio-{}", i % 10), &format!("+1555000{i:04}"))).collect();
+    let got = c.admit_batch(pb::AdmitBatchRequest { requests }).await.unwrap().into_inner().responses;
+    assert!(got.iter().all(|r| r.reason() == Reason::NewRecipient));
+    for p in 0..10 {
+        assert_eq!(usage(&mut c, &format!("portfolio-{p}")).await.unique_recipients, 4);
+    }
+    // The portfolios really are spread over the masters.
+    let holding = cluster.nodes.iter().filter(|n| n.cli(&["DBSIZE"]) != "0").count();
+    assert!(holding >= 2, "keys landed on {holding} of 3 masters");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_credentials_work_and_never_reach_the_log() {
+    let redis = RedisServer::start();
+    redis.cli(&["ACL", "SETUSER", "sidecar", "on", ">s3cret-pw", "~tg:*", "+@all"]);
+    redis.cli(&["ACL", "SETUSER", "default", "off"]);
+    let cfg = config(&format!("url = \"redis://sidecar:s3cret-pw@127.0.0.1:{}\"", redis.port()), "");
+    let sidecar = Sidecar::spawn(&cfg, &[HASH_KEY]);
+    let mut c = sidecar.client().await;
+    assert_eq!(c.admit(req("acme", "+15550000001")).await.unwrap().into_inner().reason(), Reason::NewRecipient);
+    let log = sidecar.log();
+    assert!(log.contains(&format!("127.0.0.1:{}", redis.port())), "the store is named: {log}");
+    assert!(!log.contains("s3cret-pw"), "{log}");
+}
+
+#[test]
+fn the_redis_backend_refuses_to_start_without_a_long_enough_hash_key() {
+    for env in [&[][..], &[("TIERGATE_STORE_HASH_KEY", "too-short")][..]] {
+        let mut sidecar = Sidecar::spawn(&config("url = \"redis://127.0.0.1:1\"", ""), env);
+        let status = sidecar.wait(Duration::from_secs(20));
+        assert!(!status.success());
+        let log = sidecar.log();
+        assert!(log.contains("store.hash_key"), "{log}");
+    }
+}
+
+#[test]
+fn sigterm_drains_and_exits_cleanly() {
+    let mut sidecar = Sidecar::spawn("", &[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut c = sidecar.client().await;
+        c.admit(req("acme", "+15550000001")).await.unwrap();
+    });
+    let status = sidecar.terminate();
+    assert!(status.success(), "{status:?}");
+    let log = sidecar.log();
+    assert!(log.contains("SIGTERM") && log.contains("Stopped."), "{log}");
+}
