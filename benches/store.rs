@@ -1,0 +1,117 @@
+//! Store figures: Redis memory per tracked recipient, and admission latency and throughput on
+//! each backend. Prints numbers; asserts nothing. Run with `cargo bench --bench store`.
+
+#[path = "../tests/common/redis.rs"]
+mod redis_harness;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis_harness::RedisServer;
+use tiergate::hashing::RecipientHasher;
+use tiergate::policy::{ScopeKey, Tier};
+use tiergate::store::memory::MemoryStore;
+use tiergate::store::redis::{RedisOptions, RedisStore, Topology};
+use tiergate::store::{AdmitOp, Store, Windows};
+
+const RECIPIENTS: usize = 100_000;
+
+fn op(h: &RecipientHasher, i: usize) -> AdmitOp {
+    AdmitOp { member: h.recipient(&format!("1555{i:08}")), service_member: None }
+}
+
+fn scope(id: &str) -> ScopeKey {
+    ScopeKey { portfolio: id.into(), sender: None }
+}
+
+fn redis_store(server: &RedisServer) -> Arc<dyn Store> {
+    Arc::new(
+        RedisStore::new(RedisOptions {
+            topology: Topology::Standalone { url: server.url() },
+            windows: Windows::default(),
+            timeout: Duration::from_secs(5),
+            state_ttl: Duration::from_secs(35 * 86_400),
+            key_prefix: "tg".into(),
+        })
+        .unwrap(),
+    )
+}
+
+async fn fill(store: &dyn Store, h: &RecipientHasher, s: &ScopeKey, tier: &Tier) {
+    for chunk in (0..RECIPIENTS).collect::<Vec<_>>().chunks(1_000) {
+        let ops: Vec<_> = chunk.iter().map(|&i| op(h, i)).collect();
+        store.admit(s, tier, &ops).await.unwrap();
+    }
+}
+
+/// Sequential single Admits: (calls per second, p50, p99).
+async fn latency(
+    store: &dyn Store,
+    h: &RecipientHasher,
+    s: &ScopeKey,
+    tier: &Tier,
+    n: usize,
+) -> (f64, Duration, Duration) {
+    let mut samples = Vec::with_capacity(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        store.admit(s, tier, &[op(h, 10_000_000 + i)]).await.unwrap();
+        samples.push(t.elapsed());
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    samples.sort();
+    (rate, samples[n / 2], samples[n * 99 / 100])
+}
+
+/// Concurrent single Admits from `tasks` tasks: calls per second.
+async fn throughput(store: Arc<dyn Store>, h: &RecipientHasher, tasks: usize, per_task: usize) -> f64 {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (store, h) = (store.clone(), h.clone());
+            tokio::spawn(async move {
+                let (s, tier) = (scope("throughput"), Tier::limited("BIG", 10_000_000));
+                for i in 0..per_task {
+                    store.admit(&s, &tier, &[op(&h, 20_000_000 + t * per_task + i)]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    (tasks * per_task) as f64 / started.elapsed().as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    redis_harness::require_redis();
+    let server = RedisServer::start();
+    println!("{}", server.cli(&["INFO", "server"]).lines().find(|l| l.starts_with("redis_version")).unwrap_or(""));
+    let h = RecipientHasher::new(b"bench-hash-key-0123456789").unwrap();
+    let redis = redis_store(&server);
+
+    let limited = Tier::limited("TIER_100K+", 1_000_000);
+    let started = Instant::now();
+    fill(&*redis, &h, &scope("memory"), &limited).await;
+    let fill_time = started.elapsed();
+    let bytes: u64 = server.cli(&["MEMORY", "USAGE", "tg:{memory}:w", "SAMPLES", "0"]).parse().unwrap();
+    println!(
+        "redis window: {RECIPIENTS} recipients in {bytes} bytes = {:.1} bytes per recipient (filled in {fill_time:.2?} with batches of 1000)",
+        bytes as f64 / RECIPIENTS as f64
+    );
+    let unlimited = Tier::unlimited("TIER_UNLIMITED");
+    fill(&*redis, &h, &scope("unlimited"), &unlimited).await;
+    let hll: u64 = server.cli(&["MEMORY", "USAGE", "tg:{unlimited}:u"]).parse().unwrap();
+    let estimate = redis.usage(&scope("unlimited"), &unlimited).await.unwrap().counted;
+    println!("redis unlimited tier: {RECIPIENTS} recipients in a {hll}-byte HyperLogLog, estimated as {estimate}");
+
+    let memory: Arc<dyn Store> = Arc::new(MemoryStore::new(Windows::default()));
+    for (name, store) in [("memory", memory), ("redis", redis)] {
+        let (rate, p50, p99) = latency(&*store, &h, &scope("latency"), &limited, 20_000).await;
+        println!("{name}: sequential Admit {rate:.0}/s, p50 {p50:.1?}, p99 {p99:.1?}");
+        let rate = throughput(store.clone(), &h, 32, 1_000).await;
+        println!("{name}: 32 concurrent callers {rate:.0} Admits/s");
+    }
+}
