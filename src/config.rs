@@ -125,7 +125,10 @@ impl Default for StoreConfig {
 
 /// A ladder: a preset name or a list of tiers.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a preset name (\"meta-2025\" or \"legacy\") or a list of tiers like [{ name = \"T5\", limit = 5 }]"
+)]
 pub enum LadderConfig {
     Preset(String),
     Custom(Vec<TierConfig>),
@@ -208,12 +211,20 @@ impl Config {
         for (name, value) in env {
             apply_env(&mut doc, &name, &value)?;
         }
-        Config::deserialize(toml::Value::Table(doc)).map_err(|e| err("config", e.message().to_string()))
+        Config::from_table(doc)
     }
 
-    /// Parses TOML text without the environment; for tests and `check-config`.
+    /// Parses TOML text without the environment.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| err("config", e.message().to_string()))
+        Config::from_table(text.parse::<toml::Table>().map_err(|e| err("config", e.to_string()))?)
+    }
+
+    fn from_table(doc: toml::Table) -> Result<Config, ConfigError> {
+        serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { "config".to_string() } else { key };
+            err(key, e.into_inner().message().to_string())
+        })
     }
 }
 
@@ -225,6 +236,11 @@ fn apply_env(doc: &mut toml::Table, name: &str, value: &str) -> Result<(), Confi
         return Ok(()); // Not a config section (e.g. TIERGATE_LOG).
     };
     let key = rest[section.len() + 1..].to_ascii_lowercase();
+    // Kubernetes service links name a Service `tiergate-store` TIERGATE_STORE_SERVICE_HOST,
+    // TIERGATE_STORE_PORT_…: not config, and no reason to refuse to start.
+    if key.starts_with("service_") || key == "port" || key.starts_with("port_") {
+        return Ok(());
+    }
     if !keys.contains(&key.as_str()) {
         return Err(err(name, format!("no key `{key}` in [{section}]; known: {}", keys.join(", "))));
     }
@@ -452,6 +468,10 @@ mod tests {
     fn unknown_keys_are_rejected_with_their_name() {
         let e = Config::from_toml("[store]\nbakend = \"redis\"").unwrap_err();
         assert!(e.to_string().contains("bakend"), "{e}");
+        let e = Config::from_toml("[store]\ntimeout = \"soon\"").unwrap_err();
+        assert_eq!(e.key, "store.timeout");
+        let e = Config::from_toml("[policy]\nscope = \"planet\"").unwrap_err();
+        assert_eq!(e.key, "policy.scope");
     }
 
     #[test]
@@ -459,6 +479,11 @@ mod tests {
         let c = Config::load(None, env(&[("TIERGATE_STORE_HASH_KEY", "12345678901234567890"), ("TIERGATE_LOG", "x")]))
             .unwrap();
         assert_eq!(c.store.hash_key.as_deref(), Some("12345678901234567890"));
+        let e = Config::load(None, env(&[("TIERGATE_STORE_URLL", "redis://x")])).unwrap_err();
+        assert_eq!(e.key, "TIERGATE_STORE_URLL");
+        let links =
+            [("TIERGATE_STORE_SERVICE_HOST", "10.0.0.1"), ("TIERGATE_STORE_PORT_6379_TCP", "tcp://10.0.0.1:6379")];
+        assert!(Config::load(None, env(&links)).is_ok(), "Kubernetes service links are not config");
         let e = Config::load(None, env(&[("TIERGATE_STORE_URLL", "redis://x")])).unwrap_err();
         assert_eq!(e.key, "TIERGATE_STORE_URLL");
         let c =
