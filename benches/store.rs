@@ -9,15 +9,20 @@ use std::time::{Duration, Instant};
 
 use redis_harness::RedisServer;
 use tiergate::hashing::RecipientHasher;
-use tiergate::policy::{ScopeKey, Tier};
+use tiergate::policy::{Category, ScopeKey, Tier};
 use tiergate::store::memory::MemoryStore;
+use tiergate::store::memory::{Clock, SystemClock};
 use tiergate::store::redis::{RedisOptions, RedisStore, Topology};
-use tiergate::store::{AdmitOp, Store, Windows};
+use tiergate::store::{day_of, AdmitOp, AdmitParams, Store, Windows};
 
 const RECIPIENTS: usize = 100_000;
 
 fn op(h: &RecipientHasher, i: usize) -> AdmitOp {
-    AdmitOp { member: h.recipient(&format!("1555{i:08}")), service_member: None }
+    AdmitOp { member: h.recipient(&format!("1555{i:08}")), category: Category::Utility, ..AdmitOp::default() }
+}
+
+fn params(tier: &Tier) -> AdmitParams {
+    AdmitParams { fallback: tier.clone(), reserve_bp: 0 }
 }
 
 fn scope(id: &str) -> ScopeKey {
@@ -40,7 +45,7 @@ fn redis_store(server: &RedisServer) -> Arc<dyn Store> {
 async fn fill(store: &dyn Store, h: &RecipientHasher, s: &ScopeKey, tier: &Tier) {
     for chunk in (0..RECIPIENTS).collect::<Vec<_>>().chunks(1_000) {
         let ops: Vec<_> = chunk.iter().map(|&i| op(h, i)).collect();
-        store.admit(s, tier, &ops).await.unwrap();
+        store.admit(s, &params(tier), &ops).await.unwrap();
     }
 }
 
@@ -56,7 +61,7 @@ async fn latency(
     let started = Instant::now();
     for i in 0..n {
         let t = Instant::now();
-        store.admit(s, tier, &[op(h, 10_000_000 + i)]).await.unwrap();
+        store.admit(s, &params(tier), &[op(h, 10_000_000 + i)]).await.unwrap();
         samples.push(t.elapsed());
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
@@ -73,7 +78,7 @@ async fn throughput(store: Arc<dyn Store>, h: &RecipientHasher, tasks: usize, pe
             tokio::spawn(async move {
                 let (s, tier) = (scope("throughput"), Tier::limited("BIG", 10_000_000));
                 for i in 0..per_task {
-                    store.admit(&s, &tier, &[op(&h, 20_000_000 + t * per_task + i)]).await.unwrap();
+                    store.admit(&s, &params(&tier), &[op(&h, 20_000_000 + t * per_task + i)]).await.unwrap();
                 }
             })
         })
@@ -103,8 +108,9 @@ async fn main() {
     );
     let unlimited = Tier::unlimited("TIER_UNLIMITED");
     fill(&*redis, &h, &scope("unlimited"), &unlimited).await;
-    let hll: u64 = server.cli(&["MEMORY", "USAGE", "tg:{unlimited}:u"]).parse().unwrap();
-    let estimate = redis.usage(&scope("unlimited"), &unlimited).await.unwrap().counted;
+    let today = day_of(SystemClock.now());
+    let hll: u64 = server.cli(&["MEMORY", "USAGE", &format!("tg:{{unlimited}}:d:{today}")]).parse().unwrap();
+    let estimate = redis.usage(&scope("unlimited"), &unlimited).await.unwrap().usage.counted;
     println!("redis unlimited tier: {RECIPIENTS} recipients in a {hll}-byte HyperLogLog, estimated as {estimate}");
 
     let memory: Arc<dyn Store> = Arc::new(MemoryStore::new(Windows::default()));

@@ -1,7 +1,7 @@
 //! Configuration: a TOML file, then `TIERGATE_<SECTION>_<KEY>` environment variables, then flags;
 //! validated once at start-up into [`Settings`], with errors that name the offending key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::hashing::{RecipientHasher, MIN_KEY_LEN};
-use crate::policy::{self, Ladder, Limit, ScopeMode, Tier};
+use crate::policy::{self, Ladder, Limit, Ruleset, ScopeMode, Tier};
 use crate::store::redis::{RedisOptions, Topology};
 use crate::store::Windows;
 
@@ -32,8 +32,39 @@ pub struct Config {
     pub server: ServerConfig,
     pub store: StoreConfig,
     pub policy: PolicyConfig,
-    /// Static per-portfolio overrides.
+    /// Static per-portfolio settings.
     pub portfolios: Vec<PortfolioConfig>,
+    pub webhooks: WebhooksConfig,
+}
+
+/// `[webhooks]`: Meta's WhatsApp webhooks on the admin server; without both secrets the
+/// endpoint answers 404.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// The Meta app secret that signs deliveries (X-Hub-Signature-256).
+    pub app_secret: Option<String>,
+    /// The token Meta echoes when the subscription is verified.
+    pub verify_token: Option<String>,
+}
+
+/// Where tiers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TierSource {
+    /// Only webhooks, SetTier, UpdatePortfolio and the config change tiers.
+    #[default]
+    Authoritative,
+    /// tiergate applies the ruleset's upgrades and downgrades itself (sandboxes, planning).
+    Simulate,
+}
+
+/// `[policy.reserve]`: shares of the limit kept from a category.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReserveConfig {
+    /// Share of the limit (0 to <1) that marketing to new recipients may not use.
+    pub marketing: f64,
 }
 
 /// `[server]`: where to listen and how to stop.
@@ -154,6 +185,13 @@ pub struct PolicyConfig {
     pub ladder: LadderConfig,
     /// The tier of a scope nobody set; the ladder's first tier when absent.
     pub default_tier: Option<String>,
+    pub reserve: ReserveConfig,
+    pub tier_source: TierSource,
+    /// Legacy ruleset: unique recipients in 7 days, as a multiple of the limit, to move up.
+    pub legacy_threshold: f64,
+    /// How often a simulating sidecar re-evaluates the scopes it has seen.
+    #[serde(with = "humantime_serde")]
+    pub simulate_interval: Duration,
 }
 
 impl Default for PolicyConfig {
@@ -165,16 +203,27 @@ impl Default for PolicyConfig {
             service_window: day,
             ladder: LadderConfig::Preset("meta-2025".into()),
             default_tier: None,
+            reserve: ReserveConfig::default(),
+            tier_source: TierSource::Authoritative,
+            legacy_threshold: 0.5,
+            simulate_interval: Duration::from_secs(60),
         }
     }
 }
 
-/// `[[portfolios]]`: a static tier for one portfolio (SetTier still wins).
+/// `[[portfolios]]`: what is known of one portfolio up front.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortfolioConfig {
     pub id: String,
+    /// A static tier (SetTier, UpdatePortfolio and webhooks still win).
     pub tier: Option<String>,
+    /// WhatsApp Business Account ids whose webhooks belong to this portfolio.
+    #[serde(default)]
+    pub wabas: Vec<String>,
+    /// Sender ids whose messages are always denied (SENDER_BLOCKED).
+    #[serde(default)]
+    pub blocked_senders: Vec<String>,
 }
 
 /// Keys that may be set from the environment, by section.
@@ -195,7 +244,20 @@ const ENV_KEYS: &[(&str, &[&str])] = &[
             "state_ttl",
         ],
     ),
-    ("policy", &["scope", "window", "service_window", "ladder", "default_tier"]),
+    (
+        "policy",
+        &[
+            "scope",
+            "window",
+            "service_window",
+            "ladder",
+            "default_tier",
+            "tier_source",
+            "legacy_threshold",
+            "simulate_interval",
+        ],
+    ),
+    ("webhooks", &["app_secret", "verify_token"]),
 ];
 
 impl Config {
@@ -274,6 +336,30 @@ pub struct Settings {
     pub portfolio_tiers: BTreeMap<String, Tier>,
     pub store: StoreSettings,
     pub on_error: OnError,
+    /// Basis points of the limit kept from marketing to new recipients.
+    pub reserve_bp: u32,
+    pub tier_source: TierSource,
+    pub ruleset: Ruleset,
+    pub simulate_interval: Duration,
+    /// WABA id → portfolio id.
+    pub wabas: BTreeMap<String, String>,
+    /// Portfolio id → senders blocked by configuration.
+    pub blocked_senders: BTreeMap<String, BTreeSet<String>>,
+    /// Set when both webhook secrets are.
+    pub webhooks: Option<WebhookSettings>,
+}
+
+/// Secrets of the webhook endpoint.
+#[derive(Clone)]
+pub struct WebhookSettings {
+    pub app_secret: String,
+    pub verify_token: String,
+}
+
+impl std::fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookSettings { .. }")
+    }
 }
 
 /// The store to build.
@@ -335,16 +421,53 @@ impl Config {
             None => ladder.tiers()[0].clone(),
         };
         let mut portfolio_tiers = BTreeMap::new();
+        let mut wabas = BTreeMap::new();
+        let mut blocked_senders = BTreeMap::new();
+        let mut seen = BTreeSet::new();
         for (i, pf) in self.portfolios.iter().enumerate() {
             let key = format!("portfolios[{i}]");
             policy::validate_id(&pf.id).map_err(|m| err(format!("{key}.id"), m))?;
+            if !seen.insert(pf.id.clone()) {
+                return Err(err(format!("{key}.id"), format!("portfolio {:?} is listed twice", pf.id)));
+            }
             if let Some(name) = &pf.tier {
-                let t = tier(&format!("{key}.tier"), name)?;
-                if portfolio_tiers.insert(pf.id.clone(), t).is_some() {
-                    return Err(err(format!("{key}.id"), format!("portfolio {:?} is listed twice", pf.id)));
+                portfolio_tiers.insert(pf.id.clone(), tier(&format!("{key}.tier"), name)?);
+            }
+            for (j, waba) in pf.wabas.iter().enumerate() {
+                policy::validate_id(waba).map_err(|m| err(format!("{key}.wabas[{j}]"), m))?;
+                if let Some(other) = wabas.insert(waba.clone(), pf.id.clone()) {
+                    return Err(err(format!("{key}.wabas[{j}]"), format!("WABA {waba:?} also belongs to {other:?}")));
                 }
             }
+            for (j, sender) in pf.blocked_senders.iter().enumerate() {
+                policy::validate_id(sender).map_err(|m| err(format!("{key}.blocked_senders[{j}]"), m))?;
+            }
+            if !pf.blocked_senders.is_empty() {
+                blocked_senders.insert(pf.id.clone(), pf.blocked_senders.iter().cloned().collect());
+            }
         }
+        let reserve = p.reserve.marketing;
+        if !(0.0..1.0).contains(&reserve) {
+            return Err(err("policy.reserve.marketing", format!("must be at least 0 and below 1, got {reserve}")));
+        }
+        if !(p.legacy_threshold > 0.0 && p.legacy_threshold.is_finite()) {
+            return Err(err("policy.legacy_threshold", "must be a positive number"));
+        }
+        if p.simulate_interval.is_zero() {
+            return Err(err("policy.simulate_interval", "must be longer than zero"));
+        }
+        let ruleset = match &p.ladder {
+            LadderConfig::Preset(name) if name == "legacy" => Ruleset::Legacy { threshold_ratio: p.legacy_threshold },
+            _ => Ruleset::Meta2025,
+        };
+        let webhooks = match (&self.webhooks.app_secret, &self.webhooks.verify_token) {
+            (Some(secret), Some(token)) if !secret.is_empty() && !token.is_empty() => {
+                Some(WebhookSettings { app_secret: secret.clone(), verify_token: token.clone() })
+            }
+            (None, None) => None,
+            (Some(_), _) => return Err(err("webhooks.verify_token", "is required with webhooks.app_secret")),
+            (_, Some(_)) => return Err(err("webhooks.app_secret", "is required with webhooks.verify_token")),
+        };
         let s = &self.store;
         if s.timeout.is_zero() {
             return Err(err("store.timeout", "must be longer than zero"));
@@ -391,6 +514,13 @@ impl Config {
             portfolio_tiers,
             store,
             on_error: s.on_error,
+            reserve_bp: (reserve * 10_000.0).round() as u32,
+            tier_source: p.tier_source,
+            ruleset,
+            simulate_interval: p.simulate_interval,
+            wabas,
+            blocked_senders,
+            webhooks,
         })
     }
 
@@ -526,6 +656,30 @@ mod tests {
         assert_eq!(e.key, "portfolios[0].id");
         let e = Config::from_toml("[[portfolios]]\nid = \"a\"\ntier = \"TIER_3\"").unwrap().validate().unwrap_err();
         assert_eq!(e.key, "portfolios[0].tier");
+    }
+
+    #[test]
+    fn lifecycle_settings_resolve() {
+        let c = Config::from_toml(
+            "[policy]\nladder = \"legacy\"\ntier_source = \"simulate\"\n[policy.reserve]\nmarketing = 0.1\n\
+             [[portfolios]]\nid = \"acme\"\nwabas = [\"1001\", \"1002\"]\nblocked_senders = [\"555\"]\n\
+             [webhooks]\napp_secret = \"s\"\nverify_token = \"t\"\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.reserve_bp, 1_000);
+        assert_eq!(c.tier_source, TierSource::Simulate);
+        assert_eq!(c.ruleset, Ruleset::Legacy { threshold_ratio: 0.5 });
+        assert_eq!(c.wabas["1002"], "acme");
+        assert!(c.blocked_senders["acme"].contains("555"));
+        assert!(c.webhooks.is_some());
+        let e = Config::from_toml("[policy.reserve]\nmarketing = 1.0").unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "policy.reserve.marketing");
+        let e = Config::from_toml("[webhooks]\napp_secret = \"s\"").unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "webhooks.verify_token");
+        let two = "[[portfolios]]\nid = \"a\"\nwabas = [\"1\"]\n[[portfolios]]\nid = \"b\"\nwabas = [\"1\"]\n";
+        assert_eq!(Config::from_toml(two).unwrap().validate().unwrap_err().key, "portfolios[1].wabas[0]");
     }
 
     #[test]

@@ -51,6 +51,16 @@ pub enum Reason {
     ServiceWindow,
     /// Denied: the scope has reached its limit.
     LimitReached,
+    /// Denied: the recipient opted out of business-initiated messages from this business.
+    OptedOut,
+    /// Denied: the named template is not active (paused, disabled, …).
+    TemplateBlocked,
+    /// Denied: the rest of the limit is kept for non-marketing traffic (`policy.reserve`).
+    HeadroomReserved,
+    /// Denied: the sender is banned or configured as blocked.
+    SenderBlocked,
+    /// Denied: a free-form (SERVICE) message needs an open service window.
+    OutsideServiceWindow,
     /// Admitted without a check because the store could not answer and `store.on_error = "allow"`.
     StoreUnavailable,
 }
@@ -59,8 +69,15 @@ impl Reason {
     /// The decision this reason belongs to.
     pub fn decision(self) -> Decision {
         match self {
-            Reason::LimitReached => Decision::Denied,
-            _ => Decision::Admitted,
+            Reason::NewRecipient | Reason::AlreadyCounted | Reason::ServiceWindow | Reason::StoreUnavailable => {
+                Decision::Admitted
+            }
+            Reason::LimitReached
+            | Reason::OptedOut
+            | Reason::TemplateBlocked
+            | Reason::HeadroomReserved
+            | Reason::SenderBlocked
+            | Reason::OutsideServiceWindow => Decision::Denied,
         }
     }
 
@@ -72,6 +89,11 @@ impl Reason {
             Reason::ServiceWindow => "service_window",
             Reason::LimitReached => "limit_reached",
             Reason::StoreUnavailable => "store_unavailable",
+            Reason::OptedOut => "opted_out",
+            Reason::TemplateBlocked => "template_blocked",
+            Reason::HeadroomReserved => "headroom_reserved",
+            Reason::SenderBlocked => "sender_blocked",
+            Reason::OutsideServiceWindow => "outside_service_window",
         }
     }
 }
@@ -286,10 +308,16 @@ pub fn normalize_recipient(raw: &str) -> Result<String, String> {
     Ok(digits)
 }
 
-/// What a store knows about one recipient in one scope at the instant of a decision, after
-/// contacts older than the rolling window have been dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a store knows about one message at the instant of its decision, after contacts older
+/// than the rolling window have been dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Snapshot {
+    /// The sender is BANNED or configured as blocked.
+    pub sender_blocked: bool,
+    /// The message names a template whose status is not active.
+    pub template_blocked: bool,
+    /// The recipient opted out of this business's messages.
+    pub opted_out: bool,
     /// The (sender, recipient) customer service window is open.
     pub service_window_open: bool,
     /// The recipient is counted in the rolling window.
@@ -298,6 +326,35 @@ pub struct Snapshot {
     pub counted: u64,
     /// Last-contact time of the oldest counted recipient.
     pub oldest: Option<Micros>,
+}
+
+/// The limit of a scope and the part of it marketing may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub limit: Limit,
+    /// Marketing to new recipients stops once this many are counted (see [`marketing_cap`]).
+    pub marketing_cap: Option<u64>,
+}
+
+impl Limits {
+    /// The limits of a tier with `reserve_bp` basis points kept for non-marketing traffic.
+    pub fn new(limit: Limit, reserve_bp: u32) -> Limits {
+        Limits { limit, marketing_cap: marketing_cap(limit, reserve_bp) }
+    }
+}
+
+/// Marketing to new recipients is denied once counted recipients reach
+/// `limit × (1 − reserve)`, so OTPs and utility messages never starve behind a campaign. The
+/// reserve is in basis points (0.1 = 1,000) so the threshold is exact: ⌈limit × (10,000 − bp) /
+/// 10,000⌉. `None` when nothing is reserved or the tier is unlimited.
+pub fn marketing_cap(limit: Limit, reserve_bp: u32) -> Option<u64> {
+    match limit {
+        Limit::Limited(n) if reserve_bp > 0 => {
+            let keep = u64::from(10_000u32.saturating_sub(reserve_bp));
+            Some((n * keep).div_ceil(10_000))
+        }
+        _ => None,
+    }
 }
 
 /// What the store must write for a decision.
@@ -316,39 +373,68 @@ pub enum Effect {
 pub struct Outcome {
     pub reason: Reason,
     pub effect: Effect,
-    /// For [`Reason::LimitReached`]: how long until the oldest counted recipient leaves the window.
+    /// For [`Reason::LimitReached`] and [`Reason::HeadroomReserved`]: how long until the oldest
+    /// counted recipient leaves the window.
     pub retry_after: Option<Duration>,
 }
 
 /// The smallest `retry_after` ever returned: a full window never says "retry now".
 pub const MIN_RETRY_AFTER: Duration = Duration::from_millis(1);
 
-/// Decides one business-initiated message.
+/// Decides one message, in this order:
 ///
-/// 1. An open service window admits it and counts nothing.
-/// 2. A recipient already counted is admitted; its last contact moves to now.
-/// 3. An unlimited tier, or a window with room, admits and counts the recipient.
-/// 4. Otherwise it is denied until the oldest counted recipient leaves the window.
-pub fn decide(s: &Snapshot, limit: Limit, now: Micros, window: Duration) -> Outcome {
+/// 1. A BANNED or blocked sender may send nothing (Meta would refuse it).
+/// 2. A template that is not active may not be sent (Meta would refuse it).
+/// 3. An opted-out recipient gets nothing outside a service window, and no marketing inside one.
+/// 4. An open service window admits the message and counts nothing.
+/// 5. A free-form (SERVICE) message needs that window: without it, Meta would reject the send,
+///    so it must not take a slot.
+/// 6. A recipient already counted is admitted; its last contact moves to now.
+/// 7. Marketing to a new recipient stops at the marketing cap (the reserve is for the rest).
+/// 8. An unlimited tier, or a window with room, admits and counts the recipient.
+/// 9. Otherwise it is denied until the oldest counted recipient leaves the window.
+pub fn decide(s: &Snapshot, category: Category, limits: Limits, now: Micros, window: Duration) -> Outcome {
     let outcome = |reason, effect| Outcome { reason, effect, retry_after: None };
+    let full =
+        |reason| Outcome { reason, effect: Effect::Nothing, retry_after: Some(retry_after(s.oldest, now, window)) };
+    if s.sender_blocked {
+        return outcome(Reason::SenderBlocked, Effect::Nothing);
+    }
+    if s.template_blocked {
+        return outcome(Reason::TemplateBlocked, Effect::Nothing);
+    }
+    if s.opted_out && (!s.service_window_open || category == Category::Marketing) {
+        return outcome(Reason::OptedOut, Effect::Nothing);
+    }
     if s.service_window_open {
         return outcome(Reason::ServiceWindow, Effect::Nothing);
+    }
+    if category == Category::Service {
+        return outcome(Reason::OutsideServiceWindow, Effect::Nothing);
     }
     if s.already_counted {
         return outcome(Reason::AlreadyCounted, Effect::Touch);
     }
-    let has_room = match limit {
+    if category == Category::Marketing && limits.marketing_cap.is_some_and(|cap| s.counted >= cap) {
+        return full(Reason::HeadroomReserved);
+    }
+    let has_room = match limits.limit {
         Limit::Unlimited => true,
         Limit::Limited(n) => s.counted < n,
     };
     if has_room {
         return outcome(Reason::NewRecipient, Effect::Count);
     }
-    Outcome {
-        reason: Reason::LimitReached,
-        effect: Effect::Nothing,
-        retry_after: Some(retry_after(s.oldest, now, window)),
-    }
+    full(Reason::LimitReached)
+}
+
+/// Template statuses that may be sent. A template tiergate has never heard of is assumed
+/// active: only Meta's own word (a webhook, or UpdatePortfolio) blocks one.
+pub const ACTIVE_TEMPLATE_STATUSES: [&str; 3] = ["APPROVED", "REINSTATED", "ACTIVE"];
+
+/// Whether a template with this status (if any is known) may be sent.
+pub fn template_active(status: Option<&str>) -> bool {
+    status.is_none_or(|s| ACTIVE_TEMPLATE_STATUSES.contains(&s))
 }
 
 /// How long until the oldest counted contact leaves the window; never less than
@@ -368,6 +454,285 @@ pub fn next_score(now: Micros, last: Micros) -> Micros {
 /// Counted contacts older than this leave the rolling window at `now`.
 pub fn window_start(now: Micros, window: Duration) -> Micros {
     now.saturating_sub(micros(window))
+}
+
+/// A quality rating, from user feedback over the last 7 days (Meta: GREEN / YELLOW / RED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Quality {
+    #[default]
+    Unknown,
+    Low,
+    Medium,
+    High,
+}
+
+impl Quality {
+    /// Parses `HIGH`/`MEDIUM`/`LOW`/`UNKNOWN` or Meta's `GREEN`/`YELLOW`/`RED` (any case).
+    pub fn parse(s: &str) -> Option<Quality> {
+        match s.to_ascii_uppercase().as_str() {
+            "HIGH" | "GREEN" => Some(Quality::High),
+            "MEDIUM" | "YELLOW" => Some(Quality::Medium),
+            "LOW" | "RED" => Some(Quality::Low),
+            "UNKNOWN" | "NA" => Some(Quality::Unknown),
+            _ => None,
+        }
+    }
+
+    /// The stored and displayed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quality::High => "HIGH",
+            Quality::Medium => "MEDIUM",
+            Quality::Low => "LOW",
+            Quality::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// The quality of a business: the lowest known rating among its own and its numbers'.
+    pub fn overall(ratings: impl IntoIterator<Item = Quality>) -> Quality {
+        ratings.into_iter().filter(|q| *q != Quality::Unknown).min().unwrap_or(Quality::Unknown)
+    }
+}
+
+/// A phone number's status with Meta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SenderStatus {
+    #[default]
+    Connected,
+    Pending,
+    Offline,
+    /// Quality is low (legacy rules: 7 days flagged drops one tier).
+    Flagged,
+    /// Derived, never stored: the scope's window is full, so only replies may go out.
+    Restricted,
+    Banned,
+}
+
+impl SenderStatus {
+    /// Parses a status name (any case).
+    pub fn parse(s: &str) -> Option<SenderStatus> {
+        match s.to_ascii_uppercase().as_str() {
+            "CONNECTED" => Some(SenderStatus::Connected),
+            "PENDING" => Some(SenderStatus::Pending),
+            "OFFLINE" => Some(SenderStatus::Offline),
+            "FLAGGED" => Some(SenderStatus::Flagged),
+            "RESTRICTED" => Some(SenderStatus::Restricted),
+            "BANNED" => Some(SenderStatus::Banned),
+            _ => None,
+        }
+    }
+
+    /// The stored and displayed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SenderStatus::Connected => "CONNECTED",
+            SenderStatus::Pending => "PENDING",
+            SenderStatus::Offline => "OFFLINE",
+            SenderStatus::Flagged => "FLAGGED",
+            SenderStatus::Restricted => "RESTRICTED",
+            SenderStatus::Banned => "BANNED",
+        }
+    }
+
+    /// The status to show: a sender that may send is RESTRICTED while its scope is full.
+    pub fn shown(self, scope_full: bool) -> SenderStatus {
+        match self {
+            SenderStatus::Connected | SenderStatus::Flagged if scope_full => SenderStatus::Restricted,
+            other => other,
+        }
+    }
+}
+
+/// Meta's tier names and limits, for webhooks that name a tier outside the configured ladder.
+const META_TIERS: [(&str, Limit); 7] = [
+    ("TIER_50", Limit::Limited(50)),
+    ("TIER_250", Limit::Limited(250)),
+    ("TIER_1K", Limit::Limited(1_000)),
+    ("TIER_2K", Limit::Limited(2_000)),
+    ("TIER_10K", Limit::Limited(10_000)),
+    ("TIER_100K", Limit::Limited(100_000)),
+    ("TIER_UNLIMITED", Limit::Unlimited),
+];
+
+impl Ladder {
+    /// The tier a webhook names, as `TIER_*` or as a limit (`-1` = unlimited): the ladder's tier of
+    /// that name or limit, else Meta's. `None` for `TIER_NOT_SET` and what cannot be a tier.
+    pub fn resolve(&self, value: &TierValue) -> Option<Tier> {
+        let limit = match value {
+            TierValue::Name(name) => {
+                if let Some(t) = self.get(name) {
+                    return Some(t.clone());
+                }
+                META_TIERS.iter().find(|(n, _)| n == name)?.1
+            }
+            TierValue::Limit(n) if *n < 0 => Limit::Unlimited,
+            TierValue::Limit(0) => return None,
+            TierValue::Limit(n) => Limit::Limited(*n as u64),
+        };
+        if let Some(t) = self.tiers.iter().find(|t| t.limit == limit) {
+            return Some(t.clone());
+        }
+        let name = META_TIERS.iter().find(|(_, l)| *l == limit).map(|(n, _)| n.to_string());
+        let name = name.unwrap_or_else(|| format!("LIMIT_{}", limit.to_i64()));
+        Some(Tier { name, limit })
+    }
+
+    /// The tier above `name`, if any.
+    pub fn above(&self, name: &str) -> Option<&Tier> {
+        let i = self.tiers.iter().position(|t| t.name == name)?;
+        self.tiers.get(i + 1)
+    }
+
+    /// The tier below `name`, if any.
+    pub fn below(&self, name: &str) -> Option<&Tier> {
+        let i = self.tiers.iter().position(|t| t.name == name)?;
+        i.checked_sub(1).map(|i| &self.tiers[i])
+    }
+
+    /// Whether `name` is the ladder's first tier.
+    pub fn is_first(&self, name: &str) -> bool {
+        self.tiers.first().is_some_and(|t| t.name == name)
+    }
+}
+
+/// A tier as a webhook carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TierValue {
+    Name(String),
+    Limit(i64),
+}
+
+/// The rules for moving between tiers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Ruleset {
+    /// Meta from October 2025: from the first tier, the next tier's limit in unique recipients
+    /// within 30 days with HIGH quality (then Meta reviews); from there up, half the current
+    /// limit within 7 days with HIGH quality, applied within 6 hours. No quality downgrades.
+    Meta2025,
+    /// Per-number rules: `threshold_ratio` × the limit within 7 days, quality not LOW, at least
+    /// 48 hours at the current tier; upgrade after 24 hours. FLAGGED for 7 consecutive days drops
+    /// one tier.
+    Legacy { threshold_ratio: f64 },
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY_US: Micros = 86_400_000_000;
+
+/// What tiergate knows about a scope when it projects an upgrade.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectionInput<'a> {
+    pub ladder: &'a Ladder,
+    pub ruleset: Ruleset,
+    pub tier: &'a Tier,
+    /// When the tier was last set, if known.
+    pub tier_since: Option<Micros>,
+    pub quality: Quality,
+    pub unique_7d: u64,
+    pub unique_30d: u64,
+    pub now: Micros,
+}
+
+/// Whether a scope may move up, and what stands in the way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Projection {
+    pub next_tier: Option<Tier>,
+    pub eligible: bool,
+    /// The counting period of the rule (7 or 30 days).
+    pub period_days: u32,
+    /// Unique recipients over that period.
+    pub count: u64,
+    /// Unique recipients the rule asks for.
+    pub threshold: u64,
+    /// Why the scope is not eligible, in words for the business.
+    pub blockers: Vec<String>,
+    /// How long after becoming eligible the upgrade applies.
+    pub delay: Duration,
+}
+
+/// Projects the next upgrade of a scope under its ruleset.
+pub fn project(p: &ProjectionInput<'_>) -> Projection {
+    let next = p.ladder.above(&p.tier.name).cloned();
+    let limit = match p.tier.limit {
+        Limit::Limited(n) => n,
+        Limit::Unlimited => 0,
+    };
+    let (period_days, count, threshold, min_quality, delay) = match p.ruleset {
+        Ruleset::Meta2025 if p.ladder.is_first(&p.tier.name) => {
+            let target = match next.as_ref().map(|t| t.limit) {
+                Some(Limit::Limited(n)) => n,
+                _ => limit.saturating_mul(8),
+            };
+            (30, p.unique_30d, target, Quality::High, Duration::ZERO)
+        }
+        Ruleset::Meta2025 => (7, p.unique_7d, limit.div_ceil(2), Quality::High, 6 * HOUR),
+        Ruleset::Legacy { threshold_ratio } => {
+            (7, p.unique_7d, (limit as f64 * threshold_ratio).ceil() as u64, Quality::Medium, 24 * HOUR)
+        }
+    };
+    let mut blockers = Vec::new();
+    if next.is_none() {
+        blockers.push(format!("{} is the top of the ladder", p.tier.name));
+    }
+    if count < threshold {
+        blockers.push(format!("{count} of {threshold} unique recipients in the last {period_days} days"));
+    }
+    if p.quality < min_quality || (min_quality == Quality::High && p.quality != Quality::High) {
+        blockers.push(format!("quality is {}; {} is needed", p.quality.as_str(), min_quality.as_str()));
+    }
+    if let (Ruleset::Legacy { .. }, Some(since)) = (p.ruleset, p.tier_since) {
+        let at_tier = p.now.saturating_sub(since);
+        if at_tier < 2 * DAY_US {
+            let hours = (2 * DAY_US - at_tier).div_ceil(3_600_000_000);
+            blockers.push(format!("{hours} more hours at {} are needed (48 hours minimum)", p.tier.name));
+        }
+    }
+    Projection { eligible: blockers.is_empty(), next_tier: next, period_days, count, threshold, blockers, delay }
+}
+
+/// What a simulating sidecar does to a scope's tier now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimStep {
+    Nothing,
+    /// Remember that the scope became eligible at this time.
+    MarkEligible(Micros),
+    /// The scope is no longer eligible: forget when it became so.
+    ClearEligible,
+    Upgrade(Tier),
+    /// Legacy: flagged for 7 days; also restarts the flagged clock.
+    Downgrade(Tier),
+}
+
+/// How long a legacy number must stay FLAGGED before it drops a tier.
+pub const FLAGGED_DOWNGRADE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// One step of tier simulation (`policy.tier_source = "simulate"`): deterministic given `now`.
+pub fn simulate(
+    p: &ProjectionInput<'_>,
+    projection: &Projection,
+    eligible_since: Option<Micros>,
+    flagged_since: Option<Micros>,
+) -> SimStep {
+    if let (Ruleset::Legacy { .. }, Some(since)) = (p.ruleset, flagged_since) {
+        if p.now >= since.saturating_add(micros(FLAGGED_DOWNGRADE_AFTER)) {
+            if let Some(lower) = p.ladder.below(&p.tier.name) {
+                return SimStep::Downgrade(lower.clone());
+            }
+        }
+    }
+    match (projection.eligible, &projection.next_tier, eligible_since) {
+        (true, Some(next), since) => {
+            let since_or_now = since.unwrap_or(p.now);
+            if p.now >= since_or_now.saturating_add(micros(projection.delay)) {
+                SimStep::Upgrade(next.clone())
+            } else if since.is_none() {
+                SimStep::MarkEligible(p.now)
+            } else {
+                SimStep::Nothing
+            }
+        }
+        (false, _, Some(_)) => SimStep::ClearEligible,
+        _ => SimStep::Nothing,
+    }
 }
 
 /// What a lease names: the contact counted by one Admit.
@@ -432,25 +797,43 @@ mod tests {
     const NOW: Micros = 1_800_000_000_000_000;
 
     fn snap(open: bool, counted_already: bool, counted: u64, oldest: Option<Micros>) -> Snapshot {
-        Snapshot { service_window_open: open, already_counted: counted_already, counted, oldest }
+        Snapshot { service_window_open: open, already_counted: counted_already, counted, oldest, ..Snapshot::default() }
     }
 
     #[test]
     fn open_service_window_admits_without_counting_even_when_full() {
-        let o = decide(&snap(true, false, 250, Some(NOW - 1)), Limit::Limited(250), NOW, DAY);
+        let o = decide(
+            &snap(true, false, 250, Some(NOW - 1)),
+            Category::Utility,
+            Limits::new(Limit::Limited(250), 0),
+            NOW,
+            DAY,
+        );
         assert_eq!((o.reason, o.effect), (Reason::ServiceWindow, Effect::Nothing));
         assert_eq!(o.reason.decision(), Decision::Admitted);
     }
 
     #[test]
     fn counted_recipient_is_free_and_touched_even_when_full() {
-        let o = decide(&snap(false, true, 250, Some(NOW - 1)), Limit::Limited(250), NOW, DAY);
+        let o = decide(
+            &snap(false, true, 250, Some(NOW - 1)),
+            Category::Utility,
+            Limits::new(Limit::Limited(250), 0),
+            NOW,
+            DAY,
+        );
         assert_eq!((o.reason, o.effect), (Reason::AlreadyCounted, Effect::Touch));
     }
 
     #[test]
     fn new_recipient_is_counted_while_there_is_room() {
-        let o = decide(&snap(false, false, 249, Some(NOW - 1)), Limit::Limited(250), NOW, DAY);
+        let o = decide(
+            &snap(false, false, 249, Some(NOW - 1)),
+            Category::Utility,
+            Limits::new(Limit::Limited(250), 0),
+            NOW,
+            DAY,
+        );
         assert_eq!((o.reason, o.effect), (Reason::NewRecipient, Effect::Count));
         assert_eq!(o.retry_after, None);
     }
@@ -458,7 +841,13 @@ mod tests {
     #[test]
     fn new_recipient_is_denied_at_the_limit_until_the_oldest_leaves() {
         let oldest = NOW - micros(H);
-        let o = decide(&snap(false, false, 250, Some(oldest)), Limit::Limited(250), NOW, DAY);
+        let o = decide(
+            &snap(false, false, 250, Some(oldest)),
+            Category::Utility,
+            Limits::new(Limit::Limited(250), 0),
+            NOW,
+            DAY,
+        );
         assert_eq!((o.reason, o.effect), (Reason::LimitReached, Effect::Nothing));
         assert_eq!(o.reason.decision(), Decision::Denied);
         assert_eq!(o.retry_after, Some(DAY - H));
@@ -466,8 +855,209 @@ mod tests {
 
     #[test]
     fn unlimited_tier_always_counts_new_recipients() {
-        let o = decide(&snap(false, false, 5_000_000, Some(NOW)), Limit::Unlimited, NOW, DAY);
+        let o = decide(
+            &snap(false, false, 5_000_000, Some(NOW)),
+            Category::Utility,
+            Limits::new(Limit::Unlimited, 0),
+            NOW,
+            DAY,
+        );
         assert_eq!((o.reason, o.effect), (Reason::NewRecipient, Effect::Count));
+    }
+
+    fn check(s: Snapshot, category: Category, limits: Limits) -> Reason {
+        decide(&s, category, limits, NOW, DAY).reason
+    }
+
+    const L250: Limits = Limits { limit: Limit::Limited(250), marketing_cap: None };
+
+    #[test]
+    fn banned_or_blocked_senders_send_nothing_not_even_replies() {
+        let s =
+            Snapshot { sender_blocked: true, service_window_open: true, already_counted: true, ..Snapshot::default() };
+        assert_eq!(check(s, Category::Utility, L250), Reason::SenderBlocked);
+        assert_eq!(Reason::SenderBlocked.decision(), Decision::Denied);
+    }
+
+    #[test]
+    fn inactive_templates_are_blocked_and_active_ones_pass() {
+        let s = Snapshot { template_blocked: true, service_window_open: true, ..Snapshot::default() };
+        assert_eq!(check(s, Category::Marketing, L250), Reason::TemplateBlocked);
+        for status in ["PAUSED", "DISABLED", "REJECTED", "FLAGGED", "PENDING_DELETION"] {
+            assert!(!template_active(Some(status)), "{status}");
+        }
+        for status in [None, Some("APPROVED"), Some("REINSTATED")] {
+            assert!(template_active(status), "{status:?}");
+        }
+    }
+
+    #[test]
+    fn opted_out_recipients_get_replies_in_a_window_but_no_marketing_and_nothing_outside() {
+        let outside = Snapshot { opted_out: true, ..Snapshot::default() };
+        let inside = Snapshot { opted_out: true, service_window_open: true, ..Snapshot::default() };
+        assert_eq!(check(outside, Category::Utility, L250), Reason::OptedOut);
+        assert_eq!(check(outside, Category::Authentication, L250), Reason::OptedOut);
+        assert_eq!(check(inside, Category::Marketing, L250), Reason::OptedOut);
+        assert_eq!(check(inside, Category::Utility, L250), Reason::ServiceWindow);
+        assert_eq!(check(inside, Category::Service, L250), Reason::ServiceWindow);
+    }
+
+    #[test]
+    fn free_form_messages_need_an_open_window_and_take_no_slot() {
+        let o = decide(&Snapshot::default(), Category::Service, L250, NOW, DAY);
+        assert_eq!((o.reason, o.effect), (Reason::OutsideServiceWindow, Effect::Nothing));
+        let open = Snapshot { service_window_open: true, ..Snapshot::default() };
+        assert_eq!(check(open, Category::Service, L250), Reason::ServiceWindow);
+    }
+
+    #[test]
+    fn marketing_stops_at_the_reserve_while_otps_use_the_rest() {
+        let limits = Limits::new(Limit::Limited(250), 1_000);
+        assert_eq!(limits.marketing_cap, Some(225));
+        let at_cap = Snapshot { counted: 225, oldest: Some(NOW - micros(H)), ..Snapshot::default() };
+        let o = decide(&at_cap, Category::Marketing, limits, NOW, DAY);
+        assert_eq!((o.reason, o.retry_after), (Reason::HeadroomReserved, Some(DAY - H)));
+        assert_eq!(check(Snapshot { counted: 224, ..at_cap }, Category::Marketing, limits), Reason::NewRecipient);
+        assert_eq!(check(at_cap, Category::Authentication, limits), Reason::NewRecipient);
+        assert_eq!(check(at_cap, Category::Utility, limits), Reason::NewRecipient);
+        assert_eq!(check(Snapshot { counted: 250, ..at_cap }, Category::Utility, limits), Reason::LimitReached);
+        // Marketing to someone already counted costs nothing, so the reserve does not apply.
+        let counted = Snapshot { already_counted: true, ..at_cap };
+        assert_eq!(check(counted, Category::Marketing, limits), Reason::AlreadyCounted);
+    }
+
+    #[test]
+    fn marketing_cap_is_exact_and_absent_without_reserve() {
+        assert_eq!(marketing_cap(Limit::Limited(2_000), 1_000), Some(1_800));
+        assert_eq!(marketing_cap(Limit::Limited(5), 1_000), Some(5));
+        assert_eq!(marketing_cap(Limit::Limited(250), 0), None);
+        assert_eq!(marketing_cap(Limit::Unlimited, 1_000), None);
+    }
+
+    #[test]
+    fn qualities_and_statuses_parse_meta_names() {
+        assert_eq!(Quality::parse("GREEN"), Some(Quality::High));
+        assert_eq!(Quality::parse("yellow"), Some(Quality::Medium));
+        assert_eq!(Quality::parse("RED"), Some(Quality::Low));
+        assert_eq!(Quality::overall([Quality::High, Quality::Unknown, Quality::Medium]), Quality::Medium);
+        assert_eq!(Quality::overall([Quality::Unknown]), Quality::Unknown);
+        assert_eq!(SenderStatus::parse("banned"), Some(SenderStatus::Banned));
+        assert_eq!(SenderStatus::Connected.shown(true), SenderStatus::Restricted);
+        assert_eq!(SenderStatus::Banned.shown(true), SenderStatus::Banned);
+    }
+
+    #[test]
+    fn webhook_tiers_resolve_by_name_or_limit() {
+        let m = Ladder::meta_2025();
+        assert_eq!(m.resolve(&TierValue::Name("TIER_2K".into())).unwrap().name, "TIER_2K");
+        assert_eq!(m.resolve(&TierValue::Limit(10_000)).unwrap().name, "TIER_10K");
+        assert_eq!(m.resolve(&TierValue::Limit(-1)).unwrap(), Tier::unlimited("TIER_UNLIMITED"));
+        assert_eq!(m.resolve(&TierValue::Name("TIER_1K".into())).unwrap(), Tier::limited("TIER_1K", 1_000));
+        assert_eq!(m.resolve(&TierValue::Limit(1_234)).unwrap(), Tier::limited("LIMIT_1234", 1_234));
+        assert_eq!(m.resolve(&TierValue::Name("TIER_NOT_SET".into())), None);
+    }
+
+    fn input<'a>(
+        ladder: &'a Ladder,
+        ruleset: Ruleset,
+        tier: &'a Tier,
+        q: Quality,
+        u7: u64,
+        u30: u64,
+    ) -> ProjectionInput<'a> {
+        ProjectionInput {
+            ladder,
+            ruleset,
+            tier,
+            tier_since: None,
+            quality: q,
+            unique_7d: u7,
+            unique_30d: u30,
+            now: NOW,
+        }
+    }
+
+    #[test]
+    fn meta_first_tier_needs_2000_in_30_days_with_high_quality() {
+        let m = Ladder::meta_2025();
+        let t = m.get("TIER_250").unwrap();
+        let p = project(&input(&m, Ruleset::Meta2025, t, Quality::High, 10, 1_999));
+        assert!(!p.eligible);
+        assert_eq!((p.period_days, p.count, p.threshold), (30, 1_999, 2_000));
+        assert_eq!(p.blockers, ["1999 of 2000 unique recipients in the last 30 days"]);
+        let p = project(&input(&m, Ruleset::Meta2025, t, Quality::Medium, 10, 2_000));
+        assert_eq!(p.blockers, ["quality is MEDIUM; HIGH is needed"]);
+        let p = project(&input(&m, Ruleset::Meta2025, t, Quality::High, 10, 2_000));
+        assert!(p.eligible);
+        assert_eq!(p.next_tier.unwrap().name, "TIER_2K");
+    }
+
+    #[test]
+    fn meta_2k_and_up_need_half_the_limit_in_7_days_applied_within_6_hours() {
+        let m = Ladder::meta_2025();
+        let t = m.get("TIER_2K").unwrap();
+        let p = project(&input(&m, Ruleset::Meta2025, t, Quality::High, 1_000, 0));
+        assert!(p.eligible);
+        assert_eq!((p.period_days, p.threshold, p.delay), (7, 1_000, 6 * H));
+        assert!(!project(&input(&m, Ruleset::Meta2025, t, Quality::High, 999, 0)).eligible);
+        let top = m.get("TIER_UNLIMITED").unwrap();
+        let p = project(&input(&m, Ruleset::Meta2025, top, Quality::High, 1_000_000, 0));
+        assert!(!p.eligible && p.next_tier.is_none());
+    }
+
+    #[test]
+    fn legacy_uses_the_ratio_quality_not_low_and_48_hours_at_tier() {
+        let l = Ladder::legacy();
+        let t = l.get("TIER_1K").unwrap();
+        let half = Ruleset::Legacy { threshold_ratio: 0.5 };
+        let mut i = input(&l, half, t, Quality::Medium, 500, 0);
+        assert!(project(&i).eligible);
+        i.quality = Quality::Low;
+        assert!(!project(&i).eligible);
+        i.quality = Quality::Medium;
+        i.tier_since = Some(NOW - micros(H) * 47);
+        assert_eq!(project(&i).blockers, ["1 more hours at TIER_1K are needed (48 hours minimum)"]);
+        let twice = Ruleset::Legacy { threshold_ratio: 2.0 };
+        let p = project(&input(&l, twice, t, Quality::High, 1_999, 0));
+        assert_eq!((p.threshold, p.eligible, p.delay), (2_000, false, 24 * H));
+    }
+
+    #[test]
+    fn simulation_upgrades_after_the_delay_and_is_deterministic() {
+        let m = Ladder::meta_2025();
+        let t = m.get("TIER_2K").unwrap().clone();
+        let mut i = input(&m, Ruleset::Meta2025, &t, Quality::High, 1_000, 0);
+        let p = project(&i);
+        assert_eq!(simulate(&i, &p, None, None), SimStep::MarkEligible(NOW));
+        assert_eq!(simulate(&i, &p, Some(NOW), None), SimStep::Nothing);
+        i.now = NOW + micros(6 * H);
+        assert_eq!(simulate(&i, &p, Some(NOW), None), SimStep::Upgrade(Tier::limited("TIER_10K", 10_000)));
+        let not = project(&input(&m, Ruleset::Meta2025, &t, Quality::Low, 1_000, 0));
+        assert_eq!(simulate(&i, &not, Some(NOW), None), SimStep::ClearEligible);
+        // The first meta tier applies at once (Meta's review is outside tiergate).
+        let first = m.get("TIER_250").unwrap().clone();
+        let i = input(&m, Ruleset::Meta2025, &first, Quality::High, 0, 2_000);
+        assert_eq!(simulate(&i, &project(&i), None, None), SimStep::Upgrade(Tier::limited("TIER_2K", 2_000)));
+    }
+
+    #[test]
+    fn legacy_simulation_drops_a_tier_after_7_days_flagged() {
+        let l = Ladder::legacy();
+        let t = l.get("TIER_10K").unwrap().clone();
+        let mut i = input(&l, Ruleset::Legacy { threshold_ratio: 0.5 }, &t, Quality::Low, 0, 0);
+        let p = project(&i);
+        let since = NOW - micros(FLAGGED_DOWNGRADE_AFTER) + 1;
+        assert_eq!(simulate(&i, &p, None, Some(since)), SimStep::Nothing);
+        i.now = NOW + 1;
+        assert_eq!(simulate(&i, &p, None, Some(since)), SimStep::Downgrade(Tier::limited("TIER_1K", 1_000)));
+        let bottom = l.get("TIER_1K").unwrap().clone();
+        let i = input(&l, Ruleset::Legacy { threshold_ratio: 0.5 }, &bottom, Quality::Low, 0, 0);
+        assert_eq!(simulate(&i, &project(&i), None, Some(0)), SimStep::Nothing);
+        // Meta 2025 never downgrades for quality.
+        let m = Ladder::meta_2025();
+        let t = m.get("TIER_10K").unwrap().clone();
+        let i = input(&m, Ruleset::Meta2025, &t, Quality::Low, 0, 0);
+        assert_eq!(simulate(&i, &project(&i), None, Some(0)), SimStep::Nothing);
     }
 
     #[test]

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tiergate::hashing::RecipientHasher;
-use tiergate::policy::{Lease, Limit, Reason, ScopeKey, Tier};
+use tiergate::policy::{Category, Lease, Limit, Quality, Reason, ScopeKey, SenderStatus, Tier};
 use tiergate::store::memory::MemoryStore;
 use tiergate::store::redis::{RedisOptions, RedisStore, Topology};
-use tiergate::store::{AdmitOp, Store, Windows};
+use tiergate::store::{Admission, AdmitOp, AdmitParams, Change, Store, UsageSnapshot, Windows};
 
 use common::redis::{RedisCluster, RedisServer};
 
@@ -77,6 +77,14 @@ conformance!(
     scopes_and_portfolios_are_independent,
     usage_of_an_unknown_scope_is_empty,
     concurrent_admits_never_exceed_the_limit,
+    opted_out_recipients_get_only_non_marketing_replies_in_a_window,
+    inactive_templates_are_blocked_until_active_again,
+    banned_and_configured_blocked_senders_are_denied,
+    free_form_messages_outside_a_window_take_no_slot,
+    marketing_stops_at_the_reserve_while_utility_uses_the_rest,
+    applied_changes_persist_and_applying_twice_changes_nothing,
+    an_inbound_message_in_the_past_never_shortens_a_window,
+    unique_recipients_over_7_and_30_days_are_counted,
 );
 
 fn hasher() -> RecipientHasher {
@@ -84,12 +92,40 @@ fn hasher() -> RecipientHasher {
 }
 
 fn op(recipient: &str) -> AdmitOp {
-    AdmitOp { member: hasher().recipient(recipient), service_member: None }
+    AdmitOp { member: hasher().recipient(recipient), category: Category::Utility, ..AdmitOp::default() }
 }
 
 fn op_from(sender: &str, recipient: &str) -> AdmitOp {
     let h = hasher();
-    AdmitOp { member: h.recipient(recipient), service_member: Some(h.service_window(sender, recipient)) }
+    AdmitOp {
+        member: h.recipient(recipient),
+        service_member: Some(h.service_window(sender, recipient)),
+        sender: Some(sender.into()),
+        ..op(recipient)
+    }
+}
+
+fn params(tier: &Tier) -> AdmitParams {
+    AdmitParams { fallback: tier.clone(), reserve_bp: 0 }
+}
+
+async fn admit(store: &dyn Store, scope: &ScopeKey, tier: &Tier, ops: &[AdmitOp]) -> Vec<Admission> {
+    store.admit(scope, &params(tier), ops).await.unwrap()
+}
+
+async fn usage(store: &dyn Store, scope: &ScopeKey, tier: &Tier) -> UsageSnapshot {
+    store.usage(scope, tier).await.unwrap().usage
+}
+
+/// Opens a service window now; returns when it closes.
+async fn inbound(store: &dyn Store, portfolio: &str, sender: &str, recipient: &str) -> u64 {
+    let service_member = hasher().service_window(sender, recipient);
+    store.apply(portfolio, &[Change::Inbound { service_member, at: None }]).await.unwrap()
+}
+
+async fn set_tier(store: &dyn Store, scope: &ScopeKey, tier: &Tier) -> UsageSnapshot {
+    store.apply(&scope.portfolio, &[Change::Tier { scope: scope.clone(), tier: tier.clone() }]).await.unwrap();
+    usage(store, scope, tier).await
 }
 
 fn portfolio(id: &str) -> ScopeKey {
@@ -100,8 +136,8 @@ fn limited(n: u64) -> Tier {
     Tier::limited("TEST", n)
 }
 
-async fn admit_one(store: &dyn Store, scope: &ScopeKey, tier: &Tier, op: AdmitOp) -> tiergate::store::Admission {
-    store.admit(scope, tier, &[op]).await.unwrap().pop().unwrap()
+async fn admit_one(store: &dyn Store, scope: &ScopeKey, tier: &Tier, op: AdmitOp) -> Admission {
+    admit(store, scope, tier, &[op]).await.pop().unwrap()
 }
 
 async fn reasons(store: &dyn Store, scope: &ScopeKey, tier: &Tier, recipients: &[&str]) -> Vec<Reason> {
@@ -124,7 +160,7 @@ async fn new_recipients_are_counted_until_the_limit_then_denied<F: Fn(Windows) -
     assert!(retry > DAY - Duration::from_secs(60) && retry <= DAY, "{retry:?}");
     assert_eq!(denied.usage.counted, 3);
     assert_eq!(denied.usage.remaining(), Some(0));
-    let usage = f.store.usage(&p, &t).await.unwrap();
+    let usage = usage(&*f.store, &p, &t).await;
     assert_eq!(usage.counted, 3);
     assert!(usage.next_slot_at.is_some());
 }
@@ -142,10 +178,8 @@ async fn counted_recipients_stay_free_when_the_window_is_full<F: Fn(Windows) -> 
 async fn open_service_window_admits_without_counting<F: Fn(Windows) -> Fixture>(make: F) {
     let f = make(Windows::default());
     let (p, t) = (portfolio("acme"), limited(1));
-    let h = hasher();
-    let closes = f.store.record_inbound("acme", &h.service_window("sender-a", "5511999990000")).await.unwrap();
-    let now = now_us();
-    assert!(closes > now + 23 * 3600 * 1_000_000 && closes <= now + 24 * 3600 * 1_000_000 + 5_000_000);
+    let now = inbound(&*f.store, "acme", "sender-a", "5511999990000").await;
+    assert!(now.abs_diff(now_us()) < 5_000_000, "the store's clock is now");
     let inside = admit_one(&*f.store, &p, &t, op_from("sender-a", "5511999990000")).await;
     assert_eq!(inside.reason, Reason::ServiceWindow);
     assert_eq!(inside.usage.counted, 0);
@@ -162,7 +196,7 @@ async fn open_service_window_admits_without_counting<F: Fn(Windows) -> Fixture>(
 async fn service_window_closes_after_its_length<F: Fn(Windows) -> Fixture>(make: F) {
     let f = make(windows(DAY, Duration::from_millis(700)));
     let (p, t) = (portfolio("acme"), limited(10));
-    f.store.record_inbound("acme", &hasher().service_window("s", "5511999990000")).await.unwrap();
+    inbound(&*f.store, "acme", "s", "5511999990000").await;
     assert_eq!(admit_one(&*f.store, &p, &t, op_from("s", "5511999990000")).await.reason, Reason::ServiceWindow);
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(admit_one(&*f.store, &p, &t, op_from("s", "5511999990000")).await.reason, Reason::NewRecipient);
@@ -175,7 +209,7 @@ async fn contacts_leave_the_rolling_window<F: Fn(Windows) -> Fixture>(make: F) {
     let denied = admit_one(&*f.store, &p, &t, op("2222222")).await;
     assert!(denied.retry_after.unwrap() <= Duration::from_millis(800));
     tokio::time::sleep(denied.retry_after.unwrap() + Duration::from_millis(100)).await;
-    assert_eq!(f.store.usage(&p, &t).await.unwrap().counted, 0);
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 0);
     assert_eq!(reasons(&*f.store, &p, &t, &["2222222"]).await, [Reason::NewRecipient]);
 }
 
@@ -189,7 +223,7 @@ async fn release_gives_a_slot_back_exactly_once<F: Fn(Windows) -> Fixture>(make:
         score: a.lease_score.expect("new recipients get a lease"),
     };
     assert!(f.store.release(&lease).await.unwrap());
-    assert_eq!(f.store.usage(&p, &t).await.unwrap().counted, 0);
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 0);
     assert!(!f.store.release(&lease).await.unwrap(), "a second release changes nothing");
     assert_eq!(reasons(&*f.store, &p, &t, &["2222222"]).await, [Reason::NewRecipient]);
 }
@@ -198,11 +232,11 @@ async fn release_after_the_recipient_was_messaged_again_changes_nothing<F: Fn(Wi
     let f = make(Windows::default());
     let (p, t) = (portfolio("acme"), limited(5));
     // One call, so both decisions share one clock reading: the lease must still name the first.
-    let got = f.store.admit(&p, &t, &[op("1111111"), op("1111111")]).await.unwrap();
+    let got = admit(&*f.store, &p, &t, &[op("1111111"), op("1111111")]).await;
     assert_eq!((got[0].reason, got[1].reason), (Reason::NewRecipient, Reason::AlreadyCounted));
     let lease = Lease { scope: p.clone(), member: op("1111111").member, score: got[0].lease_score.unwrap() };
     assert!(!f.store.release(&lease).await.unwrap());
-    assert_eq!(f.store.usage(&p, &t).await.unwrap().counted, 1);
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 1);
 }
 
 async fn an_old_lease_cannot_release_a_recount_of_the_same_recipient<F: Fn(Windows) -> Fixture>(make: F) {
@@ -216,7 +250,7 @@ async fn an_old_lease_cannot_release_a_recount_of_the_same_recipient<F: Fn(Windo
     assert_eq!(second.reason, Reason::NewRecipient);
     assert_ne!(second.lease_score, Some(first), "every Admit gets its own lease");
     assert!(!f.store.release(&old).await.unwrap());
-    assert_eq!(f.store.usage(&p, &t).await.unwrap().counted, 1);
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 1);
     let new = Lease { scope: p.clone(), member, score: second.lease_score.unwrap() };
     assert!(f.store.release(&new).await.unwrap());
 }
@@ -224,7 +258,7 @@ async fn an_old_lease_cannot_release_a_recount_of_the_same_recipient<F: Fn(Windo
 async fn a_batch_is_decided_in_order<F: Fn(Windows) -> Fixture>(make: F) {
     let f = make(Windows::default());
     let (p, t) = (portfolio("acme"), limited(2));
-    let got = f.store.admit(&p, &t, &[op("1111111"), op("2222222"), op("1111111"), op("3333333")]).await.unwrap();
+    let got = admit(&*f.store, &p, &t, &[op("1111111"), op("2222222"), op("1111111"), op("3333333")]).await;
     let reasons: Vec<_> = got.iter().map(|a| a.reason).collect();
     assert_eq!(reasons, [Reason::NewRecipient, Reason::NewRecipient, Reason::AlreadyCounted, Reason::LimitReached]);
     let counted: Vec<_> = got.iter().map(|a| a.usage.counted).collect();
@@ -236,25 +270,25 @@ async fn persisted_tier_overrides_the_fallback<F: Fn(Windows) -> Fixture>(make: 
     let f = make(Windows::default());
     let p = portfolio("acme");
     let fallback = limited(1);
-    let set = f.store.set_tier(&p, &Tier::limited("T3", 3)).await.unwrap();
+    let set = set_tier(&*f.store, &p, &Tier::limited("T3", 3)).await;
     assert_eq!(set.tier, Tier::limited("T3", 3));
     let got = reasons(&*f.store, &p, &fallback, &["1111111", "2222222", "3333333", "4444444"]).await;
     assert_eq!(got, [Reason::NewRecipient, Reason::NewRecipient, Reason::NewRecipient, Reason::LimitReached]);
-    let usage = f.store.usage(&p, &fallback).await.unwrap();
-    assert_eq!((usage.tier.name.as_str(), usage.counted, usage.remaining()), ("T3", 3, Some(0)));
+    let u = usage(&*f.store, &p, &fallback).await;
+    assert_eq!((u.tier.name.as_str(), u.counted, u.remaining()), ("T3", 3, Some(0)));
     // Another portfolio still runs on the fallback.
-    assert_eq!(f.store.usage(&portfolio("other"), &fallback).await.unwrap().tier, fallback);
+    assert_eq!(usage(&*f.store, &portfolio("other"), &fallback).await.tier, fallback);
 }
 
 async fn unlimited_tier_admits_everyone_and_estimates_usage<F: Fn(Windows) -> Fixture>(make: F) {
     let f = make(Windows::default());
     let (p, t) = (portfolio("big"), Tier::unlimited("UNL"));
-    let got = f.store.admit(&p, &t, &[op("1111111"), op("2222222"), op("3333333"), op("1111111")]).await.unwrap();
+    let got = admit(&*f.store, &p, &t, &[op("1111111"), op("2222222"), op("3333333"), op("1111111")]).await;
     let reasons: Vec<_> = got.iter().map(|a| a.reason).collect();
     assert_eq!(reasons, [Reason::NewRecipient, Reason::NewRecipient, Reason::NewRecipient, Reason::AlreadyCounted]);
     assert!(got.iter().all(|a| a.lease_score.is_none() && a.retry_after.is_none()));
-    let usage = f.store.usage(&p, &t).await.unwrap();
-    assert_eq!((usage.counted, usage.tier.limit, usage.remaining()), (3, Limit::Unlimited, None));
+    let u = usage(&*f.store, &p, &t).await;
+    assert_eq!((u.counted, u.tier.limit, u.remaining()), (3, Limit::Unlimited, None));
 }
 
 async fn scopes_and_portfolios_are_independent<F: Fn(Windows) -> Fixture>(make: F) {
@@ -266,14 +300,17 @@ async fn scopes_and_portfolios_are_independent<F: Fn(Windows) -> Fixture>(make: 
     assert_eq!(reasons(&*f.store, &a, &t, &["1111111", "2222222"]).await, [Reason::NewRecipient, Reason::LimitReached]);
     assert_eq!(reasons(&*f.store, &b, &t, &["2222222"]).await, [Reason::NewRecipient]);
     assert_eq!(reasons(&*f.store, &c, &t, &["2222222"]).await, [Reason::NewRecipient]);
-    f.store.set_tier(&a, &limited(5)).await.unwrap();
-    assert_eq!(f.store.usage(&b, &t).await.unwrap().tier, t, "a number's tier is its own");
+    set_tier(&*f.store, &a, &limited(5)).await;
+    assert_eq!(usage(&*f.store, &b, &t).await.tier, t, "a number's tier is its own");
 }
 
 async fn usage_of_an_unknown_scope_is_empty<F: Fn(Windows) -> Fixture>(make: F) {
     let f = make(Windows::default());
-    let usage = f.store.usage(&portfolio("nobody"), &limited(250)).await.unwrap();
-    assert_eq!((usage.counted, usage.next_slot_at, usage.remaining()), (0, None, Some(250)));
+    let report = f.store.usage(&portfolio("nobody"), &limited(250)).await.unwrap();
+    let u = &report.usage;
+    assert_eq!((u.counted, u.next_slot_at, u.remaining()), (0, None, Some(250)));
+    assert_eq!((report.unique_7d, report.unique_30d, report.tier_since), (0, 0, None));
+    assert_eq!(f.store.portfolio("nobody").await.unwrap(), Default::default());
     f.store.ping().await.unwrap();
 }
 
@@ -294,9 +331,163 @@ async fn concurrent_admits_never_exceed_the_limit<F: Fn(Windows) -> Fixture>(mak
         }
     }
     assert_eq!(admitted, 25);
-    assert_eq!(f.store.usage(&p, &t).await.unwrap().counted, 25);
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 25);
 }
 
 fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
+}
+
+fn with(op: AdmitOp, category: Category, template: Option<&str>) -> AdmitOp {
+    AdmitOp { category, template: template.map(str::to_owned), ..op }
+}
+
+async fn opted_out_recipients_get_only_non_marketing_replies_in_a_window<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let (p, t) = (portfolio("acme"), limited(10));
+    let member = hasher().recipient("5511999990000");
+    f.store.apply("acme", &[Change::OptOut { member: member.clone(), opted_out: true }]).await.unwrap();
+    let outside = admit_one(&*f.store, &p, &t, op_from("s1", "5511999990000")).await;
+    assert_eq!(outside.reason, Reason::OptedOut);
+    assert_eq!(outside.usage.counted, 0);
+    inbound(&*f.store, "acme", "s1", "5511999990000").await;
+    let reply = admit_one(&*f.store, &p, &t, op_from("s1", "5511999990000")).await;
+    assert_eq!(reply.reason, Reason::ServiceWindow);
+    let marketing = admit_one(&*f.store, &p, &t, with(op_from("s1", "5511999990000"), Category::Marketing, None)).await;
+    assert_eq!(marketing.reason, Reason::OptedOut);
+    // Opt-outs are portfolio-wide: another number of the business is refused too.
+    assert_eq!(admit_one(&*f.store, &p, &t, op_from("s2", "5511999990000")).await.reason, Reason::OptedOut);
+    assert_eq!(f.store.portfolio("acme").await.unwrap().opted_out, 1);
+    f.store.apply("acme", &[Change::OptOut { member, opted_out: false }]).await.unwrap();
+    assert_eq!(admit_one(&*f.store, &p, &t, op_from("s2", "5511999990000")).await.reason, Reason::NewRecipient);
+}
+
+async fn inactive_templates_are_blocked_until_active_again<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let (p, t) = (portfolio("acme"), limited(10));
+    let promo = |r: &str| with(op(r), Category::Marketing, Some("spring_promo"));
+    assert_eq!(admit_one(&*f.store, &p, &t, promo("1111111")).await.reason, Reason::NewRecipient);
+    let pause = Change::TemplateStatus { name: "spring_promo".into(), status: "PAUSED".into() };
+    f.store.apply("acme", &[pause]).await.unwrap();
+    let blocked = admit_one(&*f.store, &p, &t, promo("2222222")).await;
+    assert_eq!((blocked.reason, blocked.usage.counted), (Reason::TemplateBlocked, 1));
+    assert_eq!(admit_one(&*f.store, &p, &t, promo("1111111")).await.reason, Reason::TemplateBlocked);
+    let other = with(op("2222222"), Category::Marketing, Some("welcome"));
+    assert_eq!(admit_one(&*f.store, &p, &t, other).await.reason, Reason::NewRecipient);
+    let reinstate = Change::TemplateStatus { name: "spring_promo".into(), status: "REINSTATED".into() };
+    f.store.apply("acme", &[reinstate]).await.unwrap();
+    assert_eq!(admit_one(&*f.store, &p, &t, promo("3333333")).await.reason, Reason::NewRecipient);
+}
+
+async fn banned_and_configured_blocked_senders_are_denied<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let (p, t) = (portfolio("acme"), limited(10));
+    let ban = Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Banned };
+    f.store.apply("acme", &[ban]).await.unwrap();
+    inbound(&*f.store, "acme", "s1", "1111111").await;
+    assert_eq!(admit_one(&*f.store, &p, &t, op_from("s1", "1111111")).await.reason, Reason::SenderBlocked);
+    assert_eq!(admit_one(&*f.store, &p, &t, op_from("s2", "1111111")).await.reason, Reason::NewRecipient);
+    let configured = AdmitOp { sender_blocked: true, ..op_from("s3", "2222222") };
+    let denied = admit_one(&*f.store, &p, &t, configured).await;
+    assert_eq!((denied.reason, denied.usage.counted), (Reason::SenderBlocked, 1));
+    let lift = Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Connected };
+    f.store.apply("acme", &[lift]).await.unwrap();
+    assert_eq!(admit_one(&*f.store, &p, &t, op_from("s1", "3333333")).await.reason, Reason::NewRecipient);
+}
+
+async fn free_form_messages_outside_a_window_take_no_slot<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let (p, t) = (portfolio("acme"), limited(10));
+    let service = with(op_from("s1", "1111111"), Category::Service, None);
+    let denied = admit_one(&*f.store, &p, &t, service.clone()).await;
+    assert_eq!((denied.reason, denied.usage.counted), (Reason::OutsideServiceWindow, 0));
+    inbound(&*f.store, "acme", "s1", "1111111").await;
+    assert_eq!(admit_one(&*f.store, &p, &t, service).await.reason, Reason::ServiceWindow);
+}
+
+async fn marketing_stops_at_the_reserve_while_utility_uses_the_rest<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let (p, t) = (portfolio("acme"), limited(10));
+    let reserve = AdmitParams { fallback: t.clone(), reserve_bp: 2_000 };
+    let marketing: Vec<_> = (0..9).map(|i| with(op(&format!("155500000{i}")), Category::Marketing, None)).collect();
+    let got = f.store.admit(&p, &reserve, &marketing).await.unwrap();
+    let reasons: Vec<_> = got.iter().map(|a| a.reason).collect();
+    assert_eq!(reasons[..8], [Reason::NewRecipient; 8]);
+    assert_eq!(reasons[8], Reason::HeadroomReserved);
+    assert!(got[8].retry_after.is_some());
+    let otp = [0, 1, 2].map(|i| with(op(&format!("166600000{i}")), Category::Authentication, None));
+    let got = f.store.admit(&p, &reserve, &otp).await.unwrap();
+    let reasons: Vec<_> = got.iter().map(|a| a.reason).collect();
+    assert_eq!(reasons, [Reason::NewRecipient, Reason::NewRecipient, Reason::LimitReached]);
+    // A recipient already counted costs nothing, marketing or not.
+    let again = with(op("1555000000"), Category::Marketing, None);
+    assert_eq!(f.store.admit(&p, &reserve, &[again]).await.unwrap()[0].reason, Reason::AlreadyCounted);
+}
+
+async fn applied_changes_persist_and_applying_twice_changes_nothing<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let p = portfolio("acme");
+    let changes = [
+        Change::Tier { scope: p.clone(), tier: limited(7) },
+        Change::Quality(Quality::High),
+        Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Flagged },
+        Change::SenderQuality { sender: "s1".into(), quality: Quality::Low },
+        Change::TemplateStatus { name: "promo".into(), status: "DISABLED".into() },
+        Change::TemplateQuality { name: "promo".into(), quality: Quality::Medium },
+        Change::Alert { key: "INCREASED_CAPABILITIES_ELIGIBILITY_DEFERRED:1".into(), body: "{\"a\":1}".into() },
+        Change::Alias { display: "15550001111".into(), id: "s1".into() },
+        Change::OptOut { member: hasher().recipient("1111111"), opted_out: true },
+    ];
+    f.store.apply("acme", &changes).await.unwrap();
+    let first = f.store.portfolio("acme").await.unwrap();
+    let report = f.store.usage(&p, &limited(1)).await.unwrap();
+    assert_eq!(report.usage.tier, limited(7));
+    let since = report.tier_since.expect("the tier change is dated");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    f.store.apply("acme", &changes).await.unwrap();
+    assert_eq!(f.store.portfolio("acme").await.unwrap(), first);
+    assert_eq!(f.store.usage(&p, &limited(1)).await.unwrap().tier_since, Some(since), "same tier, same since");
+    assert_eq!(first.quality, Quality::High);
+    let s1 = &first.senders["s1"];
+    assert_eq!((s1.status, s1.quality), (Some(SenderStatus::Flagged), Quality::Low));
+    assert!(s1.since.is_some());
+    assert_eq!(first.templates["promo"].status.as_deref(), Some("DISABLED"));
+    assert_eq!(first.templates["promo"].quality, Quality::Medium);
+    assert_eq!(first.alerts.len(), 1);
+    assert_eq!(first.aliases["15550001111"], "s1");
+    assert_eq!(first.opted_out, 1);
+    let sim =
+        [Change::Eligible { scope: p.clone(), since: Some(42) }, Change::Flagged { scope: p.clone(), since: Some(43) }];
+    f.store.apply("acme", &sim).await.unwrap();
+    let report = f.store.usage(&p, &limited(1)).await.unwrap();
+    assert_eq!((report.eligible_since, report.flagged_since), (Some(42), Some(43)));
+    let clear = [Change::Eligible { scope: p.clone(), since: None }, Change::Flagged { scope: p.clone(), since: None }];
+    f.store.apply("acme", &clear).await.unwrap();
+    let report = f.store.usage(&p, &limited(1)).await.unwrap();
+    assert_eq!((report.eligible_since, report.flagged_since), (None, None));
+}
+
+async fn an_inbound_message_in_the_past_never_shortens_a_window<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(windows(DAY, Duration::from_secs(2)));
+    let (p, t) = (portfolio("acme"), limited(10));
+    let member = hasher().service_window("s1", "1111111");
+    let now = now_us();
+    // A message from long ago opens nothing.
+    let stale = Change::Inbound { service_member: member.clone(), at: Some(now - 10_000_000) };
+    f.store.apply("acme", &[stale.clone()]).await.unwrap();
+    assert_eq!(admit_one(&*f.store, &p, &t, op_from("s1", "1111111")).await.reason, Reason::NewRecipient);
+    f.store.apply("acme", &[Change::Inbound { service_member: member, at: None }]).await.unwrap();
+    f.store.apply("acme", &[stale]).await.unwrap();
+    assert_eq!(admit_one(&*f.store, &p, &t, op_from("s1", "1111111")).await.reason, Reason::ServiceWindow);
+}
+
+async fn unique_recipients_over_7_and_30_days_are_counted<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let (p, t) = (portfolio("acme"), limited(10));
+    let ops = [op("1111111"), op("2222222"), op("1111111"), op("3333333")];
+    admit(&*f.store, &p, &t, &ops).await;
+    inbound(&*f.store, "acme", "s1", "4444444").await;
+    admit_one(&*f.store, &p, &t, op_from("s1", "4444444")).await;
+    let report = f.store.usage(&p, &t).await.unwrap();
+    assert_eq!((report.unique_7d, report.unique_30d), (3, 3), "replies in a service window are not counted");
 }

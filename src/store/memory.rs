@@ -1,14 +1,17 @@
 //! The embedded store: everything in this process, behind one mutex. For a laptop, a test, or a
 //! single sender process; sidecars that must agree share a Redis store instead.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-use super::{Admission, AdmitOp, Member, Store, StoreError, UsageSnapshot, Windows};
-use crate::policy::{self, Effect, Lease, Limit, Micros, ScopeKey, Snapshot, Tier};
+use super::{
+    day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, Store, StoreError,
+    UsageSnapshot, Windows,
+};
+use crate::policy::{self, Effect, Lease, Limit, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
 
 /// A source of "now" for the memory store; tests inject a manual one.
 pub trait Clock: Send + Sync + 'static {
@@ -26,7 +29,8 @@ impl Clock for SystemClock {
     }
 }
 
-const MICROS_PER_DAY: Micros = 86_400_000_000;
+/// Days of daily unique-recipient sets kept for projections.
+const DAYS_KEPT: u64 = 30;
 
 #[derive(Default)]
 struct ScopeState {
@@ -37,9 +41,11 @@ struct ScopeState {
     /// The last score handed out, so scores stay unique.
     last_score: Micros,
     tier: Option<Tier>,
-    /// Unlimited tiers count unique recipients per UTC day instead of keeping a window.
-    day: Micros,
-    day_members: HashSet<Member>,
+    tier_since: Option<Micros>,
+    eligible_since: Option<Micros>,
+    flagged_since: Option<Micros>,
+    /// Recipients reached outside service windows, by day.
+    days: BTreeMap<u64, HashSet<Member>>,
 }
 
 impl ScopeState {
@@ -52,23 +58,32 @@ impl ScopeState {
             let (_, member) = self.by_score.pop_first().expect("first exists");
             self.contacts.remove(&member);
         }
-        let today = now / MICROS_PER_DAY;
-        if self.day != today {
-            self.day = today;
-            self.day_members.clear();
-        }
+        let oldest_day = day_of(now).saturating_sub(DAYS_KEPT - 1);
+        self.days.retain(|day, _| *day >= oldest_day);
     }
 
-    fn usage(&self, fallback: &Tier, windows: &Windows) -> UsageSnapshot {
+    fn today(&self, now: Micros) -> usize {
+        self.days.get(&day_of(now)).map_or(0, HashSet::len)
+    }
+
+    fn usage(&self, fallback: &Tier, windows: &Windows, now: Micros) -> UsageSnapshot {
         let tier = self.tier.clone().unwrap_or_else(|| fallback.clone());
         match tier.limit {
-            Limit::Unlimited => UsageSnapshot { tier, counted: self.day_members.len() as u64, next_slot_at: None },
+            Limit::Unlimited => UsageSnapshot { tier, counted: self.today(now) as u64, next_slot_at: None },
             Limit::Limited(_) => UsageSnapshot {
                 tier,
                 counted: self.contacts.len() as u64,
                 next_slot_at: self.by_score.first().map(|(s, _)| s + policy::micros(windows.window)),
             },
         }
+    }
+
+    fn unique_since(&self, first_day: u64) -> u64 {
+        let mut all: HashSet<&Member> = HashSet::new();
+        for (_, members) in self.days.range(first_day..) {
+            all.extend(members);
+        }
+        all.len() as u64
     }
 
     fn touch(&mut self, member: &Member, now: Micros) -> Micros {
@@ -83,10 +98,17 @@ impl ScopeState {
 }
 
 #[derive(Default)]
+struct Portfolio {
+    /// Service windows: (sender, recipient) hash → closing time.
+    service: HashMap<Member, Micros>,
+    opted_out: HashSet<Member>,
+    state: PortfolioState,
+}
+
+#[derive(Default)]
 struct State {
     scopes: HashMap<ScopeKey, ScopeState>,
-    /// Service windows by portfolio: (sender, recipient) hash → closing time.
-    service: HashMap<String, HashMap<Member, Micros>>,
+    portfolios: HashMap<String, Portfolio>,
 }
 
 /// The embedded in-memory store.
@@ -108,63 +130,76 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave a half-applied decision (every write
-        // happens after the decision), so a poisoned lock is still consistent.
+        // Every write happens after its decision, so a panic cannot leave a half-applied
+        // decision behind: a poisoned lock is still consistent.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
+fn sender_banned(p: Option<&Portfolio>, sender: Option<&String>) -> bool {
+    let status = sender.and_then(|s| p?.state.senders.get(s)?.status);
+    status == Some(SenderStatus::Banned)
+}
+
+fn template_blocked(p: Option<&Portfolio>, template: Option<&String>) -> bool {
+    let Some(name) = template else { return false };
+    let status = p.and_then(|p| p.state.templates.get(name)?.status.as_deref());
+    !policy::template_active(status)
+}
+
 #[async_trait]
 impl Store for MemoryStore {
-    async fn admit(&self, scope: &ScopeKey, fallback: &Tier, ops: &[AdmitOp]) -> Result<Vec<Admission>, StoreError> {
+    async fn admit(
+        &self,
+        scope: &ScopeKey,
+        params: &AdmitParams,
+        ops: &[AdmitOp],
+    ) -> Result<Vec<Admission>, StoreError> {
         let now = self.clock.now();
         let mut guard = self.lock();
         let state = &mut *guard;
-        let service = state.service.get(&scope.portfolio);
+        let portfolio = state.portfolios.get(&scope.portfolio);
         let s = state.scopes.entry(scope.clone()).or_default();
         s.expire(now, &self.windows);
-        let limit = s.tier.as_ref().unwrap_or(fallback).limit;
+        let limit = s.tier.as_ref().unwrap_or(&params.fallback).limit;
+        let limits = Limits::new(limit, params.reserve_bp);
+        let unlimited = limit == Limit::Unlimited;
+        let today = day_of(now);
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
-            let service_window_open = op
-                .service_member
-                .as_ref()
-                .and_then(|m| service.and_then(|w| w.get(m)))
-                .is_some_and(|closes| *closes > now);
-            let unlimited = limit == Limit::Unlimited;
-            let snapshot = if unlimited {
-                Snapshot {
-                    service_window_open,
-                    already_counted: s.day_members.contains(&op.member),
-                    counted: s.day_members.len() as u64,
-                    oldest: None,
-                }
-            } else {
-                Snapshot {
-                    service_window_open,
-                    already_counted: s.contacts.contains_key(&op.member),
-                    counted: s.contacts.len() as u64,
-                    oldest: s.by_score.first().map(|(score, _)| *score),
-                }
+            let service_window_open =
+                op.service_member.as_ref().and_then(|m| portfolio?.service.get(m)).is_some_and(|closes| *closes > now);
+            let day = s.days.get(&today);
+            let snapshot = Snapshot {
+                sender_blocked: op.sender_blocked || sender_banned(portfolio, op.sender.as_ref()),
+                template_blocked: template_blocked(portfolio, op.template.as_ref()),
+                opted_out: portfolio.is_some_and(|p| p.opted_out.contains(&op.member)),
+                service_window_open,
+                already_counted: if unlimited {
+                    day.is_some_and(|d| d.contains(&op.member))
+                } else {
+                    s.contacts.contains_key(&op.member)
+                },
+                counted: if unlimited { day.map_or(0, HashSet::len) as u64 } else { s.contacts.len() as u64 },
+                oldest: s.by_score.first().map(|(score, _)| *score),
             };
-            let outcome = policy::decide(&snapshot, limit, now, self.windows.window);
+            let outcome = policy::decide(&snapshot, op.category, limits, now, self.windows.window);
+            if outcome.effect != Effect::Nothing {
+                s.days.entry(today).or_default().insert(op.member.clone());
+            }
             let lease_score = match (outcome.effect, unlimited) {
-                (Effect::Nothing, _) | (Effect::Touch, true) => None,
-                (Effect::Count, true) => {
-                    s.day_members.insert(op.member.clone());
-                    None
-                }
+                (Effect::Count, false) => Some(s.touch(&op.member, now)),
                 (Effect::Touch, false) => {
                     s.touch(&op.member, now);
                     None
                 }
-                (Effect::Count, false) => Some(s.touch(&op.member, now)),
+                _ => None,
             };
             out.push(Admission {
                 reason: outcome.reason,
                 lease_score,
                 retry_after: outcome.retry_after,
-                usage: s.usage(fallback, &self.windows),
+                usage: s.usage(&params.fallback, &self.windows, now),
             });
         }
         Ok(out)
@@ -181,33 +216,89 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
-    async fn record_inbound(&self, portfolio: &str, service_member: &[u8]) -> Result<Micros, StoreError> {
+    async fn apply(&self, portfolio: &str, changes: &[Change]) -> Result<Micros, StoreError> {
         let now = self.clock.now();
-        let closes = now.saturating_add(policy::micros(self.windows.service_window));
-        let mut state = self.lock();
-        let windows = state.service.entry(portfolio.to_owned()).or_default();
-        windows.insert(service_member.to_vec(), closes);
-        if windows.len().is_power_of_two() {
-            windows.retain(|_, c| *c > now);
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        for change in changes {
+            let p = state.portfolios.entry(portfolio.to_owned()).or_default();
+            match change {
+                Change::Tier { scope, tier } => {
+                    let s = state.scopes.entry(scope.clone()).or_default();
+                    if s.tier.as_ref().map(|t| &t.name) != Some(&tier.name) {
+                        s.tier_since = Some(now);
+                    }
+                    s.tier = Some(tier.clone());
+                }
+                Change::Eligible { scope, since } => {
+                    state.scopes.entry(scope.clone()).or_default().eligible_since = *since
+                }
+                Change::Flagged { scope, since } => {
+                    state.scopes.entry(scope.clone()).or_default().flagged_since = *since
+                }
+                Change::Quality(q) => p.state.quality = *q,
+                Change::SenderStatus { sender, status } => {
+                    let s = p.state.senders.entry(sender.clone()).or_default();
+                    if s.status != Some(*status) {
+                        s.since = Some(now);
+                    }
+                    s.status = Some(*status);
+                }
+                Change::SenderQuality { sender, quality } => {
+                    p.state.senders.entry(sender.clone()).or_default().quality = *quality;
+                }
+                Change::TemplateStatus { name, status } => {
+                    p.state.templates.entry(name.clone()).or_default().status = Some(status.clone());
+                }
+                Change::TemplateQuality { name, quality } => {
+                    p.state.templates.entry(name.clone()).or_default().quality = *quality;
+                }
+                Change::OptOut { member, opted_out } => {
+                    if *opted_out {
+                        p.opted_out.insert(member.clone());
+                    } else {
+                        p.opted_out.remove(member);
+                    }
+                    p.state.opted_out = p.opted_out.len() as u64;
+                }
+                Change::Alert { key, body } => {
+                    p.state.alerts.insert(key.clone(), body.clone());
+                }
+                Change::Alias { display, id } => {
+                    p.state.aliases.insert(display.clone(), id.clone());
+                }
+                Change::Inbound { service_member, at } => {
+                    let closes = at.unwrap_or(now).saturating_add(policy::micros(self.windows.service_window));
+                    let entry = p.service.entry(service_member.clone()).or_insert(closes);
+                    *entry = (*entry).max(closes);
+                    if p.service.len().is_power_of_two() {
+                        p.service.retain(|_, c| *c > now);
+                    }
+                }
+            }
         }
-        Ok(closes)
+        Ok(now)
     }
 
-    async fn usage(&self, scope: &ScopeKey, fallback: &Tier) -> Result<UsageSnapshot, StoreError> {
+    async fn usage(&self, scope: &ScopeKey, fallback: &Tier) -> Result<ScopeReport, StoreError> {
         let now = self.clock.now();
         let mut state = self.lock();
         let s = state.scopes.entry(scope.clone()).or_default();
         s.expire(now, &self.windows);
-        Ok(s.usage(fallback, &self.windows))
+        let today = day_of(now);
+        Ok(ScopeReport {
+            usage: s.usage(fallback, &self.windows, now),
+            unique_7d: s.unique_since(today.saturating_sub(6)),
+            unique_30d: s.unique_since(today.saturating_sub(DAYS_KEPT - 1)),
+            tier_since: s.tier_since,
+            eligible_since: s.eligible_since,
+            flagged_since: s.flagged_since,
+            now,
+        })
     }
 
-    async fn set_tier(&self, scope: &ScopeKey, tier: &Tier) -> Result<UsageSnapshot, StoreError> {
-        let now = self.clock.now();
-        let mut state = self.lock();
-        let s = state.scopes.entry(scope.clone()).or_default();
-        s.expire(now, &self.windows);
-        s.tier = Some(tier.clone());
-        Ok(s.usage(tier, &self.windows))
+    async fn portfolio(&self, portfolio: &str) -> Result<PortfolioState, StoreError> {
+        Ok(self.lock().portfolios.get(portfolio).map(|p| p.state.clone()).unwrap_or_default())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

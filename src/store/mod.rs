@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::policy::{Lease, Limit, Micros, Reason, ScopeKey, Tier};
+use std::collections::BTreeMap;
+
+use crate::policy::{Category, Lease, Limit, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
 
 /// A keyed hash of a recipient (or of a sender and recipient pair), as stored.
 pub type Member = Vec<u8>;
@@ -34,12 +36,33 @@ impl Default for Windows {
 }
 
 /// One message to decide.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AdmitOp {
     /// The recipient's keyed hash.
     pub member: Member,
     /// The keyed hash of (sender, recipient), naming its service window; `None` without a sender.
     pub service_member: Option<Member>,
+    pub category: Category,
+    /// The template the message uses, if it names one.
+    pub template: Option<String>,
+    /// The sending number, whose status may block it.
+    pub sender: Option<String>,
+    /// The sender is blocked by configuration.
+    pub sender_blocked: bool,
+}
+
+/// Scope-wide parameters of an admission call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmitParams {
+    /// The tier when none was persisted.
+    pub fallback: Tier,
+    /// Basis points of the limit kept from marketing to new recipients.
+    pub reserve_bp: u32,
+}
+
+/// Days since the Unix epoch (UTC) of a time; daily unique-recipient counts are keyed by it.
+pub fn day_of(t: Micros) -> u64 {
+    t / 86_400_000_000
 }
 
 /// The state of one limit scope.
@@ -61,6 +84,112 @@ impl UsageSnapshot {
             Limit::Unlimited => None,
         }
     }
+}
+
+/// Everything a store knows about one scope's usage, for GetUsage and upgrade projections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeReport {
+    pub usage: UsageSnapshot,
+    /// Unique recipients reached outside service windows over the last 7 and 30 days
+    /// (HyperLogLog estimates on Redis).
+    pub unique_7d: u64,
+    pub unique_30d: u64,
+    /// When the persisted tier last changed.
+    pub tier_since: Option<Micros>,
+    /// Simulation: when the scope became eligible for an upgrade.
+    pub eligible_since: Option<Micros>,
+    /// Simulation: since when the scope has been counted as flagged.
+    pub flagged_since: Option<Micros>,
+    /// The store's clock.
+    pub now: Micros,
+}
+
+/// What is known of one sending number.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SenderState {
+    pub status: Option<SenderStatus>,
+    pub quality: Quality,
+    /// When the status last changed.
+    pub since: Option<Micros>,
+}
+
+/// What is known of one template.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TemplateState {
+    /// Meta's last status event (APPROVED, PAUSED, DISABLED, …).
+    pub status: Option<String>,
+    pub quality: Quality,
+}
+
+/// Everything persisted about a portfolio besides its windows.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PortfolioState {
+    /// The portfolio's own quality rating, when one was set.
+    pub quality: Quality,
+    pub senders: BTreeMap<String, SenderState>,
+    pub templates: BTreeMap<String, TemplateState>,
+    /// Account alerts by their identity, newest contents.
+    pub alerts: BTreeMap<String, String>,
+    /// Display phone number → phone number id, learnt from webhooks.
+    pub aliases: BTreeMap<String, String>,
+    /// Recipients opted out.
+    pub opted_out: u64,
+}
+
+/// One change to persisted state. A list of them is applied atomically and is idempotent:
+/// applying the same list twice leaves the same state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The scope's tier; its `since` moves to now when the name changes.
+    Tier {
+        scope: ScopeKey,
+        tier: Tier,
+    },
+    /// Simulation bookkeeping of a scope.
+    Eligible {
+        scope: ScopeKey,
+        since: Option<Micros>,
+    },
+    Flagged {
+        scope: ScopeKey,
+        since: Option<Micros>,
+    },
+    Quality(Quality),
+    /// A number's status; its `since` moves to now when the status changes.
+    SenderStatus {
+        sender: String,
+        status: SenderStatus,
+    },
+    SenderQuality {
+        sender: String,
+        quality: Quality,
+    },
+    TemplateStatus {
+        name: String,
+        status: String,
+    },
+    TemplateQuality {
+        name: String,
+        quality: Quality,
+    },
+    OptOut {
+        member: Member,
+        opted_out: bool,
+    },
+    Alert {
+        key: String,
+        body: String,
+    },
+    Alias {
+        display: String,
+        id: String,
+    },
+    /// An inbound message at `at` (now when `None`) opens the service window until
+    /// `at + service_window`; a later window already open is kept.
+    Inbound {
+        service_member: Member,
+        at: Option<Micros>,
+    },
 }
 
 /// The store's answer for one [`AdmitOp`].
@@ -96,20 +225,24 @@ impl StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Decides `ops` in order within one scope, as if sent one after another, atomically.
-    /// `fallback` is the tier when none was persisted with [`Store::set_tier`].
-    async fn admit(&self, scope: &ScopeKey, fallback: &Tier, ops: &[AdmitOp]) -> Result<Vec<Admission>, StoreError>;
+    async fn admit(
+        &self,
+        scope: &ScopeKey,
+        params: &AdmitParams,
+        ops: &[AdmitOp],
+    ) -> Result<Vec<Admission>, StoreError>;
 
     /// Undoes the contact a lease names, if it is still the recipient's latest; returns whether it did.
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError>;
 
-    /// Opens or restarts a service window of `portfolio`; returns when it closes.
-    async fn record_inbound(&self, portfolio: &str, service_member: &[u8]) -> Result<Micros, StoreError>;
+    /// Applies `changes` to `portfolio` atomically; returns the store's clock at that moment.
+    async fn apply(&self, portfolio: &str, changes: &[Change]) -> Result<Micros, StoreError>;
 
-    /// The scope's usage now.
-    async fn usage(&self, scope: &ScopeKey, fallback: &Tier) -> Result<UsageSnapshot, StoreError>;
+    /// The scope's usage now, with what upgrade projections need.
+    async fn usage(&self, scope: &ScopeKey, fallback: &Tier) -> Result<ScopeReport, StoreError>;
 
-    /// Persists the scope's tier, shared by every sidecar on this store; returns the usage after.
-    async fn set_tier(&self, scope: &ScopeKey, tier: &Tier) -> Result<UsageSnapshot, StoreError>;
+    /// Everything persisted about a portfolio.
+    async fn portfolio(&self, portfolio: &str) -> Result<PortfolioState, StoreError>;
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;

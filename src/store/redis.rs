@@ -4,12 +4,14 @@
 //! Key layout, all under the hash tag of the portfolio so a script never crosses Cluster slots
 //! (`<p>` = `store.key_prefix`, `<scope>` = empty, or `:n:<sender>` in per-number scope):
 //!
-//! | key                        | type       | holds                                          | TTL |
-//! |----------------------------|------------|------------------------------------------------|-----|
-//! | `<p>:{portfolio}:w<scope>` | sorted set | recipient hash → last counted contact (µs)     | window |
-//! | `<p>:{portfolio}:m<scope>` | hash       | persisted tier and limit, last score, HLL day  | `store.state_ttl` |
-//! | `<p>:{portfolio}:u<scope>` | HyperLogLog| unique recipients today (unlimited tiers only) | 2 days |
-//! | `<p>:{portfolio}:sw`       | sorted set | (sender, recipient) hash → window closes (µs)  | service window |
+//! | key                              | type        | holds                                        | TTL |
+//! |----------------------------------|-------------|----------------------------------------------|-----|
+//! | `<p>:{portfolio}:w<scope>`       | sorted set  | recipient hash → last counted contact (µs)   | window |
+//! | `<p>:{portfolio}:m<scope>`       | hash        | tier, limit, since, last score, simulation   | `store.state_ttl` |
+//! | `<p>:{portfolio}:d<scope>:<day>` | HyperLogLog | recipients reached that UTC day             | 31 days |
+//! | `<p>:{portfolio}:sw`             | sorted set  | (sender, recipient) hash → window closes (µs)| service window |
+//! | `<p>:{portfolio}:pf`             | hash        | quality, numbers, templates, alerts          | `store.state_ttl` |
+//! | `<p>:{portfolio}:opt`            | set         | opted-out recipient hashes                   | `store.state_ttl` |
 //!
 //! The scripts live in `lua/` beside this file; each documents its KEYS and ARGV at its top.
 
@@ -23,8 +25,12 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use redis::{ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind};
 use tokio::sync::Mutex;
 
-use super::{Admission, AdmitOp, Store, StoreError, UsageSnapshot, Windows};
-use crate::policy::{self, Lease, Limit, Micros, Reason, ScopeKey, Tier};
+use super::memory::{Clock, SystemClock};
+use super::{
+    day_of, Admission, AdmitOp, AdmitParams, Change, PortfolioState, ScopeReport, Store, StoreError, UsageSnapshot,
+    Windows,
+};
+use crate::policy::{self, Category, Lease, Limit, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
 
 const PRELUDE: &str = include_str!("lua/prelude.lua");
 
@@ -34,9 +40,12 @@ fn with_prelude(body: &str) -> Script {
 
 static ADMIT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("lua/admit.lua")));
 static USAGE: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("lua/usage.lua")));
-static SET_TIER: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("lua/set_tier.lua")));
+static APPLY: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("lua/apply.lua")));
+static PORTFOLIO: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/portfolio.lua")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/release.lua")));
-static RECORD_INBOUND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/record_inbound.lua")));
+
+/// Days of daily unique-recipient counts read for projections (and kept, plus one).
+const DAYS: u64 = 30;
 
 /// How to reach Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,14 +185,33 @@ impl RedisStore {
         Ok(RedisStore { conn: Arc::new(conn), opts })
     }
 
-    fn keys(&self, scope: &ScopeKey) -> [String; 4] {
-        let tag = format!("{}:{{{}}}", self.opts.key_prefix, scope.portfolio);
-        let sub = scope.sender.as_ref().map(|s| format!(":n:{s}")).unwrap_or_default();
-        [format!("{tag}:w{sub}"), format!("{tag}:m{sub}"), format!("{tag}:u{sub}"), format!("{tag}:sw")]
+    fn tag(&self, portfolio: &str) -> String {
+        format!("{}:{{{}}}", self.opts.key_prefix, portfolio)
     }
 
-    fn service_key(&self, portfolio: &str) -> String {
-        format!("{}:{{{}}}:sw", self.opts.key_prefix, portfolio)
+    fn sub(scope: &ScopeKey) -> String {
+        scope.sender.as_ref().map(|s| format!(":n:{s}")).unwrap_or_default()
+    }
+
+    fn window_key(&self, scope: &ScopeKey) -> String {
+        format!("{}:w{}", self.tag(&scope.portfolio), Self::sub(scope))
+    }
+
+    fn meta_key(&self, scope: &ScopeKey) -> String {
+        format!("{}:m{}", self.tag(&scope.portfolio), Self::sub(scope))
+    }
+
+    fn day_key(&self, scope: &ScopeKey, day: u64) -> String {
+        format!("{}:d{}:{day}", self.tag(&scope.portfolio), Self::sub(scope))
+    }
+
+    fn portfolio_keys(&self, portfolio: &str) -> [String; 3] {
+        let tag = self.tag(portfolio);
+        [format!("{tag}:pf"), format!("{tag}:opt"), format!("{tag}:sw")]
+    }
+
+    fn today() -> u64 {
+        day_of(SystemClock.now())
     }
 
     fn window_us(&self) -> u64 {
@@ -241,10 +269,6 @@ impl RedisStore {
     fn tier_from(name: String, limit: i64) -> Tier {
         Tier { name, limit: Limit::from_i64(limit) }
     }
-
-    fn usage_from(&self, (name, limit, counted, next): (String, i64, u64, u64)) -> UsageSnapshot {
-        UsageSnapshot { tier: Self::tier_from(name, limit), counted, next_slot_at: (next > 0).then_some(next) }
-    }
 }
 
 async fn sentinel_connection(
@@ -269,28 +293,93 @@ async fn sentinel_connection(
     Ok(c)
 }
 
+fn positive(v: i64) -> Option<u64> {
+    u64::try_from(v).ok().filter(|v| *v > 0)
+}
+
+/// Parses the portfolio hash (field layout in `lua/apply.lua`).
+fn portfolio_state(fields: Vec<(String, String)>, opted_out: u64) -> PortfolioState {
+    let mut state = PortfolioState { opted_out, ..PortfolioState::default() };
+    for (field, value) in fields {
+        if field == "q" {
+            state.quality = Quality::parse(&value).unwrap_or_default();
+        } else if let Some(rest) = field.strip_prefix("s:") {
+            let Some((sender, attr)) = rest.rsplit_once(':') else { continue };
+            let s = state.senders.entry(sender.to_owned()).or_default();
+            match attr {
+                "status" => s.status = SenderStatus::parse(&value),
+                "quality" => s.quality = Quality::parse(&value).unwrap_or_default(),
+                "since" => s.since = value.parse().ok(),
+                _ => {}
+            }
+        } else if let Some(rest) = field.strip_prefix("t:") {
+            let Some((name, attr)) = rest.rsplit_once(':') else { continue };
+            let t = state.templates.entry(name.to_owned()).or_default();
+            match attr {
+                "status" => t.status = Some(value),
+                "quality" => t.quality = Quality::parse(&value).unwrap_or_default(),
+                _ => {}
+            }
+        } else if let Some(key) = field.strip_prefix("a:") {
+            state.alerts.insert(key.to_owned(), value);
+        } else if let Some(display) = field.strip_prefix("n:") {
+            state.aliases.insert(display.to_owned(), value);
+        }
+    }
+    state
+}
+
 fn reason_from(code: i64) -> Result<Reason, StoreError> {
     match code {
         1 => Ok(Reason::NewRecipient),
         2 => Ok(Reason::AlreadyCounted),
         3 => Ok(Reason::ServiceWindow),
         4 => Ok(Reason::LimitReached),
+        5 => Ok(Reason::OptedOut),
+        6 => Ok(Reason::TemplateBlocked),
+        7 => Ok(Reason::HeadroomReserved),
+        8 => Ok(Reason::SenderBlocked),
+        9 => Ok(Reason::OutsideServiceWindow),
         other => Err(StoreError::Internal(format!("admit script returned reason {other}"))),
     }
 }
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn admit(&self, scope: &ScopeKey, fallback: &Tier, ops: &[AdmitOp]) -> Result<Vec<Admission>, StoreError> {
-        let keys = self.keys(scope);
+    async fn admit(
+        &self,
+        scope: &ScopeKey,
+        params: &AdmitParams,
+        ops: &[AdmitOp],
+    ) -> Result<Vec<Admission>, StoreError> {
+        let [pf, opt, sw] = self.portfolio_keys(&scope.portfolio);
         let mut inv = ADMIT.prepare_invoke();
-        inv.key(&keys[..])
+        inv.key(self.window_key(scope))
+            .key(self.meta_key(scope))
+            .key(self.day_key(scope, Self::today()))
+            .key(sw)
+            .key(opt)
+            .key(pf)
             .arg(self.window_us())
-            .arg(&fallback.name)
-            .arg(fallback.limit.to_i64())
-            .arg(self.state_ttl_ms());
+            .arg(&params.fallback.name)
+            .arg(params.fallback.limit.to_i64())
+            .arg(self.state_ttl_ms())
+            .arg((DAYS + 1) * 86_400_000)
+            .arg(params.reserve_bp);
         for op in ops {
-            inv.arg(&op.member[..]).arg(op.service_member.as_deref().unwrap_or(b""));
+            let category = match op.category {
+                Category::Unspecified => 0,
+                Category::Marketing => 1,
+                Category::Utility => 2,
+                Category::Authentication => 3,
+                Category::Service => 4,
+            };
+            inv.arg(&op.member[..])
+                .arg(op.service_member.as_deref().unwrap_or(b""))
+                .arg(category)
+                .arg(op.template.as_deref().unwrap_or(""))
+                .arg(op.sender.as_deref().unwrap_or(""))
+                .arg(if op.sender_blocked { "1" } else { "0" });
         }
         let (name, limit, flat): (String, i64, Vec<i64>) = self.run(&inv).await?;
         if flat.len() != ops.len() * 5 {
@@ -303,7 +392,6 @@ impl Store for RedisStore {
         let tier = Self::tier_from(name, limit);
         flat.chunks_exact(5)
             .map(|c| {
-                let positive = |v: i64| u64::try_from(v).ok().filter(|v| *v > 0);
                 Ok(Admission {
                     reason: reason_from(c[0])?,
                     lease_score: positive(c[1]),
@@ -319,31 +407,98 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
-        let [window, ..] = self.keys(&lease.scope);
         let mut inv = RELEASE.prepare_invoke();
-        inv.key(window).arg(&lease.member[..]).arg(lease.score);
+        inv.key(self.window_key(&lease.scope)).arg(&lease.member[..]).arg(lease.score);
         let removed: i64 = self.run(&inv).await?;
         Ok(removed == 1)
     }
 
-    async fn record_inbound(&self, portfolio: &str, service_member: &[u8]) -> Result<Micros, StoreError> {
-        let mut inv = RECORD_INBOUND.prepare_invoke();
-        inv.key(self.service_key(portfolio)).arg(service_member).arg(policy::micros(self.opts.windows.service_window));
+    async fn apply(&self, portfolio: &str, changes: &[Change]) -> Result<Micros, StoreError> {
+        let mut inv = APPLY.prepare_invoke();
+        let mut keys: Vec<String> = self.portfolio_keys(portfolio).into();
+        let mut key_index = |key: String| match keys.iter().position(|k| *k == key) {
+            Some(i) => i + 1,
+            None => {
+                keys.push(key);
+                keys.len()
+            }
+        };
+        let mut args: Vec<Vec<u8>> = vec![
+            self.state_ttl_ms().to_string().into_bytes(),
+            policy::micros(self.opts.windows.service_window).to_string().into_bytes(),
+        ];
+        let mut push = |parts: &[&[u8]]| args.extend(parts.iter().map(|p| p.to_vec()));
+        let time = |t: &Option<Micros>| t.map(|t| t.to_string()).unwrap_or_default();
+        for change in changes {
+            match change {
+                Change::Tier { scope, tier } => {
+                    let i = key_index(self.meta_key(scope)).to_string();
+                    push(&[b"tier", i.as_bytes(), tier.name.as_bytes(), tier.limit.to_i64().to_string().as_bytes()]);
+                }
+                Change::Eligible { scope, since } => {
+                    let i = key_index(self.meta_key(scope)).to_string();
+                    push(&[b"elig", i.as_bytes(), time(since).as_bytes()]);
+                }
+                Change::Flagged { scope, since } => {
+                    let i = key_index(self.meta_key(scope)).to_string();
+                    push(&[b"flag", i.as_bytes(), time(since).as_bytes()]);
+                }
+                Change::Quality(q) => push(&[b"q", q.as_str().as_bytes()]),
+                Change::SenderStatus { sender, status } => {
+                    push(&[b"sst", sender.as_bytes(), status.as_str().as_bytes()])
+                }
+                Change::SenderQuality { sender, quality } => {
+                    push(&[b"sq", sender.as_bytes(), quality.as_str().as_bytes()])
+                }
+                Change::TemplateStatus { name, status } => push(&[b"tst", name.as_bytes(), status.as_bytes()]),
+                Change::TemplateQuality { name, quality } => {
+                    push(&[b"tq", name.as_bytes(), quality.as_str().as_bytes()])
+                }
+                Change::OptOut { member, opted_out } => push(&[b"opt", member, if *opted_out { b"1" } else { b"0" }]),
+                Change::Alert { key, body } => push(&[b"alert", key.as_bytes(), body.as_bytes()]),
+                Change::Alias { display, id } => push(&[b"alias", display.as_bytes(), id.as_bytes()]),
+                Change::Inbound { service_member, at } => push(&[b"in", service_member, time(at).as_bytes()]),
+            }
+        }
+        inv.key(&keys[..]).arg(args);
         self.run(&inv).await
     }
 
-    async fn usage(&self, scope: &ScopeKey, fallback: &Tier) -> Result<UsageSnapshot, StoreError> {
-        let keys = self.keys(scope);
+    async fn usage(&self, scope: &ScopeKey, fallback: &Tier) -> Result<ScopeReport, StoreError> {
+        let today = Self::today();
         let mut inv = USAGE.prepare_invoke();
-        inv.key(&keys[..3]).arg(self.window_us()).arg(&fallback.name).arg(fallback.limit.to_i64());
-        Ok(self.usage_from(self.run(&inv).await?))
+        inv.key(self.window_key(scope)).key(self.meta_key(scope));
+        for back in 0..DAYS {
+            inv.key(self.day_key(scope, today.saturating_sub(back)));
+        }
+        inv.arg(self.window_us()).arg(&fallback.name).arg(fallback.limit.to_i64());
+        let v: Vec<redis::Value> = self.run(&inv).await?;
+        let bad = || StoreError::Internal("usage script returned an unexpected shape".into());
+        let [name, rest @ ..] = &v[..] else { return Err(bad()) };
+        let name: String = redis::from_redis_value_ref(name).map_err(|_| bad())?;
+        let n: Vec<i64> = rest.iter().map(redis::from_redis_value_ref).collect::<Result<_, _>>().map_err(|_| bad())?;
+        let [limit, counted, next, u7, u30, since, elig, flag, now] = n[..] else { return Err(bad()) };
+        Ok(ScopeReport {
+            usage: UsageSnapshot {
+                tier: Self::tier_from(name, limit),
+                counted: positive(counted).unwrap_or(0),
+                next_slot_at: positive(next),
+            },
+            unique_7d: positive(u7).unwrap_or(0),
+            unique_30d: positive(u30).unwrap_or(0),
+            tier_since: positive(since),
+            eligible_since: positive(elig),
+            flagged_since: positive(flag),
+            now: positive(now).unwrap_or(0),
+        })
     }
 
-    async fn set_tier(&self, scope: &ScopeKey, tier: &Tier) -> Result<UsageSnapshot, StoreError> {
-        let keys = self.keys(scope);
-        let mut inv = SET_TIER.prepare_invoke();
-        inv.key(&keys[..3]).arg(self.window_us()).arg(&tier.name).arg(tier.limit.to_i64()).arg(self.state_ttl_ms());
-        Ok(self.usage_from(self.run(&inv).await?))
+    async fn portfolio(&self, portfolio: &str) -> Result<PortfolioState, StoreError> {
+        let [pf, opt, _] = self.portfolio_keys(portfolio);
+        let mut inv = PORTFOLIO.prepare_invoke();
+        inv.key(pf).key(opt);
+        let (fields, opted_out): (Vec<(String, String)>, u64) = self.run(&inv).await?;
+        Ok(portfolio_state(fields, opted_out))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

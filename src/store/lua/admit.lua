@@ -1,83 +1,105 @@
 -- Decides messages in order within one limit scope, and writes what they count, atomically.
 --
 -- KEYS[1]  rolling window: sorted set, member = recipient hash, score = last counted contact (us)
--- KEYS[2]  scope state: hash {tier, limit, seq = last score handed out, day = day of KEYS[3]}
--- KEYS[3]  unique recipients today (HyperLogLog), used only by unlimited tiers
+-- KEYS[2]  scope state: hash {tier, limit, since, seq = last score handed out, elig, flag}
+-- KEYS[3]  recipients reached today outside service windows: HyperLogLog
 -- KEYS[4]  service windows of the portfolio: sorted set, member = (sender, recipient) hash,
 --          score = closing time (us)
+-- KEYS[5]  opted-out recipients of the portfolio: set of recipient hashes
+-- KEYS[6]  portfolio state: hash {s:<sender>:status, t:<template>:status, ...} (see apply.lua)
 -- ARGV[1]  rolling window (us)
 -- ARGV[2]  fallback tier name, ARGV[3] its limit (-1 = unlimited), used when none is persisted
--- ARGV[4]  scope state TTL (ms)
--- ARGV[5], ARGV[6], ...  pairs of (recipient hash, service-window hash or '')
+-- ARGV[4]  state TTL (ms), ARGV[5] TTL of KEYS[3] (ms)
+-- ARGV[6]  basis points of the limit kept from marketing to new recipients
+-- ARGV[7], ...  six per message: recipient hash, service-window hash or '', category
+--          (1 marketing, 2 utility, 3 authentication, 4 service, 0 unspecified), template or '',
+--          sender or '', '1' when the sender is blocked by configuration
 --
 -- Returns {tier, limit, {reason, lease score, retry after (us), counted, next slot (us)} x N},
--- flattened after the first two. Reasons: 1 new recipient, 2 already counted, 3 service window,
--- 4 limit reached. The rules are those of `policy::decide`.
+-- flattened after the first two. Reasons are tiergate.v1.Reason numbers. The rules and their
+-- order are those of `policy::decide`.
 
 local now = tg_now()
 local window = tonumber(ARGV[1])
-local tier, limit, seq, day = tg_meta(KEYS[2], ARGV[2], ARGV[3])
+local tier, limit, seq = tg_meta(KEYS[2], ARGV[2], ARGV[3])
+local reserve = tonumber(ARGV[6])
+local cap = -1
+if limit >= 0 and reserve > 0 then
+  cap = math.floor((limit * (10000 - reserve) + 9999) / 10000)
+end
+local ACTIVE = {APPROVED = true, REINSTATED = true, ACTIVE = true}
 local out = {}
 
-local function window_open(service_member)
-  if service_member == '' then
-    return false
-  end
-  local closes = redis.call('ZSCORE', KEYS[4], service_member)
-  return closes ~= false and tonumber(closes) > now
+if limit >= 0 then
+  tg_expire(KEYS[1], now, window)
+end
+local count = 0
+if limit >= 0 then
+  count = redis.call('ZCARD', KEYS[1])
 end
 
-if limit < 0 then
-  local today = math.floor(now / US_PER_DAY)
-  if day ~= today then
-    redis.call('DEL', KEYS[3])
-    redis.call('HSET', KEYS[2], 'day', today)
-    day = today
+local function retry_after()
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return math.max(tonumber(oldest[2]) + window - now, 1000)
+end
+
+for i = 7, #ARGV, 6 do
+  local member, service, category = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local template, sender, blocked = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local open = false
+  if service ~= '' then
+    local closes = redis.call('ZSCORE', KEYS[4], service)
+    open = closes ~= false and tonumber(closes) > now
   end
-  for i = 5, #ARGV, 2 do
-    local reason = 3
-    if not window_open(ARGV[i + 1]) then
+  local reason, lease, retry = 0, 0, 0
+  if blocked == '1' or (sender ~= '' and redis.call('HGET', KEYS[6], 's:' .. sender .. ':status') == 'BANNED') then
+    reason = 8
+  elseif template ~= '' and not ACTIVE[redis.call('HGET', KEYS[6], 't:' .. template .. ':status') or 'ACTIVE'] then
+    reason = 6
+  elseif (not open or category == 1) and redis.call('SISMEMBER', KEYS[5], member) == 1 then
+    reason = 5
+  elseif open then
+    reason = 3
+  elseif category == 4 then
+    reason = 9
+  elseif limit < 0 then
+    reason = 2
+    if redis.call('PFADD', KEYS[3], member) == 1 then
+      reason = 1
+    end
+  else
+    local counted_already = redis.call('ZSCORE', KEYS[1], member)
+    if counted_already then
       reason = 2
-      if redis.call('PFADD', KEYS[3], ARGV[i]) == 1 then
-        reason = 1
+    elseif category == 1 and cap >= 0 and count >= cap then
+      reason, retry = 7, retry_after()
+    elseif count < limit then
+      reason = 1
+    else
+      reason, retry = 4, retry_after()
+    end
+    if reason == 1 or reason == 2 then
+      seq = math.max(now, seq + 1)
+      redis.call('ZADD', KEYS[1], tg_fmt(seq), member)
+      redis.call('PFADD', KEYS[3], member)
+      if reason == 1 then
+        lease, count = seq, count + 1
       end
     end
-    local counted = redis.call('PFCOUNT', KEYS[3])
-    for _, v in ipairs({reason, 0, 0, counted, 0}) do
-      out[#out + 1] = v
-    end
   end
-  redis.call('PEXPIRE', KEYS[3], 2 * US_PER_DAY / 1000)
-else
-  tg_expire(KEYS[1], now, window)
-  local count = redis.call('ZCARD', KEYS[1])
-  for i = 5, #ARGV, 2 do
-    local member = ARGV[i]
-    local reason, lease, retry = 3, 0, 0
-    if not window_open(ARGV[i + 1]) then
-      local counted_already = redis.call('ZSCORE', KEYS[1], member)
-      if counted_already or count < limit then
-        seq = math.max(now, seq + 1)
-        redis.call('ZADD', KEYS[1], tg_fmt(seq), member)
-        if counted_already then
-          reason = 2
-        else
-          reason, lease, count = 1, seq, count + 1
-        end
-      else
-        reason = 4
-        local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-        retry = math.max(tonumber(oldest[2]) + window - now, 1000)
-      end
-    end
-    local counted, next_slot = tg_usage(limit, KEYS[1], KEYS[3], day, now, window)
-    for _, v in ipairs({reason, lease, retry, counted, next_slot}) do
-      out[#out + 1] = v
-    end
+  local counted, next_slot = tg_usage(limit, KEYS[1], KEYS[3], window)
+  for _, v in ipairs({reason, lease, retry, counted, next_slot}) do
+    out[#out + 1] = v
   end
+end
+
+if limit >= 0 then
   redis.call('HSET', KEYS[2], 'seq', tg_fmt(seq))
   redis.call('PEXPIRE', KEYS[1], math.floor(window / 1000) + 1000)
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+redis.call('PEXPIRE', KEYS[5], ARGV[4])
+redis.call('PEXPIRE', KEYS[6], ARGV[4])
 
 return {tier, limit, out}

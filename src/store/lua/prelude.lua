@@ -1,10 +1,8 @@
--- Shared by the admit, usage and set-tier scripts (prepended to each).
+-- Shared by the admit, usage and apply scripts (prepended to each).
 --
 -- Times are microseconds since the Unix epoch, from the Redis server's clock, so sidecars with
 -- skewed clocks agree. They stay below 2^53, so Lua's doubles hold them exactly; numbers sent
 -- back to Redis go through tg_fmt because Lua's own conversion keeps only 14 digits.
-
-local US_PER_DAY = 86400000000
 
 local function tg_now()
   local t = redis.call('TIME')
@@ -15,15 +13,14 @@ local function tg_fmt(n)
   return string.format('%.0f', n)
 end
 
--- The scope's tier (persisted by set-tier, else the caller's fallback), last score and day of
--- the unique-recipient estimate.
+-- The scope's tier (persisted, else the caller's fallback) and the last score handed out.
 local function tg_meta(meta_key, fallback_tier, fallback_limit)
-  local m = redis.call('HMGET', meta_key, 'tier', 'limit', 'seq', 'day')
+  local m = redis.call('HMGET', meta_key, 'tier', 'limit', 'seq')
   local tier, limit = fallback_tier, tonumber(fallback_limit)
   if m[1] then
     tier, limit = m[1], tonumber(m[2])
   end
-  return tier, limit, tonumber(m[3]) or 0, tonumber(m[4])
+  return tier, limit, tonumber(m[3]) or 0
 end
 
 -- Drops contacts that have left the rolling window.
@@ -32,13 +29,10 @@ local function tg_expire(window_key, now, window)
 end
 
 -- Counted recipients and when the oldest leaves the window (0: none). Unlimited tiers keep no
--- window: they report the day's HyperLogLog estimate instead.
-local function tg_usage(limit, window_key, unique_key, day, now, window)
+-- window: they report today's HyperLogLog estimate instead.
+local function tg_usage(limit, window_key, today_key, window)
   if limit < 0 then
-    if day ~= math.floor(now / US_PER_DAY) then
-      return 0, 0
-    end
-    return redis.call('PFCOUNT', unique_key), 0
+    return redis.call('PFCOUNT', today_key), 0
   end
   local oldest = redis.call('ZRANGE', window_key, 0, 0, 'WITHSCORES')
   local next_slot = 0
