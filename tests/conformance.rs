@@ -474,7 +474,7 @@ async fn an_inbound_message_in_the_past_never_shortens_a_window<F: Fn(Windows) -
     let now = now_us();
     // A message from long ago opens nothing.
     let stale = Change::Inbound { service_member: member.clone(), at: Some(now - 10_000_000) };
-    f.store.apply("acme", &[stale.clone()]).await.unwrap();
+    f.store.apply("acme", std::slice::from_ref(&stale)).await.unwrap();
     assert_eq!(admit_one(&*f.store, &p, &t, op_from("s1", "1111111")).await.reason, Reason::NewRecipient);
     f.store.apply("acme", &[Change::Inbound { service_member: member, at: None }]).await.unwrap();
     f.store.apply("acme", &[stale]).await.unwrap();
