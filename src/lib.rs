@@ -10,6 +10,8 @@
 //! - [`store`] holds the windows behind one async trait: [`store::memory`] in this process, or
 //!   [`store::redis`], where every decision is one Lua script call shared by every sidecar.
 //! - [`policy`] is the rules themselves, pure: what is admitted, what counts, when to retry.
+//! - [`webhooks`] receives Meta's WhatsApp webhooks on the admin server and turns them into
+//!   store changes through the same limiter, so every sidecar follows the real tier and quality.
 //! - [`config`] reads and validates the configuration; [`server`] runs the gRPC and admin HTTP
 //!   servers and shuts them down gracefully.
 #![forbid(unsafe_code)]
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod store;
+pub mod webhooks;
 
 /// The generated protobuf types and gRPC stubs of `proto/tiergate/v1/limiter.proto`.
 #[allow(missing_docs, clippy::all)]

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::LimiterApi;
-use crate::config::{Settings, StoreSettings};
+use crate::config::{Settings, StoreSettings, TierSource};
 use crate::limiter::Limiter;
 use crate::pb;
 use crate::store::memory::MemoryStore;
@@ -117,13 +117,17 @@ pub async fn run(
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::limiter_server::LimiterServer::new(LimiterApi::new(limiter)))
+        .add_service(pb::limiter_server::LimiterServer::new(LimiterApi::new(limiter.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
     let router = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { metrics: metrics.clone(), store: store.clone(), stopping: stopping.clone() });
+        .with_state(AdminState { metrics: metrics.clone(), store: store.clone(), stopping: stopping.clone() })
+        .merge(crate::webhooks::router(limiter.clone(), settings.webhooks.clone(), settings.wabas.clone()));
+    if settings.webhooks.is_some() {
+        tracing::info!(path = crate::webhooks::PATH, "Receiving Meta webhooks on the admin server.");
+    }
     let admin_server = axum::serve(admin, router).with_graceful_shutdown(stopped(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc_server);
     let admin_task = tokio::spawn(async move { admin_server.await });
@@ -154,6 +158,18 @@ pub async fn run(
         }
     });
 
+    let simulation = (settings.tier_source == TierSource::Simulate).then(|| {
+        let (limiter, every) = (limiter.clone(), settings.simulate_interval);
+        tracing::info!(every = ?every, "Simulating tier changes (policy.tier_source = \"simulate\").");
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                limiter.simulate_seen().await;
+            }
+        })
+    });
+
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, backend = store.backend(), "tiergate serving.");
     shutdown.await;
 
@@ -163,6 +179,9 @@ pub async fn run(
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
     health_task.abort();
+    if let Some(task) = simulation {
+        task.abort();
+    }
     let drained = tokio::time::timeout(settings.server.shutdown_grace, async {
         let grpc = grpc_task.await;
         let admin = admin_task.await;

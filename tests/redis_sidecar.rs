@@ -222,3 +222,32 @@ fn sigterm_drains_and_exits_cleanly() {
     let log = sidecar.log();
     assert!(log.contains("SIGTERM") && log.contains("Stopped."), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_webhook_to_one_sidecar_raises_the_limit_on_every_sidecar() {
+    let redis = RedisServer::start();
+    let store = format!("url = \"{}\"", redis.url());
+    let plain = format!(
+        "[store]\nbackend = \"redis\"\n{store}\n\n[[portfolios]]\nid = \"acme\"\nwabas = [\"102290129340398\"]\n"
+    );
+    let receiver_cfg = format!("{plain}\n[webhooks]\napp_secret = \"app-secret\"\nverify_token = \"token\"\n");
+    let receiver = Sidecar::spawn(&receiver_cfg, &[HASH_KEY]);
+    let worker = Sidecar::spawn(&plain, &[HASH_KEY]);
+    let mut c = worker.client().await;
+    let batch = |from: usize, n: usize| pb::AdmitBatchRequest {
+        requests: (from..from + n).map(|i| req("acme", &format!("+1555{i:07}"))).collect(),
+    };
+    let got = c.admit_batch(batch(0, 251)).await.unwrap().into_inner().responses;
+    assert_eq!(got.iter().filter(|r| r.decision() == Decision::Admitted).count(), 250, "TIER_250 to begin with");
+    assert_eq!(got[250].reason(), Reason::LimitReached);
+
+    receiver.client().await; // up and serving
+    let body = common::server::fixture("business_capability_update");
+    let (status, text) = common::server::post_webhook(receiver.admin_addr, "app-secret", &body).await;
+    assert_eq!(status, 200, "{text}");
+
+    let got = c.admit(req("acme", "+15550000250")).await.unwrap().into_inner();
+    assert_eq!(got.reason(), Reason::NewRecipient);
+    let u = got.usage.unwrap();
+    assert_eq!((u.tier.as_str(), u.limit, u.unique_recipients), ("TIER_2K", 2_000, 251));
+}

@@ -71,14 +71,48 @@ pub async fn client(addr: SocketAddr) -> LimiterClient<Channel> {
 
 /// A minimal HTTP/1.1 GET: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http(addr, "GET", path, &[], b"").await
+}
+
+/// A minimal HTTP/1.1 request: (status, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("an HTTP status line");
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
+}
+
+/// `X-Hub-Signature-256` of a body under a Meta app secret.
+pub fn meta_signature(secret: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// POSTs a webhook delivery signed with `secret` to the admin server: (status, body).
+pub async fn post_webhook(admin: SocketAddr, secret: &str, body: &str) -> (u16, String) {
+    let signature = meta_signature(secret, body.as_bytes());
+    let headers = [("Content-Type", "application/json"), ("X-Hub-Signature-256", signature.as_str())];
+    http(admin, "POST", "/webhooks/whatsapp", &headers, body.as_bytes()).await
+}
+
+/// A webhook fixture from `tests/fixtures/webhooks`, with `{{NOW}}` set to the current second.
+pub fn fixture(name: &str) -> String {
+    let path = format!("{}/tests/fixtures/webhooks/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    std::fs::read_to_string(path).unwrap().replace("{{NOW}}", &now.to_string())
 }
 
 fn free_port() -> u16 {

@@ -1,0 +1,324 @@
+//! The WhatsApp lifecycle end to end on a real Redis: opt-outs, templates, senders, free-form
+//! messages, the marketing reserve, upgrade projections and simulation through gRPC, and Meta's
+//! webhooks through the admin server, signed as Meta signs them.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::redis::RedisServer;
+use common::server::{fixture, http, http_get, post_webhook, TestServer};
+use tiergate::pb::{self, limiter_client::LimiterClient, Decision, Reason};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const SECRET: &str = "meta-app-secret-for-tests";
+const TOKEN: &str = "verify-me";
+const WABA: &str = "102290129340398";
+const PHONE_ID: &str = "106540352242922";
+const USER: &str = "16505551234";
+
+struct Setup {
+    server: TestServer,
+    c: LimiterClient<Channel>,
+    _redis: RedisServer,
+}
+
+async fn setup(policy: &str) -> Setup {
+    let redis = RedisServer::start();
+    let config = format!(
+        r#"
+[store]
+backend = "redis"
+url = "{}"
+hash_key = "lifecycle-test-hash-key"
+
+[policy]
+{policy}
+
+[[portfolios]]
+id = "acme"
+wabas = ["{WABA}"]
+blocked_senders = ["blocked-number"]
+
+[webhooks]
+app_secret = "{SECRET}"
+verify_token = "{TOKEN}"
+"#,
+        redis.url()
+    );
+    let server = TestServer::start(&config).await;
+    let c = server.client().await;
+    Setup { server, c, _redis: redis }
+}
+
+fn req(sender: &str, recipient: &str, category: pb::Category, template: &str) -> pb::AdmitRequest {
+    pb::AdmitRequest {
+        portfolio_id: "acme".into(),
+        sender_id: sender.into(),
+        recipient: recipient.into(),
+        category: category.into(),
+        template: template.into(),
+    }
+}
+
+async fn reason(c: &mut LimiterClient<Channel>, r: pb::AdmitRequest) -> Reason {
+    c.admit(r).await.unwrap().into_inner().reason()
+}
+
+async fn portfolio(c: &mut LimiterClient<Channel>) -> pb::Portfolio {
+    c.get_portfolio(pb::GetPortfolioRequest { portfolio_id: "acme".into() }).await.unwrap().into_inner()
+}
+
+async fn usage(c: &mut LimiterClient<Channel>) -> pb::Usage {
+    let r = pb::GetUsageRequest { portfolio_id: "acme".into(), sender_id: String::new() };
+    c.get_usage(r).await.unwrap().into_inner()
+}
+
+async fn inbound(c: &mut LimiterClient<Channel>, sender: &str, recipient: &str) {
+    let r =
+        pb::RecordInboundRequest { portfolio_id: "acme".into(), sender_id: sender.into(), recipient: recipient.into() };
+    c.record_inbound(r).await.unwrap();
+}
+
+async fn deliver(admin: SocketAddr, body: &str) {
+    let (status, text) = post_webhook(admin, SECRET, body).await;
+    assert_eq!(status, 200, "{text}");
+}
+
+use pb::Category::{Authentication, Marketing, Service, Utility};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opted_out_users_get_only_replies_and_no_marketing_on_any_number() {
+    let Setup { mut c, _redis, server: _server } = setup("").await;
+    let opt =
+        |out| pb::SetOptOutRequest { portfolio_id: "acme".into(), recipient: "+1 650 555 1234".into(), opted_out: out };
+    assert!(c.set_opt_out(opt(true)).await.unwrap().into_inner().opted_out);
+    assert_eq!(reason(&mut c, req("n1", USER, Utility, "")).await, Reason::OptedOut);
+    inbound(&mut c, "n1", USER).await;
+    assert_eq!(reason(&mut c, req("n1", USER, Service, "")).await, Reason::ServiceWindow);
+    assert_eq!(reason(&mut c, req("n1", USER, Utility, "")).await, Reason::ServiceWindow);
+    assert_eq!(reason(&mut c, req("n1", USER, Marketing, "")).await, Reason::OptedOut);
+    assert_eq!(reason(&mut c, req("n2", USER, Utility, "")).await, Reason::OptedOut, "every number of the business");
+    assert_eq!(portfolio(&mut c).await.opted_out_recipients, 1);
+    c.set_opt_out(opt(false)).await.unwrap();
+    assert_eq!(reason(&mut c, req("n2", USER, Marketing, "")).await, Reason::NewRecipient);
+    let e = c
+        .set_opt_out(pb::SetOptOutRequest { portfolio_id: "acme".into(), recipient: "nope".into(), opted_out: true })
+        .await
+        .unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().starts_with("recipient"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_banned_or_configured_blocked_are_denied_and_free_form_needs_a_window() {
+    let Setup { mut c, _redis, server: _server } = setup("").await;
+    let ban = pb::UpdatePortfolioRequest {
+        portfolio_id: "acme".into(),
+        senders: vec![pb::SenderUpdate { sender_id: "n1".into(), status: pb::SenderStatus::Banned.into(), quality: 0 }],
+        ..Default::default()
+    };
+    let p = c.update_portfolio(ban).await.unwrap().into_inner();
+    assert_eq!(p.senders[0].status(), pb::SenderStatus::Banned);
+    let denied = c.admit(req("n1", USER, Utility, "")).await.unwrap().into_inner();
+    assert_eq!((denied.decision(), denied.reason()), (Decision::Denied, Reason::SenderBlocked));
+    assert_eq!(reason(&mut c, req("blocked-number", USER, Utility, "")).await, Reason::SenderBlocked);
+    assert_eq!(reason(&mut c, req("n2", USER, Service, "")).await, Reason::OutsideServiceWindow);
+    assert_eq!(usage(&mut c).await.unique_recipients, 0, "denials take no slot");
+    let restricted = pb::UpdatePortfolioRequest {
+        portfolio_id: "acme".into(),
+        senders: vec![pb::SenderUpdate {
+            sender_id: "n1".into(),
+            status: pb::SenderStatus::Restricted.into(),
+            quality: 0,
+        }],
+        ..Default::default()
+    };
+    let e = c.update_portfolio(restricted).await.unwrap_err();
+    assert!(e.message().starts_with("senders[0].status"), "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marketing_is_held_back_by_the_reserve_while_otps_use_the_rest() {
+    let Setup { mut c, _redis, server: _server } =
+        setup("default_tier = \"TIER_250\"\n[policy.reserve]\nmarketing = 0.1").await;
+    let batch: Vec<_> = (0..226).map(|i| req("n1", &format!("+1555{i:07}"), Marketing, "")).collect();
+    let got = c.admit_batch(pb::AdmitBatchRequest { requests: batch }).await.unwrap().into_inner().responses;
+    assert_eq!(got.iter().filter(|r| r.reason() == Reason::NewRecipient).count(), 225);
+    assert_eq!(got[225].reason(), Reason::HeadroomReserved);
+    assert!(got[225].retry_after.is_some());
+    let otps: Vec<_> = (0..26).map(|i| req("n1", &format!("+1666{i:07}"), Authentication, "")).collect();
+    let got = c.admit_batch(pb::AdmitBatchRequest { requests: otps }).await.unwrap().into_inner().responses;
+    assert_eq!(got.iter().filter(|r| r.reason() == Reason::NewRecipient).count(), 25);
+    assert_eq!(got[25].reason(), Reason::LimitReached);
+    let u = usage(&mut c).await;
+    assert_eq!((u.unique_recipients, u.status()), (250, pb::SenderStatus::Restricted));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_projects_the_next_upgrade_and_says_what_blocks_it() {
+    let Setup { mut c, _redis, server: _server } = setup("").await;
+    let batch: Vec<_> = (0..40).map(|i| req("n1", &format!("+1555{i:07}"), Utility, "")).collect();
+    c.admit_batch(pb::AdmitBatchRequest { requests: batch }).await.unwrap();
+    let u = usage(&mut c).await;
+    assert_eq!((u.unique_recipients_7d, u.unique_recipients_30d), (40, 40));
+    let up = u.upgrade.clone().unwrap();
+    assert_eq!((up.next_tier.as_str(), up.eligible, up.period_days), ("TIER_2K", false, 30));
+    assert_eq!((up.unique_recipients, up.threshold), (40, 2_000));
+    assert_eq!(up.blockers, ["40 of 2000 unique recipients in the last 30 days", "quality is UNKNOWN; HIGH is needed"]);
+    assert_eq!(u.quality(), pb::Quality::Unknown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulation_moves_a_scope_up_when_the_rule_is_met() {
+    let policy =
+        "ladder = [{ name = \"T2\", limit = 2 }, { name = \"T4\", limit = 4 }, { name = \"T8\", limit = 8 }]\n\
+                  window = \"1s\"\ntier_source = \"simulate\"";
+    let Setup { mut c, _redis, server: _server } = setup(policy).await;
+    let high = pb::UpdatePortfolioRequest {
+        portfolio_id: "acme".into(),
+        quality: pb::Quality::High.into(),
+        ..Default::default()
+    };
+    c.update_portfolio(high).await.unwrap();
+    for round in 0..2 {
+        for i in 0..2 {
+            assert_eq!(
+                reason(&mut c, req("n1", &format!("+1555000{round}{i}00"), Utility, "")).await,
+                Reason::NewRecipient
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    }
+    // Four unique recipients in 30 days at the first tier: the next tier's limit, quality high.
+    let u = usage(&mut c).await;
+    assert_eq!((u.tier.as_str(), u.limit), ("T4", 4), "{u:?}");
+    let up = u.upgrade.unwrap();
+    assert_eq!((up.next_tier.as_str(), up.eligible, up.period_days), ("T8", true, 7));
+    assert_eq!(up.applies_after.unwrap().seconds, 6 * 3600, "the next step waits 6 hours");
+    assert_eq!(usage(&mut c).await.tier, "T4", "no second upgrade before the delay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_verification_answers_the_challenge_only_with_the_token() {
+    let Setup { server, _redis, .. } = setup("").await;
+    let ok = format!("/webhooks/whatsapp?hub.mode=subscribe&hub.verify_token={TOKEN}&hub.challenge=1158201444");
+    assert_eq!(http_get(server.admin_addr, &ok).await, (200, "1158201444".into()));
+    let bad = "/webhooks/whatsapp?hub.mode=subscribe&hub.verify_token=guess&hub.challenge=1158201444";
+    assert_eq!(http_get(server.admin_addr, bad).await.0, 403);
+    let no_mode = format!("/webhooks/whatsapp?hub.verify_token={TOKEN}&hub.challenge=1");
+    assert_eq!(http_get(server.admin_addr, &no_mode).await.0, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_wrongly_signed_or_malformed_deliveries_apply_nothing() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    let body = fixture("business_capability_update");
+    let json = [("Content-Type", "application/json")];
+    assert_eq!(http(server.admin_addr, "POST", "/webhooks/whatsapp", &json, body.as_bytes()).await.0, 401);
+    assert_eq!(post_webhook(server.admin_addr, "not-the-secret", &body).await.0, 401);
+    assert_eq!(usage(&mut c).await.tier, "TIER_250", "nothing applied");
+    assert_eq!(post_webhook(server.admin_addr, SECRET, "{\"entry\": [").await.0, 400);
+    assert_eq!(post_webhook(server.admin_addr, SECRET, "{\"object\": \"x\"}").await.0, 400);
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(metrics.contains("tiergate_webhook_deliveries_total{outcome=\"unauthorized\"}"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_set_tier_quality_templates_windows_and_alerts() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    let admin = server.admin_addr;
+
+    deliver(admin, &fixture("business_capability_update")).await;
+    let u = usage(&mut c).await;
+    assert_eq!((u.tier.as_str(), u.limit), ("TIER_2K", 2_000));
+
+    // An inbound message opens the (phone number id, user) window at its timestamp.
+    deliver(admin, &fixture("messages")).await;
+    assert_eq!(reason(&mut c, req(PHONE_ID, USER, Service, "")).await, Reason::ServiceWindow);
+    assert_eq!(reason(&mut c, req("another-number", USER, Service, "")).await, Reason::OutsideServiceWindow);
+
+    deliver(admin, &fixture("phone_number_quality_update")).await;
+    let p = portfolio(&mut c).await;
+    let sender = p.senders.iter().find(|s| s.sender_id == PHONE_ID).expect("the number is known by its id");
+    assert_eq!((sender.status(), sender.quality()), (pb::SenderStatus::Flagged, pb::Quality::Low));
+    assert_eq!(sender.display_phone_number, "15550783881");
+    assert_eq!(p.usage[0].tier, "TIER_10K");
+
+    let paused = fixture("message_template_status_update").replace("{{EVENT}}", "PAUSED");
+    deliver(admin, &paused).await;
+    assert_eq!(reason(&mut c, req(PHONE_ID, "+15550000001", Marketing, "spring_sale")).await, Reason::TemplateBlocked);
+    assert_eq!(reason(&mut c, req(PHONE_ID, "+15550000001", Marketing, "welcome")).await, Reason::NewRecipient);
+    deliver(admin, &fixture("message_template_quality_update")).await;
+    let p = portfolio(&mut c).await;
+    let t = &p.templates[0];
+    assert_eq!(
+        (t.name.as_str(), t.status.as_str(), t.active, t.quality()),
+        ("spring_sale", "PAUSED", false, pb::Quality::Medium)
+    );
+    deliver(admin, &fixture("message_template_status_update").replace("{{EVENT}}", "APPROVED")).await;
+    assert_eq!(reason(&mut c, req(PHONE_ID, "+15550000002", Marketing, "spring_sale")).await, Reason::NewRecipient);
+
+    deliver(admin, &fixture("account_alerts")).await;
+    let p = portfolio(&mut c).await;
+    assert_eq!(p.alerts.len(), 1);
+    assert!(p.alerts[0].key.starts_with("INCREASED_CAPABILITIES_ELIGIBILITY_DEFERRED"));
+    assert!(p.alerts[0].body.contains("not yet eligible"));
+
+    // Unknown fields and change types are ignored and counted, never an error.
+    deliver(admin, &fixture("unknown_field")).await;
+    assert_eq!(usage(&mut c).await.tier, "TIER_10K");
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(metrics.contains("tiergate_webhook_changes_total{field=\"security\",outcome=\"ignored\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_applied_twice_leaves_the_same_state() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    let all = [
+        fixture("messages"),
+        fixture("phone_number_quality_update"),
+        fixture("message_template_status_update").replace("{{EVENT}}", "DISABLED"),
+        fixture("account_alerts"),
+    ];
+    for body in &all {
+        deliver(server.admin_addr, body).await;
+    }
+    let once = portfolio(&mut c).await;
+    for body in &all {
+        deliver(server.admin_addr, body).await;
+    }
+    assert_eq!(portfolio(&mut c).await, once);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_capability_updates_carry_the_limit_too() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    deliver(server.admin_addr, &fixture("business_capability_update_legacy")).await;
+    let u = usage(&mut c).await;
+    assert_eq!((u.tier.as_str(), u.limit), ("TIER_10K", 10_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_answers_5xx_and_loses_nothing_on_retry() {
+    let Setup { server, mut c, _redis: mut redis } = setup("").await;
+    redis.kill();
+    let body = fixture("business_capability_update");
+    let (status, _) = post_webhook(server.admin_addr, SECRET, &body).await;
+    assert_eq!(status, 503, "Meta retries on 5xx");
+    redis.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while post_webhook(server.admin_addr, SECRET, &body).await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "the retry was never applied");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(usage(&mut c).await.tier, "TIER_2K");
+}
+
+#[tokio::test]
+async fn without_secrets_the_webhook_endpoint_is_not_there() {
+    let server = TestServer::start("").await;
+    assert_eq!(http_get(server.admin_addr, "/webhooks/whatsapp?hub.mode=subscribe").await.0, 404);
+    let (status, _) = post_webhook(server.admin_addr, SECRET, "{}").await;
+    assert_eq!(status, 404);
+}
