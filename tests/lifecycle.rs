@@ -90,7 +90,7 @@ use pb::Category::{Authentication, Marketing, Service, Utility};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opted_out_users_get_only_replies_and_no_marketing_on_any_number() {
-    let Setup { mut c, _redis, server: _server } = setup("").await;
+    let Setup { mut c, _redis, server } = setup("").await;
     let opt =
         |out| pb::SetOptOutRequest { portfolio_id: "acme".into(), recipient: "+1 650 555 1234".into(), opted_out: out };
     assert!(c.set_opt_out(opt(true)).await.unwrap().into_inner().opted_out);
@@ -101,6 +101,8 @@ async fn opted_out_users_get_only_replies_and_no_marketing_on_any_number() {
     assert_eq!(reason(&mut c, req("n1", USER, Marketing, "")).await, Reason::OptedOut);
     assert_eq!(reason(&mut c, req("n2", USER, Utility, "")).await, Reason::OptedOut, "every number of the business");
     assert_eq!(portfolio(&mut c).await.opted_out_recipients, 1);
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(metrics.contains("tiergate_denials_total{portfolio=\"acme\",reason=\"opted_out\"}"), "{metrics}");
     c.set_opt_out(opt(false)).await.unwrap();
     assert_eq!(reason(&mut c, req("n2", USER, Marketing, "")).await, Reason::NewRecipient);
     let e = c
@@ -321,4 +323,27 @@ async fn without_secrets_the_webhook_endpoint_is_not_there() {
     assert_eq!(http_get(server.admin_addr, "/webhooks/whatsapp?hub.mode=subscribe").await.0, 404);
     let (status, _) = post_webhook(server.admin_addr, SECRET, "{}").await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_ladders_project_with_the_ratio_and_the_48_hour_minimum() {
+    let Setup { mut c, _redis, server } = setup("ladder = \"legacy\"\nlegacy_threshold = 0.5").await;
+    let set = pb::SetTierRequest { portfolio_id: "acme".into(), sender_id: String::new(), tier: "TIER_1K".into() };
+    let u = c.set_tier(set).await.unwrap().into_inner();
+    let up = u.upgrade.unwrap();
+    assert_eq!((up.next_tier.as_str(), up.period_days, up.threshold), ("TIER_10K", 7, 500));
+    assert_eq!(up.applies_after.unwrap().seconds, 24 * 3600);
+    assert!(up.blockers.iter().any(|b| b.contains("48 hours minimum")), "{:?}", up.blockers);
+    let (_, metrics) = server.get("/metrics").await;
+    assert!(metrics.contains("tiergate_upgrade_threshold{portfolio=\"acme\",sender=\"\"}"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmapped_waba_is_its_own_portfolio() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    let body = fixture("business_capability_update").replace(WABA, "777000111");
+    deliver(server.admin_addr, &body).await;
+    let r = pb::GetUsageRequest { portfolio_id: "777000111".into(), sender_id: String::new() };
+    assert_eq!(c.get_usage(r).await.unwrap().into_inner().tier, "TIER_2K");
+    assert_eq!(usage(&mut c).await.tier, "TIER_250", "the mapped portfolio is untouched");
 }
