@@ -117,8 +117,14 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
     println!("service       {}", humantime::format_duration(settings.windows.service_window));
     println!("ladder        {}", settings.ladder.names());
     println!("default_tier  {}", settings.default_tier.name);
+    println!("tier_source   {:?}", settings.tier_source);
+    println!("reserve       {}% of the limit kept from marketing", f64::from(settings.reserve_bp) / 100.0);
+    println!("webhooks      {}", if settings.webhooks.is_some() { "on, at /webhooks/whatsapp" } else { "off" });
     for (id, tier) in &settings.portfolio_tiers {
         println!("portfolio     {id} = {}", tier.name);
+    }
+    for (waba, id) in &settings.wabas {
+        println!("waba          {waba} -> {id}");
     }
     Ok(())
 }

@@ -179,7 +179,9 @@ impl Receiver {
         for (portfolio, changes) in by_portfolio {
             let state = self.limiter.store().portfolio(&portfolio).await?;
             let mut aliases = state.aliases.clone();
-            let mut senders: Vec<String> = state.senders.keys().cloned().collect();
+            let mut senders: Vec<String> = state.senders.keys().chain(state.aliases.values()).cloned().collect();
+            senders.sort();
+            senders.dedup();
             let mut list = Vec::new();
             for change in changes {
                 let field = change.get("field").and_then(Value::as_str).unwrap_or("");
