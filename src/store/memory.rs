@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
@@ -11,23 +10,8 @@ use super::{
     day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, Store, StoreError,
     UsageSnapshot, Windows,
 };
+pub use super::{Clock, SystemClock};
 use crate::policy::{self, Effect, Lease, Limit, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
-
-/// A source of "now" for the memory store; tests inject a manual one.
-pub trait Clock: Send + Sync + 'static {
-    /// Microseconds since the Unix epoch.
-    fn now(&self) -> Micros;
-}
-
-/// The system's wall clock.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Micros {
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, policy::micros)
-    }
-}
 
 /// Days of daily unique-recipient sets kept for projections.
 const DAYS_KEPT: u64 = 30;

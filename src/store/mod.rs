@@ -8,13 +8,29 @@
 pub mod memory;
 pub mod redis;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
 use std::collections::BTreeMap;
 
 use crate::policy::{Category, Lease, Limit, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
+
+/// A source of "now" for stores that keep their own time; tests inject a manual one.
+pub trait Clock: Send + Sync + 'static {
+    /// Microseconds since the Unix epoch.
+    fn now(&self) -> Micros;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Micros {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, crate::policy::micros)
+    }
+}
 
 /// A keyed hash of a recipient (or of a sender and recipient pair), as stored.
 pub type Member = Vec<u8>;

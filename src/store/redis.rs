@@ -25,10 +25,9 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use redis::{ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind};
 use tokio::sync::Mutex;
 
-use super::memory::{Clock, SystemClock};
 use super::{
-    day_of, Admission, AdmitOp, AdmitParams, Change, PortfolioState, ScopeReport, Store, StoreError, UsageSnapshot,
-    Windows,
+    day_of, Admission, AdmitOp, AdmitParams, Change, Clock, PortfolioState, ScopeReport, Store, StoreError,
+    SystemClock, UsageSnapshot, Windows,
 };
 use crate::policy::{self, Category, Lease, Limit, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
 
