@@ -83,7 +83,7 @@ conformance!(
     free_form_messages_outside_a_window_take_no_slot,
     marketing_stops_at_the_reserve_while_utility_uses_the_rest,
     applied_changes_persist_and_applying_twice_changes_nothing,
-    an_inbound_message_in_the_past_never_shortens_a_window,
+    inbound_times_never_shorten_a_window_nor_stretch_it_past_now,
     unique_recipients_over_7_and_30_days_are_counted,
 );
 
@@ -467,7 +467,7 @@ async fn applied_changes_persist_and_applying_twice_changes_nothing<F: Fn(Window
     assert_eq!((report.eligible_since, report.flagged_since), (None, None));
 }
 
-async fn an_inbound_message_in_the_past_never_shortens_a_window<F: Fn(Windows) -> Fixture>(make: F) {
+async fn inbound_times_never_shorten_a_window_nor_stretch_it_past_now<F: Fn(Windows) -> Fixture>(make: F) {
     let f = make(windows(DAY, Duration::from_secs(2)));
     let (p, t) = (portfolio("acme"), limited(10));
     let member = hasher().service_window("s1", "1111111");
@@ -479,6 +479,13 @@ async fn an_inbound_message_in_the_past_never_shortens_a_window<F: Fn(Windows) -
     f.store.apply("acme", &[Change::Inbound { service_member: member, at: None }]).await.unwrap();
     f.store.apply("acme", &[stale]).await.unwrap();
     assert_eq!(admit_one(&*f.store, &p, &t, op_from("s1", "1111111")).await.reason, Reason::ServiceWindow);
+    // A timestamp from a clock far ahead opens the window from now, not from then.
+    let ahead = hasher().service_window("s1", "2222222");
+    let ahead = Change::Inbound { service_member: ahead, at: Some(now_us() + 3_600_000_000) };
+    f.store.apply("acme", &[ahead]).await.unwrap();
+    assert_eq!(admit_one(&*f.store, &p, &t, op_from("s1", "2222222")).await.reason, Reason::ServiceWindow);
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    assert_eq!(admit_one(&*f.store, &p, &t, op_from("s1", "2222222")).await.reason, Reason::NewRecipient);
 }
 
 async fn unique_recipients_over_7_and_30_days_are_counted<F: Fn(Windows) -> Fixture>(make: F) {

@@ -252,7 +252,7 @@ impl Store for MemoryStore {
                     p.state.aliases.insert(display.clone(), id.clone());
                 }
                 Change::Inbound { service_member, at } => {
-                    let closes = at.unwrap_or(now).saturating_add(policy::micros(self.windows.service_window));
+                    let closes = at.unwrap_or(now).min(now).saturating_add(policy::micros(self.windows.service_window));
                     let entry = p.service.entry(service_member.clone()).or_insert(closes);
                     *entry = (*entry).max(closes);
                     if p.service.len().is_power_of_two() {

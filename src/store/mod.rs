@@ -200,8 +200,8 @@ pub enum Change {
         display: String,
         id: String,
     },
-    /// An inbound message at `at` (now when `None`) opens the service window until
-    /// `at + service_window`; a later window already open is kept.
+    /// An inbound message at `at` (now when `None`; never later than now) opens the service
+    /// window until `at + service_window`; a later window already open is kept.
     Inbound {
         service_member: Member,
         at: Option<Micros>,

@@ -17,7 +17,7 @@
 --   q <quality>    sst <sender> <status>    sq <sender> <quality>
 --   tst <template> <status>    tq <template> <quality>
 --   opt <recipient hash> <1 or 0>    alert <key> <body>    alias <display> <id>
---   in <service-window hash> <us or ''>   opens the window until then + service window
+--   in <service-window hash> <us or ''>   opens the window until min(then, now) + service window
 --
 -- Returns the server's time (us).
 
@@ -85,7 +85,8 @@ while i <= #ARGV do
   elseif op == 'in' then
     local at = now
     if ARGV[i + 2] ~= '' then
-      at = tonumber(ARGV[i + 2])
+      -- A timestamp ahead of this clock cannot hold a window open longer than one from now.
+      at = math.min(tonumber(ARGV[i + 2]), now)
     end
     redis.call('ZADD', KEYS[3], 'GT', tg_fmt(at + service_window), ARGV[i + 1])
     redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tg_fmt(now))
