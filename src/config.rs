@@ -132,7 +132,8 @@ pub struct StoreConfig {
     pub on_error: OnError,
     /// Prefix of every Redis key.
     pub key_prefix: String,
-    /// How long a scope's persisted tier outlives its last activity.
+    /// How long persisted state (tiers, statuses, templates, opt-outs) outlives the portfolio's
+    /// last activity. Long, because forgetting an opt-out is worse than keeping a few bytes.
     #[serde(with = "humantime_serde")]
     pub state_ttl: Duration,
 }
@@ -149,7 +150,7 @@ impl Default for StoreConfig {
             timeout: Duration::from_millis(250),
             on_error: OnError::Deny,
             key_prefix: "tg".into(),
-            state_ttl: Duration::from_secs(35 * 24 * 3600),
+            state_ttl: Duration::from_secs(400 * 24 * 3600),
         }
     }
 }

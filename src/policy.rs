@@ -33,6 +33,13 @@ pub enum Category {
     Service,
 }
 
+impl Category {
+    /// Whether the marketing rules apply: a message without a category may be marketing.
+    pub fn may_be_marketing(self) -> bool {
+        matches!(self, Category::Marketing | Category::Unspecified)
+    }
+}
+
 /// The answer to an admission request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -350,8 +357,8 @@ impl Limits {
 pub fn marketing_cap(limit: Limit, reserve_bp: u32) -> Option<u64> {
     match limit {
         Limit::Limited(n) if reserve_bp > 0 => {
-            let keep = u64::from(10_000u32.saturating_sub(reserve_bp));
-            Some((n * keep).div_ceil(10_000))
+            let keep = u128::from(10_000u32.saturating_sub(reserve_bp));
+            Some(u64::try_from((u128::from(n) * keep).div_ceil(10_000)).unwrap_or(u64::MAX))
         }
         _ => None,
     }
@@ -386,6 +393,7 @@ pub const MIN_RETRY_AFTER: Duration = Duration::from_millis(1);
 /// 1. A BANNED or blocked sender may send nothing (Meta would refuse it).
 /// 2. A template that is not active may not be sent (Meta would refuse it).
 /// 3. An opted-out recipient gets nothing outside a service window, and no marketing inside one.
+///    (A message without a category may be marketing, so here and at step 7 it counts as one.)
 /// 4. An open service window admits the message and counts nothing.
 /// 5. A free-form (SERVICE) message needs that window: without it, Meta would reject the send,
 ///    so it must not take a slot.
@@ -403,7 +411,7 @@ pub fn decide(s: &Snapshot, category: Category, limits: Limits, now: Micros, win
     if s.template_blocked {
         return outcome(Reason::TemplateBlocked, Effect::Nothing);
     }
-    if s.opted_out && (!s.service_window_open || category == Category::Marketing) {
+    if s.opted_out && (!s.service_window_open || category.may_be_marketing()) {
         return outcome(Reason::OptedOut, Effect::Nothing);
     }
     if s.service_window_open {
@@ -415,7 +423,7 @@ pub fn decide(s: &Snapshot, category: Category, limits: Limits, now: Micros, win
     if s.already_counted {
         return outcome(Reason::AlreadyCounted, Effect::Touch);
     }
-    if category == Category::Marketing && limits.marketing_cap.is_some_and(|cap| s.counted >= cap) {
+    if category.may_be_marketing() && limits.marketing_cap.is_some_and(|cap| s.counted >= cap) {
         return full(Reason::HeadroomReserved);
     }
     let has_room = match limits.limit {
@@ -428,9 +436,11 @@ pub fn decide(s: &Snapshot, category: Category, limits: Limits, now: Micros, win
     full(Reason::LimitReached)
 }
 
-/// Template statuses that may be sent. A template tiergate has never heard of is assumed
-/// active: only Meta's own word (a webhook, or UpdatePortfolio) blocks one.
-pub const ACTIVE_TEMPLATE_STATUSES: [&str; 3] = ["APPROVED", "REINSTATED", "ACTIVE"];
+/// Template statuses that may be sent: approved or reinstated, and FLAGGED, which Meta sends when
+/// an active template's quality turns low (it stays sendable until Meta pauses or disables it).
+/// A template tiergate has never heard of is assumed active: only Meta's own word (a webhook, or
+/// UpdatePortfolio) blocks one.
+pub const ACTIVE_TEMPLATE_STATUSES: [&str; 4] = ["APPROVED", "REINSTATED", "ACTIVE", "FLAGGED"];
 
 /// Whether a template with this status (if any is known) may be sent.
 pub fn template_active(status: Option<&str>) -> bool {
@@ -883,10 +893,10 @@ mod tests {
     fn inactive_templates_are_blocked_and_active_ones_pass() {
         let s = Snapshot { template_blocked: true, service_window_open: true, ..Snapshot::default() };
         assert_eq!(check(s, Category::Marketing, L250), Reason::TemplateBlocked);
-        for status in ["PAUSED", "DISABLED", "REJECTED", "FLAGGED", "PENDING_DELETION"] {
+        for status in ["PAUSED", "DISABLED", "REJECTED", "PENDING_DELETION", "IN_APPEAL", "LIMIT_EXCEEDED"] {
             assert!(!template_active(Some(status)), "{status}");
         }
-        for status in [None, Some("APPROVED"), Some("REINSTATED")] {
+        for status in [None, Some("APPROVED"), Some("REINSTATED"), Some("FLAGGED")] {
             assert!(template_active(status), "{status:?}");
         }
     }
@@ -900,6 +910,7 @@ mod tests {
         assert_eq!(check(inside, Category::Marketing, L250), Reason::OptedOut);
         assert_eq!(check(inside, Category::Utility, L250), Reason::ServiceWindow);
         assert_eq!(check(inside, Category::Service, L250), Reason::ServiceWindow);
+        assert_eq!(check(inside, Category::Unspecified, L250), Reason::OptedOut, "may be marketing");
     }
 
     #[test]
@@ -920,6 +931,7 @@ mod tests {
         assert_eq!(check(Snapshot { counted: 224, ..at_cap }, Category::Marketing, limits), Reason::NewRecipient);
         assert_eq!(check(at_cap, Category::Authentication, limits), Reason::NewRecipient);
         assert_eq!(check(at_cap, Category::Utility, limits), Reason::NewRecipient);
+        assert_eq!(check(at_cap, Category::Unspecified, limits), Reason::HeadroomReserved, "may be marketing");
         assert_eq!(check(Snapshot { counted: 250, ..at_cap }, Category::Utility, limits), Reason::LimitReached);
         // Marketing to someone already counted costs nothing, so the reserve does not apply.
         let counted = Snapshot { already_counted: true, ..at_cap };
@@ -932,6 +944,8 @@ mod tests {
         assert_eq!(marketing_cap(Limit::Limited(5), 1_000), Some(5));
         assert_eq!(marketing_cap(Limit::Limited(250), 0), None);
         assert_eq!(marketing_cap(Limit::Unlimited, 1_000), None);
+        let huge = (u128::from(u64::MAX) * 9_999).div_ceil(10_000) as u64;
+        assert_eq!(marketing_cap(Limit::Limited(u64::MAX), 1), Some(huge), "no overflow");
     }
 
     #[test]

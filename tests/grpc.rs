@@ -332,10 +332,8 @@ async fn shutdown_reports_not_serving_and_stops_accepting() {
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     let stopping = tokio::spawn(server.stop());
-    let next = watch.message().await;
-    if let Ok(Some(m)) = next {
-        assert_eq!(m.status, tonic_health::pb::health_check_response::ServingStatus::NotServing as i32);
-    }
+    let next = watch.message().await.unwrap().expect("a NOT_SERVING update before the stream ends");
+    assert_eq!(next.status, tonic_health::pb::health_check_response::ServingStatus::NotServing as i32);
     drop(watch);
     drop(health);
     stopping.await.unwrap().unwrap();

@@ -68,32 +68,38 @@ async fn two_sidecar_processes_on_one_redis_admit_exactly_the_limit() {
             let mut c = if i % 2 == 0 { ca.clone() } else { cb.clone() };
             tokio::spawn(async move {
                 let r = c.admit(req("acme", &format!("+1555{i:07}"))).await.unwrap().into_inner();
-                r.decision() == Decision::Admitted
+                (i, r.decision() == Decision::Admitted)
             })
         })
         .collect();
-    let mut admitted = 0;
+    let mut admitted = Vec::new();
     for t in tasks {
-        admitted += usize::from(t.await.unwrap());
+        let (i, ok) = t.await.unwrap();
+        if ok {
+            admitted.push(i);
+        }
     }
-    assert_eq!(admitted, 50, "400 concurrent Admits through two sidecars against a limit of 50");
+    assert_eq!(admitted.len(), 50, "400 concurrent Admits through two sidecars against a limit of 50");
     let (mut ca, mut cb) = (ca, cb);
     assert_eq!(usage(&mut ca, "acme").await.unique_recipients, 50);
     assert_eq!(usage(&mut cb, "acme").await.unique_recipients, 50);
 
-    // Same hash key: a recipient counted through one sidecar is known to the other.
-    let first = ca.admit(req("acme", "+15550000000")).await.unwrap().into_inner();
-    let again = cb.admit(req("acme", "+1 555 000 0000")).await.unwrap().into_inner();
-    if first.reason() == Reason::NewRecipient {
-        panic!("the window was full, so a new recipient could not be counted");
+    // Same hash key: every recipient counted through either sidecar is known to both, even
+    // written differently, while the window stays full for anyone new.
+    for &i in &admitted {
+        let written_differently = format!("+1 555 {:03} {:04}", i / 10_000, i % 10_000);
+        for c in [&mut ca, &mut cb] {
+            let r = c.admit(req("acme", &written_differently)).await.unwrap().into_inner();
+            assert_eq!(r.reason(), Reason::AlreadyCounted, "{written_differently}");
+        }
     }
-    assert_eq!(again.reason(), first.reason());
+    assert_eq!(cb.admit(req("acme", "+15559999999")).await.unwrap().into_inner().reason(), Reason::LimitReached);
 
     // A tier set through one sidecar holds for the other.
     let set = pb::SetTierRequest { portfolio_id: "acme".into(), sender_id: String::new(), tier: "T1K".into() };
     ca.set_tier(set).await.unwrap();
     assert_eq!(usage(&mut cb, "acme").await.limit, 1000);
-    let more = cb.admit(req("acme", "+15559999999")).await.unwrap().into_inner();
+    let more = cb.admit(req("acme", "+15559999998")).await.unwrap().into_inner();
     assert_eq!(more.reason(), Reason::NewRecipient);
 
     // Redis holds keyed hashes only: no recipient number appears in any key or member.
@@ -250,4 +256,35 @@ async fn a_signed_webhook_to_one_sidecar_raises_the_limit_on_every_sidecar() {
     assert_eq!(got.reason(), Reason::NewRecipient);
     let u = got.usage.unwrap();
     assert_eq!((u.tier.as_str(), u.limit, u.unique_recipients), ("TIER_2K", 2_000, 251));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_stay_unique_when_the_redis_clock_goes_back() {
+    use tiergate::hashing::RecipientHasher;
+    use tiergate::policy::{Category, Lease, ScopeKey, Tier};
+    use tiergate::store::redis::{RedisOptions, RedisStore, Topology};
+    use tiergate::store::{AdmitOp, AdmitParams, Store, Windows};
+
+    let redis = RedisServer::start();
+    let store = RedisStore::new(RedisOptions {
+        topology: Topology::Standalone { url: redis.url() },
+        windows: Windows::default(),
+        timeout: Duration::from_secs(2),
+        state_ttl: Duration::from_secs(3600),
+        key_prefix: "tg".into(),
+    })
+    .unwrap();
+    let scope = ScopeKey { portfolio: "acme".into(), sender: None };
+    let params = AdmitParams { fallback: Tier::limited("T", 10), reserve_bp: 0 };
+    let member = RecipientHasher::new(b"0123456789abcdef").unwrap().recipient("15550000001");
+    let op = AdmitOp { member: member.clone(), category: Category::Utility, ..AdmitOp::default() };
+    // As after a failover to a node whose clock is behind: the last score is ahead of TIME.
+    let ahead = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() + 60_000_000;
+    redis.cli(&["HSET", "tg:{acme}:m", "seq", &ahead.to_string()]);
+    let first = store.admit(&scope, &params, std::slice::from_ref(&op)).await.unwrap()[0].lease_score.unwrap();
+    let old = Lease { scope: scope.clone(), member: member.clone(), score: first };
+    assert!(store.release(&old).await.unwrap());
+    let second = store.admit(&scope, &params, &[op]).await.unwrap()[0].lease_score.unwrap();
+    assert!(second > first, "{second} after {first}");
+    assert!(!store.release(&old).await.unwrap(), "an old lease cannot release a newer Admit");
 }

@@ -15,6 +15,8 @@
 --          (1 marketing, 2 utility, 3 authentication, 4 service, 0 unspecified), template or '',
 --          sender or '', '1' when the sender is blocked by configuration
 --
+-- Categories 0 and 1 both get the marketing rules: a message without a category may be one.
+--
 -- Returns {tier, limit, {reason, lease score, retry after (us), counted, next slot (us)} x N},
 -- flattened after the first two. Reasons are tiergate.v1.Reason numbers. The rules and their
 -- order are those of `policy::decide`.
@@ -27,7 +29,7 @@ local cap = -1
 if limit >= 0 and reserve > 0 then
   cap = math.floor((limit * (10000 - reserve) + 9999) / 10000)
 end
-local ACTIVE = {APPROVED = true, REINSTATED = true, ACTIVE = true}
+local ACTIVE = {APPROVED = true, REINSTATED = true, ACTIVE = true, FLAGGED = true}
 local out = {}
 
 if limit >= 0 then
@@ -56,7 +58,7 @@ for i = 7, #ARGV, 6 do
     reason = 8
   elseif template ~= '' and not ACTIVE[redis.call('HGET', KEYS[6], 't:' .. template .. ':status') or 'ACTIVE'] then
     reason = 6
-  elseif (not open or category == 1) and redis.call('SISMEMBER', KEYS[5], member) == 1 then
+  elseif (not open or category <= 1) and redis.call('SISMEMBER', KEYS[5], member) == 1 then
     reason = 5
   elseif open then
     reason = 3
@@ -71,7 +73,7 @@ for i = 7, #ARGV, 6 do
     local counted_already = redis.call('ZSCORE', KEYS[1], member)
     if counted_already then
       reason = 2
-    elseif category == 1 and cap >= 0 and count >= cap then
+    elseif category <= 1 and cap >= 0 and count >= cap then
       reason, retry = 7, retry_after()
     elseif count < limit then
       reason = 1
