@@ -267,7 +267,7 @@ impl Config {
         let mut doc = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| err(p.display().to_string(), e.to_string()))?;
-                text.parse::<toml::Table>().map_err(|e| err(p.display().to_string(), e.to_string()))?
+                parse_toml(&text).map_err(|m| err(p.display().to_string(), m))?
             }
             None => toml::Table::new(),
         };
@@ -279,16 +279,36 @@ impl Config {
 
     /// Parses TOML text without the environment.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        Config::from_table(text.parse::<toml::Table>().map_err(|e| err("config", e.to_string()))?)
+        Config::from_table(parse_toml(text).map_err(|m| err("config", m))?)
     }
 
     fn from_table(doc: toml::Table) -> Result<Config, ConfigError> {
         serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." { "config".to_string() } else { key };
-            err(key, e.into_inner().message().to_string())
+            // Serde quotes the offending value; for a secret that would print the secret.
+            let message = if SECRET_KEYS.contains(&key.as_str()) {
+                "must be a string".to_string()
+            } else {
+                e.into_inner().message().to_string()
+            };
+            err(key, message)
         })
     }
+}
+
+/// Keys whose values never appear in an error message.
+const SECRET_KEYS: [&str; 4] = ["store.hash_key", "store.url", "webhooks.app_secret", "webhooks.verify_token"];
+
+/// Parses TOML, reporting syntax errors by line without quoting the line, which may hold a secret.
+fn parse_toml(text: &str) -> Result<toml::Table, String> {
+    text.parse::<toml::Table>().map_err(|e| {
+        let line = e.span().and_then(|span| text.get(..span.start)).map(|before| before.matches('\n').count() + 1);
+        match line {
+            Some(line) => format!("TOML syntax error on line {line}: {}", e.message()),
+            None => format!("TOML syntax error: {}", e.message()),
+        }
+    })
 }
 
 fn apply_env(doc: &mut toml::Table, name: &str, value: &str) -> Result<(), ConfigError> {
@@ -657,6 +677,18 @@ mod tests {
         assert_eq!(e.key, "portfolios[0].id");
         let e = Config::from_toml("[[portfolios]]\nid = \"a\"\ntier = \"TIER_3\"").unwrap().validate().unwrap_err();
         assert_eq!(e.key, "portfolios[0].tier");
+    }
+
+    #[test]
+    fn errors_never_quote_secrets() {
+        let e = Config::from_toml("[store]\nhash_key = \"super-secret-value\n").unwrap_err();
+        assert!(e.to_string().contains("line 2") && !e.to_string().contains("super-secret"), "{e}");
+        let e = Config::from_toml("[webhooks]\napp_secret = 123456789012345\n").unwrap_err();
+        assert_eq!(e.key, "webhooks.app_secret");
+        assert!(!e.to_string().contains("123456789012345"), "{e}");
+        let e = Config::from_toml("[store]\nbackend = \"redis\"\nurl = \"redis://:pw-123@h:1\"\nhash_key = \"0123456789abcdef\"\n");
+        let settings = e.unwrap().validate().unwrap();
+        assert!(!format!("{settings:?}").contains("pw-123"), "{settings:?}");
     }
 
     #[test]

@@ -46,8 +46,8 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lu
 /// Days of daily unique-recipient counts read for projections (and kept, plus one).
 const DAYS: u64 = 30;
 
-/// How to reach Redis.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How to reach Redis. Its `Debug` and `Display` never show credentials.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Topology {
     /// One server (`redis://` or `rediss://`), reconnecting on its own.
     Standalone { url: String },
@@ -60,6 +60,12 @@ pub enum Topology {
         /// Credentials, database and TLS for the master, as a `redis://` URL without host meaning.
         master_url: Option<String>,
     },
+}
+
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Topology({self})")
+    }
 }
 
 impl std::fmt::Display for Topology {
