@@ -14,12 +14,30 @@ use crate::store::StoreError;
 /// The `tiergate.v1.Limiter` service.
 pub struct LimiterApi {
     limiter: Arc<Limiter>,
+    /// Required as `authorization: Bearer <token>` by the calls that change a portfolio.
+    admin_token: Option<String>,
 }
 
 impl LimiterApi {
-    /// A service over `limiter`.
-    pub fn new(limiter: Arc<Limiter>) -> LimiterApi {
-        LimiterApi { limiter }
+    /// A service over `limiter`; with `admin_token`, SetTier, SetOptOut and UpdatePortfolio
+    /// need it.
+    pub fn new(limiter: Arc<Limiter>, admin_token: Option<String>) -> LimiterApi {
+        LimiterApi { limiter, admin_token }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.admin_token else { return Ok(()) };
+        let given = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let Some(given) = given.and_then(|v| v.strip_prefix("Bearer ")) else {
+            return Err(Status::unauthenticated("this call needs authorization: Bearer <server.admin_token>"));
+        };
+        let same =
+            given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if same {
+            Ok(())
+        } else {
+            Err(Status::permission_denied("wrong admin token"))
+        }
     }
 }
 
@@ -296,6 +314,7 @@ impl pb::limiter_server::Limiter for LimiterApi {
     }
 
     async fn set_tier(&self, request: Request<pb::SetTierRequest>) -> Result<Response<pb::Usage>, Status> {
+        self.authorize(&request)?;
         let r = request.into_inner();
         let u = self.limiter.set_tier(&r.portfolio_id, &r.sender_id, &r.tier).await.map_err(error_status)?;
         Ok(Response::new(usage(u)))
@@ -305,6 +324,7 @@ impl pb::limiter_server::Limiter for LimiterApi {
         &self,
         request: Request<pb::SetOptOutRequest>,
     ) -> Result<Response<pb::SetOptOutResponse>, Status> {
+        self.authorize(&request)?;
         let r = request.into_inner();
         self.limiter.set_opt_out(&r.portfolio_id, &r.recipient, r.opted_out).await.map_err(error_status)?;
         Ok(Response::new(pb::SetOptOutResponse { opted_out: r.opted_out }))
@@ -314,6 +334,7 @@ impl pb::limiter_server::Limiter for LimiterApi {
         &self,
         request: Request<pb::UpdatePortfolioRequest>,
     ) -> Result<Response<pb::Portfolio>, Status> {
+        self.authorize(&request)?;
         let (id, update) = portfolio_update(request.into_inner())?;
         let view = self.limiter.update_portfolio(&id, &update).await.map_err(error_status)?;
         Ok(Response::new(portfolio(view)))

@@ -78,6 +78,8 @@ pub struct ServerConfig {
     /// How long in-flight calls may take to finish after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// When set, SetTier, SetOptOut and UpdatePortfolio need `authorization: Bearer <token>`.
+    pub admin_token: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +88,7 @@ impl Default for ServerConfig {
             grpc_listen: ([127, 0, 0, 1], 50051).into(),
             admin_listen: ([127, 0, 0, 1], 9090).into(),
             shutdown_grace: Duration::from_secs(10),
+            admin_token: None,
         }
     }
 }
@@ -229,7 +232,7 @@ pub struct PortfolioConfig {
 
 /// Keys that may be set from the environment, by section.
 const ENV_KEYS: &[(&str, &[&str])] = &[
-    ("server", &["grpc_listen", "admin_listen", "shutdown_grace"]),
+    ("server", &["grpc_listen", "admin_listen", "shutdown_grace", "admin_token"]),
     (
         "store",
         &[
@@ -298,7 +301,8 @@ impl Config {
 }
 
 /// Keys whose values never appear in an error message.
-const SECRET_KEYS: [&str; 4] = ["store.hash_key", "store.url", "webhooks.app_secret", "webhooks.verify_token"];
+const SECRET_KEYS: [&str; 5] =
+    ["store.hash_key", "store.url", "webhooks.app_secret", "webhooks.verify_token", "server.admin_token"];
 
 /// Parses TOML, reporting syntax errors by line without quoting the line, which may hold a secret.
 fn parse_toml(text: &str) -> Result<toml::Table, String> {
@@ -489,6 +493,9 @@ impl Config {
             (Some(_), _) => return Err(err("webhooks.verify_token", "is required with webhooks.app_secret")),
             (_, Some(_)) => return Err(err("webhooks.app_secret", "is required with webhooks.verify_token")),
         };
+        if self.server.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(err("server.admin_token", "must be at least 16 characters"));
+        }
         let s = &self.store;
         if s.timeout.is_zero() {
             return Err(err("store.timeout", "must be longer than zero"));
@@ -686,7 +693,9 @@ mod tests {
         let e = Config::from_toml("[webhooks]\napp_secret = 123456789012345\n").unwrap_err();
         assert_eq!(e.key, "webhooks.app_secret");
         assert!(!e.to_string().contains("123456789012345"), "{e}");
-        let e = Config::from_toml("[store]\nbackend = \"redis\"\nurl = \"redis://:pw-123@h:1\"\nhash_key = \"0123456789abcdef\"\n");
+        let e = Config::from_toml(
+            "[store]\nbackend = \"redis\"\nurl = \"redis://:pw-123@h:1\"\nhash_key = \"0123456789abcdef\"\n",
+        );
         let settings = e.unwrap().validate().unwrap();
         assert!(!format!("{settings:?}").contains("pw-123"), "{settings:?}");
     }

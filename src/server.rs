@@ -117,7 +117,10 @@ pub async fn run(
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::limiter_server::LimiterServer::new(LimiterApi::new(limiter.clone())))
+        .add_service(pb::limiter_server::LimiterServer::new(LimiterApi::new(
+            limiter.clone(),
+            settings.server.admin_token.clone(),
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
     let router = Router::new()
         .route("/metrics", get(metrics_page))

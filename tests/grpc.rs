@@ -361,3 +361,25 @@ async fn reflection_lists_the_limiter_service() {
     assert!(names.contains(&"tiergate.v1.Limiter"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
 }
+
+#[tokio::test]
+async fn with_an_admin_token_only_its_holders_change_portfolios() {
+    let token = "admin-token-0123456789";
+    let server = TestServer::start(&format!("[server]\nadmin_token = \"{token}\"\n{SMALL}")).await;
+    let mut c = server.client().await;
+    let set = || pb::SetTierRequest { portfolio_id: "acme".into(), sender_id: "".into(), tier: "T30".into() };
+    assert_eq!(c.set_tier(set()).await.unwrap_err().code(), Code::Unauthenticated);
+    let mut wrong = tonic::Request::new(set());
+    wrong.metadata_mut().insert("authorization", "Bearer not-the-token".parse().unwrap());
+    assert_eq!(c.set_tier(wrong).await.unwrap_err().code(), Code::PermissionDenied);
+    let opt = pb::SetOptOutRequest { portfolio_id: "acme".into(), recipient: "+15550000001".into(), opted_out: true };
+    assert_eq!(c.set_opt_out(opt).await.unwrap_err().code(), Code::Unauthenticated);
+    let update = pb::UpdatePortfolioRequest { portfolio_id: "acme".into(), ..Default::default() };
+    assert_eq!(c.update_portfolio(update).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(usage(&mut c, "acme", "").await.tier, "T3", "nothing changed");
+    let mut right = tonic::Request::new(set());
+    right.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    assert_eq!(c.set_tier(right).await.unwrap().into_inner().tier, "T30");
+    // Sending needs no token.
+    assert_eq!(admit(&mut c, req("acme", "s1", "+15550000001")).await.reason(), Reason::NewRecipient);
+}
