@@ -444,12 +444,12 @@ impl Limiter {
                 SimStep::ClearEligible => list.push(Change::Eligible { scope: scope.clone(), since: None }),
                 SimStep::Upgrade(tier) => {
                     tracing::info!(scope = %scope, from = %report.usage.tier.name, to = %tier.name, "Simulated upgrade.");
-                    list.push(Change::Tier { scope: scope.clone(), tier });
+                    list.push(Change::Tier { scope: scope.clone(), tier, at: None });
                     list.push(Change::Eligible { scope: scope.clone(), since: None });
                 }
                 SimStep::Downgrade(tier) => {
                     tracing::info!(scope = %scope, from = %report.usage.tier.name, to = %tier.name, "Simulated downgrade after 7 days flagged.");
-                    list.push(Change::Tier { scope: scope.clone(), tier });
+                    list.push(Change::Tier { scope: scope.clone(), tier, at: None });
                     list.push(Change::Flagged { scope: scope.clone(), since: Some(report.now) });
                 }
             }
@@ -486,7 +486,7 @@ impl Limiter {
     pub async fn set_tier(&self, portfolio: &str, sender: &str, tier: &str) -> Result<Usage, Error> {
         let scope = self.scope("", portfolio, sender)?;
         let tier = self.tier("tier", tier)?;
-        self.apply(portfolio, &[Change::Tier { scope: scope.clone(), tier: tier.clone() }]).await?;
+        self.apply(portfolio, &[Change::Tier { scope: scope.clone(), tier: tier.clone(), at: None }]).await?;
         tracing::info!(scope = %scope, tier = %tier.name, "Tier set.");
         let state = self.store.portfolio(portfolio).await?;
         self.scope_usage(&scope, &state).await
@@ -506,13 +506,19 @@ impl Limiter {
         if let Some(name) = &update.tier {
             let tier = self.tier("tier", name)?;
             match self.scope_mode {
-                ScopeMode::Portfolio => changes.push(Change::Tier { scope: self.scope_of(portfolio, ""), tier }),
+                ScopeMode::Portfolio => {
+                    changes.push(Change::Tier { scope: self.scope_of(portfolio, ""), tier, at: None })
+                }
                 ScopeMode::PhoneNumber if update.senders.is_empty() => {
                     return Err(invalid("tier", "in per-number scope, name the senders whose tier this is"));
                 }
                 ScopeMode::PhoneNumber => {
                     for (sender, ..) in &update.senders {
-                        changes.push(Change::Tier { scope: self.scope_of(portfolio, sender), tier: tier.clone() });
+                        changes.push(Change::Tier {
+                            scope: self.scope_of(portfolio, sender),
+                            tier: tier.clone(),
+                            at: None,
+                        });
                     }
                 }
             }
@@ -529,7 +535,7 @@ impl Limiter {
                 ));
             }
             if let Some(status) = status {
-                changes.push(Change::SenderStatus { sender: sender.clone(), status: *status });
+                changes.push(Change::SenderStatus { sender: sender.clone(), status: *status, at: None });
             }
             if let Some(quality) = quality {
                 changes.push(Change::SenderQuality { sender: sender.clone(), quality: *quality });
@@ -540,7 +546,11 @@ impl Limiter {
                 return Err(invalid(format!("templates[{i}].name"), "must be a template name of 1 to 512 characters"));
             }
             if let Some(status) = status {
-                changes.push(Change::TemplateStatus { name: name.clone(), status: status.to_ascii_uppercase() });
+                changes.push(Change::TemplateStatus {
+                    name: name.clone(),
+                    status: status.to_ascii_uppercase(),
+                    at: None,
+                });
             }
             if let Some(quality) = quality {
                 changes.push(Change::TemplateQuality { name: name.clone(), quality: *quality });

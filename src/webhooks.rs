@@ -31,6 +31,15 @@ pub const PATH: &str = "/webhooks/whatsapp";
 /// The largest delivery accepted (Meta batches up to 1,000 changes).
 const MAX_BODY: usize = 8 * 1024 * 1024;
 
+/// What a delivery knows of its portfolio while it is translated.
+struct Known<'a> {
+    state: &'a crate::store::PortfolioState,
+    /// Display number → phone number id, including what this delivery taught.
+    aliases: &'a mut BTreeMap<String, String>,
+    /// Known sender ids, including this delivery's.
+    senders: &'a mut Vec<String>,
+}
+
 struct Receiver {
     limiter: Arc<Limiter>,
     settings: WebhookSettings,
@@ -161,7 +170,8 @@ impl Receiver {
 
     /// Applies every entry, one atomic store call per portfolio; returns how many changes.
     async fn apply(&self, entries: &[Value]) -> Result<usize, crate::limiter::Error> {
-        let mut by_portfolio: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+        // Each change with the time of its entry (when Meta says it happened).
+        let mut by_portfolio: BTreeMap<String, Vec<(&Value, Option<Micros>)>> = BTreeMap::new();
         for entry in entries {
             let Some(waba) = entry.get("id").and_then(text) else {
                 metrics::webhook_change("entry", "ignored");
@@ -172,8 +182,9 @@ impl Receiver {
                 continue;
             }
             let portfolio = self.portfolio_of(&waba);
+            let at = entry.get("time").and_then(seconds_to_micros);
             let changes = entry.get("changes").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
-            by_portfolio.entry(portfolio).or_default().extend(changes);
+            by_portfolio.entry(portfolio).or_default().extend(changes.iter().map(|c| (c, at)));
         }
         let mut applied = 0;
         for (portfolio, changes) in by_portfolio {
@@ -183,11 +194,12 @@ impl Receiver {
             senders.sort();
             senders.dedup();
             let mut list = Vec::new();
-            for change in changes {
+            for (change, at) in changes {
                 let field = change.get("field").and_then(Value::as_str).unwrap_or("");
                 let value = change.get("value").unwrap_or(&Value::Null);
                 let before = list.len();
-                self.translate(&portfolio, field, value, &mut aliases, &mut senders, &mut list);
+                let mut known = Known { state: &state, aliases: &mut aliases, senders: &mut senders };
+                self.translate(&portfolio, field, value, at, &mut known, &mut list);
                 let outcome = if list.len() > before { "applied" } else { "ignored" };
                 metrics::webhook_change(if field.is_empty() { "unknown" } else { field }, outcome);
             }
@@ -199,61 +211,68 @@ impl Receiver {
         Ok(applied)
     }
 
-    /// Turns one webhook change into store changes (none for what tiergate does not follow).
+    /// Turns one webhook change, which happened at `at`, into store changes (none for what
+    /// tiergate does not follow).
     fn translate(
         &self,
         portfolio: &str,
         field: &str,
         v: &Value,
-        aliases: &mut BTreeMap<String, String>,
-        senders: &mut Vec<String>,
+        at: Option<Micros>,
+        known: &mut Known<'_>,
         out: &mut Vec<Change>,
     ) {
         let limiter = &self.limiter;
         let per_number = limiter.scope_mode() == ScopeMode::PhoneNumber;
+        // The limit that belongs to the scope: the business's in portfolio scope, the number's
+        // (legacy) in per-number scope; the other one when only it is sent.
+        let limit_of = |keys: [&str; 2]| {
+            let keys = if per_number { [keys[1], keys[0]] } else { keys };
+            keys.iter().find_map(|k| v.get(*k).and_then(tier_value)).and_then(|t| limiter.resolve_tier(&t))
+        };
         match field {
             "phone_number_quality_update" => {
-                let sender = v.get("display_phone_number").and_then(text).and_then(|d| sender_for(&d, aliases));
-                let tier = ["max_daily_conversations_per_business", "current_limit"]
-                    .iter()
-                    .find_map(|k| v.get(*k).and_then(tier_value))
-                    .and_then(|t| limiter.resolve_tier(&t));
-                if let Some(tier) = tier {
+                let sender = v.get("display_phone_number").and_then(text).and_then(|d| sender_for(&d, known.aliases));
+                if let Some(tier) = limit_of(["max_daily_conversations_per_business", "current_limit"]) {
                     match (&sender, per_number) {
-                        (_, false) => out.push(Change::Tier { scope: limiter.scope_of(portfolio, ""), tier }),
-                        (Some(s), true) => out.push(Change::Tier { scope: limiter.scope_of(portfolio, s), tier }),
+                        (_, false) => out.push(Change::Tier { scope: limiter.scope_of(portfolio, ""), tier, at }),
+                        (Some(s), true) => out.push(Change::Tier { scope: limiter.scope_of(portfolio, s), tier, at }),
                         (None, true) => {}
                     }
                 }
                 let Some(sender) = sender else { return };
+                let banned = known.state.senders.get(&sender).and_then(|s| s.status) == Some(SenderStatus::Banned);
                 match v.get("event").and_then(Value::as_str).unwrap_or("") {
-                    "FLAGGED" => {
-                        out.push(Change::SenderStatus { sender: sender.clone(), status: SenderStatus::Flagged });
+                    "FLAGGED" if !banned => {
+                        out.push(Change::SenderStatus { sender: sender.clone(), status: SenderStatus::Flagged, at });
                         out.push(Change::SenderQuality { sender, quality: Quality::Low });
                     }
-                    "UNFLAGGED" => out.push(Change::SenderStatus { sender, status: SenderStatus::Connected }),
+                    // Out of the red; a ban is not lifted by a quality event.
+                    "UNFLAGGED" if !banned => {
+                        out.push(Change::SenderStatus { sender: sender.clone(), status: SenderStatus::Connected, at });
+                        out.push(Change::SenderQuality { sender, quality: Quality::Medium });
+                    }
                     _ => {}
                 }
             }
             "business_capability_update" => {
-                let tier = ["max_daily_conversations_per_business", "max_daily_conversation_per_phone"]
-                    .iter()
-                    .find_map(|k| v.get(*k).and_then(tier_value))
-                    .and_then(|t| limiter.resolve_tier(&t));
-                let Some(tier) = tier else { return };
+                let Some(tier) = limit_of(["max_daily_conversations_per_business", "max_daily_conversation_per_phone"])
+                else {
+                    return;
+                };
                 if per_number {
-                    for s in senders.iter() {
-                        out.push(Change::Tier { scope: limiter.scope_of(portfolio, s), tier: tier.clone() });
+                    for s in known.senders.iter() {
+                        out.push(Change::Tier { scope: limiter.scope_of(portfolio, s), tier: tier.clone(), at });
                     }
                 } else {
-                    out.push(Change::Tier { scope: limiter.scope_of(portfolio, ""), tier });
+                    out.push(Change::Tier { scope: limiter.scope_of(portfolio, ""), tier, at });
                 }
             }
             "message_template_status_update" => {
                 let name = v.get("message_template_name").and_then(text);
                 let event = v.get("event").and_then(Value::as_str);
                 if let (Some(name), Some(event)) = (name, event) {
-                    out.push(Change::TemplateStatus { name, status: event.to_ascii_uppercase() });
+                    out.push(Change::TemplateStatus { name, status: event.to_ascii_uppercase(), at });
                 }
             }
             "message_template_quality_update" => {
@@ -271,13 +290,13 @@ impl Receiver {
                 }
                 if let Some(display) = metadata.and_then(|m| m.get("display_phone_number")).and_then(text) {
                     let digits: String = display.chars().filter(char::is_ascii_digit).collect();
-                    if !digits.is_empty() && aliases.get(&digits) != Some(&id) {
-                        aliases.insert(digits.clone(), id.clone());
+                    if !digits.is_empty() && known.aliases.get(&digits) != Some(&id) {
+                        known.aliases.insert(digits.clone(), id.clone());
                         out.push(Change::Alias { display: digits, id: id.clone() });
                     }
                 }
-                if !senders.contains(&id) {
-                    senders.push(id.clone());
+                if !known.senders.contains(&id) {
+                    known.senders.push(id.clone());
                 }
                 for m in v.get("messages").and_then(Value::as_array).into_iter().flatten() {
                     let from = m.get("from").and_then(text).or_else(|| m.get("from_user_id").and_then(text));

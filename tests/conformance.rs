@@ -84,6 +84,7 @@ conformance!(
     marketing_stops_at_the_reserve_while_utility_uses_the_rest,
     applied_changes_persist_and_applying_twice_changes_nothing,
     inbound_times_never_shorten_a_window_nor_stretch_it_past_now,
+    changes_older_than_the_last_applied_are_skipped,
     unique_recipients_over_7_and_30_days_are_counted,
 );
 
@@ -124,7 +125,10 @@ async fn inbound(store: &dyn Store, portfolio: &str, sender: &str, recipient: &s
 }
 
 async fn set_tier(store: &dyn Store, scope: &ScopeKey, tier: &Tier) -> UsageSnapshot {
-    store.apply(&scope.portfolio, &[Change::Tier { scope: scope.clone(), tier: tier.clone() }]).await.unwrap();
+    store
+        .apply(&scope.portfolio, &[Change::Tier { scope: scope.clone(), tier: tier.clone(), at: None }])
+        .await
+        .unwrap();
     usage(store, scope, tier).await
 }
 
@@ -367,14 +371,14 @@ async fn inactive_templates_are_blocked_until_active_again<F: Fn(Windows) -> Fix
     let (p, t) = (portfolio("acme"), limited(10));
     let promo = |r: &str| with(op(r), Category::Marketing, Some("spring_promo"));
     assert_eq!(admit_one(&*f.store, &p, &t, promo("1111111")).await.reason, Reason::NewRecipient);
-    let pause = Change::TemplateStatus { name: "spring_promo".into(), status: "PAUSED".into() };
+    let pause = Change::TemplateStatus { name: "spring_promo".into(), status: "PAUSED".into(), at: None };
     f.store.apply("acme", &[pause]).await.unwrap();
     let blocked = admit_one(&*f.store, &p, &t, promo("2222222")).await;
     assert_eq!((blocked.reason, blocked.usage.counted), (Reason::TemplateBlocked, 1));
     assert_eq!(admit_one(&*f.store, &p, &t, promo("1111111")).await.reason, Reason::TemplateBlocked);
     let other = with(op("2222222"), Category::Marketing, Some("welcome"));
     assert_eq!(admit_one(&*f.store, &p, &t, other).await.reason, Reason::NewRecipient);
-    let reinstate = Change::TemplateStatus { name: "spring_promo".into(), status: "REINSTATED".into() };
+    let reinstate = Change::TemplateStatus { name: "spring_promo".into(), status: "REINSTATED".into(), at: None };
     f.store.apply("acme", &[reinstate]).await.unwrap();
     assert_eq!(admit_one(&*f.store, &p, &t, promo("3333333")).await.reason, Reason::NewRecipient);
 }
@@ -382,7 +386,7 @@ async fn inactive_templates_are_blocked_until_active_again<F: Fn(Windows) -> Fix
 async fn banned_and_configured_blocked_senders_are_denied<F: Fn(Windows) -> Fixture>(make: F) {
     let f = make(Windows::default());
     let (p, t) = (portfolio("acme"), limited(10));
-    let ban = Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Banned };
+    let ban = Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Banned, at: None };
     f.store.apply("acme", &[ban]).await.unwrap();
     inbound(&*f.store, "acme", "s1", "1111111").await;
     assert_eq!(admit_one(&*f.store, &p, &t, op_from("s1", "1111111")).await.reason, Reason::SenderBlocked);
@@ -390,7 +394,7 @@ async fn banned_and_configured_blocked_senders_are_denied<F: Fn(Windows) -> Fixt
     let configured = AdmitOp { sender_blocked: true, ..op_from("s3", "2222222") };
     let denied = admit_one(&*f.store, &p, &t, configured).await;
     assert_eq!((denied.reason, denied.usage.counted), (Reason::SenderBlocked, 1));
-    let lift = Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Connected };
+    let lift = Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Connected, at: None };
     f.store.apply("acme", &[lift]).await.unwrap();
     assert_eq!(admit_one(&*f.store, &p, &t, op_from("s1", "3333333")).await.reason, Reason::NewRecipient);
 }
@@ -428,11 +432,11 @@ async fn applied_changes_persist_and_applying_twice_changes_nothing<F: Fn(Window
     let f = make(Windows::default());
     let p = portfolio("acme");
     let changes = [
-        Change::Tier { scope: p.clone(), tier: limited(7) },
+        Change::Tier { scope: p.clone(), tier: limited(7), at: None },
         Change::Quality(Quality::High),
-        Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Flagged },
+        Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Flagged, at: None },
         Change::SenderQuality { sender: "s1".into(), quality: Quality::Low },
-        Change::TemplateStatus { name: "promo".into(), status: "DISABLED".into() },
+        Change::TemplateStatus { name: "promo".into(), status: "DISABLED".into(), at: None },
         Change::TemplateQuality { name: "promo".into(), quality: Quality::Medium },
         Change::Alert { key: "INCREASED_CAPABILITIES_ELIGIBILITY_DEFERRED:1".into(), body: "{\"a\":1}".into() },
         Change::Alias { display: "15550001111".into(), id: "s1".into() },
@@ -497,4 +501,32 @@ async fn unique_recipients_over_7_and_30_days_are_counted<F: Fn(Windows) -> Fixt
     admit_one(&*f.store, &p, &t, op_from("s1", "4444444")).await;
     let report = f.store.usage(&p, &t).await.unwrap();
     assert_eq!((report.unique_7d, report.unique_30d), (3, 3), "replies in a service window are not counted");
+}
+
+async fn changes_older_than_the_last_applied_are_skipped<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let p = portfolio("acme");
+    let (t1, t2) = (1_700_000_000_000_000, 1_700_000_100_000_000);
+    let newer = [
+        Change::Tier { scope: p.clone(), tier: limited(20), at: Some(t2) },
+        Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Connected, at: Some(t2) },
+        Change::TemplateStatus { name: "promo".into(), status: "APPROVED".into(), at: Some(t2) },
+    ];
+    let older = [
+        Change::Tier { scope: p.clone(), tier: limited(5), at: Some(t1) },
+        Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Flagged, at: Some(t1) },
+        Change::TemplateStatus { name: "promo".into(), status: "PAUSED".into(), at: Some(t1) },
+    ];
+    f.store.apply("acme", &newer).await.unwrap();
+    f.store.apply("acme", &older).await.unwrap();
+    assert_eq!(usage(&*f.store, &p, &limited(1)).await.tier, limited(20));
+    let state = f.store.portfolio("acme").await.unwrap();
+    assert_eq!(state.senders["s1"].status, Some(SenderStatus::Connected));
+    assert_eq!(state.templates["promo"].status.as_deref(), Some("APPROVED"));
+    // A change without a time is now, so it wins over both.
+    let now = [Change::TemplateStatus { name: "promo".into(), status: "DISABLED".into(), at: None }];
+    f.store.apply("acme", &now).await.unwrap();
+    f.store.apply("acme", &newer[2..]).await.unwrap();
+    let state = f.store.portfolio("acme").await.unwrap();
+    assert_eq!(state.templates["promo"].status.as_deref(), Some("DISABLED"));
 }

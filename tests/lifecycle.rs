@@ -347,3 +347,50 @@ async fn an_unmapped_waba_is_its_own_portfolio() {
     assert_eq!(c.get_usage(r).await.unwrap().into_inner().tier, "TIER_2K");
     assert_eq!(usage(&mut c).await.tier, "TIER_250", "the mapped portfolio is untouched");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_retry_of_an_older_event_does_not_undo_a_newer_one() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    let status = |event: &str, time: u64| {
+        fixture("message_template_status_update")
+            .replace("{{EVENT}}", event)
+            .replace("\"time\": 1763700000", &format!("\"time\": {time}"))
+    };
+    deliver(server.admin_addr, &status("PAUSED", 1_763_700_000)).await;
+    deliver(server.admin_addr, &status("REINSTATED", 1_763_700_600)).await;
+    // Meta retries the PAUSED delivery after the REINSTATED one was applied.
+    deliver(server.admin_addr, &status("PAUSED", 1_763_700_000)).await;
+    assert_eq!(reason(&mut c, req(PHONE_ID, "+15550000001", Marketing, "spring_sale")).await, Reason::NewRecipient);
+    let capability = |tier: &str, time: u64| {
+        fixture("business_capability_update")
+            .replace("TIER_2K", tier)
+            .replace("\"time\": 1763700000", &format!("\"time\": {time}"))
+    };
+    deliver(server.admin_addr, &capability("TIER_10K", 1_763_700_600)).await;
+    deliver(server.admin_addr, &capability("TIER_2K", 1_763_700_000)).await;
+    assert_eq!(usage(&mut c).await.tier, "TIER_10K");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quality_event_does_not_lift_a_ban() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    deliver(server.admin_addr, &fixture("messages")).await;
+    let ban = pb::UpdatePortfolioRequest {
+        portfolio_id: "acme".into(),
+        senders: vec![pb::SenderUpdate {
+            sender_id: PHONE_ID.into(),
+            status: pb::SenderStatus::Banned.into(),
+            quality: 0,
+        }],
+        ..Default::default()
+    };
+    c.update_portfolio(ban).await.unwrap();
+    let unflagged = fixture("phone_number_quality_update")
+        .replace("\"FLAGGED\"", "\"UNFLAGGED\"")
+        .replace("\"time\": 1763700000", &format!("\"time\": {}", 4_000_000_000u64));
+    deliver(server.admin_addr, &unflagged).await;
+    let p = portfolio(&mut c).await;
+    let sender = p.senders.iter().find(|s| s.sender_id == PHONE_ID).unwrap();
+    assert_eq!(sender.status(), pb::SenderStatus::Banned);
+    assert_eq!(reason(&mut c, req(PHONE_ID, USER, Utility, "")).await, Reason::SenderBlocked);
+}

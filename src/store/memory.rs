@@ -26,6 +26,8 @@ struct ScopeState {
     last_score: Micros,
     tier: Option<Tier>,
     tier_since: Option<Micros>,
+    /// When the event behind the tier happened; older tier events are skipped.
+    tier_at: Micros,
     eligible_since: Option<Micros>,
     flagged_since: Option<Micros>,
     /// Recipients reached outside service windows, by day.
@@ -87,6 +89,21 @@ struct Portfolio {
     service: HashMap<Member, Micros>,
     opted_out: HashSet<Member>,
     state: PortfolioState,
+    /// When the last status event of each number (`s:<id>`) and template (`t:<name>`) happened.
+    event_at: HashMap<String, Micros>,
+}
+
+impl Portfolio {
+    /// Whether an event at `at` is not older than the last one applied to `item`; if so, it
+    /// becomes the last.
+    fn newer(&mut self, item: String, at: Micros) -> bool {
+        let last = self.event_at.entry(item).or_insert(0);
+        if at < *last {
+            return false;
+        }
+        *last = at;
+        true
+    }
 }
 
 #[derive(Default)]
@@ -207,8 +224,13 @@ impl Store for MemoryStore {
         for change in changes {
             let p = state.portfolios.entry(portfolio.to_owned()).or_default();
             match change {
-                Change::Tier { scope, tier } => {
+                Change::Tier { scope, tier, at } => {
                     let s = state.scopes.entry(scope.clone()).or_default();
+                    let at = at.unwrap_or(now);
+                    if at < s.tier_at {
+                        continue;
+                    }
+                    s.tier_at = at;
                     if s.tier.as_ref().map(|t| &t.name) != Some(&tier.name) {
                         s.tier_since = Some(now);
                     }
@@ -221,7 +243,10 @@ impl Store for MemoryStore {
                     state.scopes.entry(scope.clone()).or_default().flagged_since = *since
                 }
                 Change::Quality(q) => p.state.quality = *q,
-                Change::SenderStatus { sender, status } => {
+                Change::SenderStatus { sender, status, at } => {
+                    if !p.newer(format!("s:{sender}"), at.unwrap_or(now)) {
+                        continue;
+                    }
                     let s = p.state.senders.entry(sender.clone()).or_default();
                     if s.status != Some(*status) {
                         s.since = Some(now);
@@ -231,7 +256,10 @@ impl Store for MemoryStore {
                 Change::SenderQuality { sender, quality } => {
                     p.state.senders.entry(sender.clone()).or_default().quality = *quality;
                 }
-                Change::TemplateStatus { name, status } => {
+                Change::TemplateStatus { name, status, at } => {
+                    if !p.newer(format!("t:{name}"), at.unwrap_or(now)) {
+                        continue;
+                    }
                     p.state.templates.entry(name.clone()).or_default().status = Some(status.clone());
                 }
                 Change::TemplateQuality { name, quality } => {

@@ -156,10 +156,13 @@ pub struct PortfolioState {
 /// applying the same list twice leaves the same state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// The scope's tier; its `since` moves to now when the name changes.
+    /// The scope's tier; its `since` moves to now when the name changes. `at` is when the event
+    /// happened (now when `None`): a change older than the last one applied is skipped, so a
+    /// late retry of an old webhook cannot undo a newer change.
     Tier {
         scope: ScopeKey,
         tier: Tier,
+        at: Option<Micros>,
     },
     /// Simulation bookkeeping of a scope.
     Eligible {
@@ -171,18 +174,21 @@ pub enum Change {
         since: Option<Micros>,
     },
     Quality(Quality),
-    /// A number's status; its `since` moves to now when the status changes.
+    /// A number's status; its `since` moves to now when the status changes. `at` as for `Tier`.
     SenderStatus {
         sender: String,
         status: SenderStatus,
+        at: Option<Micros>,
     },
     SenderQuality {
         sender: String,
         quality: Quality,
     },
+    /// A template's status event; `at` as for `Tier`.
     TemplateStatus {
         name: String,
         status: String,
+        at: Option<Micros>,
     },
     TemplateQuality {
         name: String,

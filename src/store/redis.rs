@@ -436,9 +436,10 @@ impl Store for RedisStore {
         let time = |t: &Option<Micros>| t.map(|t| t.to_string()).unwrap_or_default();
         for change in changes {
             match change {
-                Change::Tier { scope, tier } => {
+                Change::Tier { scope, tier, at } => {
                     let i = key_index(self.meta_key(scope)).to_string();
-                    push(&[b"tier", i.as_bytes(), tier.name.as_bytes(), tier.limit.to_i64().to_string().as_bytes()]);
+                    let limit = tier.limit.to_i64().to_string();
+                    push(&[b"tier", i.as_bytes(), tier.name.as_bytes(), limit.as_bytes(), time(at).as_bytes()]);
                 }
                 Change::Eligible { scope, since } => {
                     let i = key_index(self.meta_key(scope)).to_string();
@@ -449,13 +450,15 @@ impl Store for RedisStore {
                     push(&[b"flag", i.as_bytes(), time(since).as_bytes()]);
                 }
                 Change::Quality(q) => push(&[b"q", q.as_str().as_bytes()]),
-                Change::SenderStatus { sender, status } => {
-                    push(&[b"sst", sender.as_bytes(), status.as_str().as_bytes()])
+                Change::SenderStatus { sender, status, at } => {
+                    push(&[b"sst", sender.as_bytes(), status.as_str().as_bytes(), time(at).as_bytes()])
                 }
                 Change::SenderQuality { sender, quality } => {
                     push(&[b"sq", sender.as_bytes(), quality.as_str().as_bytes()])
                 }
-                Change::TemplateStatus { name, status } => push(&[b"tst", name.as_bytes(), status.as_bytes()]),
+                Change::TemplateStatus { name, status, at } => {
+                    push(&[b"tst", name.as_bytes(), status.as_bytes(), time(at).as_bytes()])
+                }
                 Change::TemplateQuality { name, quality } => {
                     push(&[b"tq", name.as_bytes(), quality.as_str().as_bytes()])
                 }

@@ -12,10 +12,13 @@
 -- KEYS[4..] scope state hashes that tier/elig/flag changes name by index (see admit.lua)
 -- ARGV[1]  state TTL (ms), ARGV[2] service window (us)
 -- ARGV[3..] changes, each an op name and its arguments:
---   tier <key index> <name> <limit>      sets the tier; `since` moves to now when the name changes
+--   tier <key index> <name> <limit> <at>  sets the tier; `since` moves to now when the name changes
+--   (for tier, sst and tst, <at> is when the event happened, '' = now; an event older than the
+--   last one applied to the same item is skipped: its time is kept in `tat`, s:<sender>:at or
+--   t:<name>:at)
 --   elig <key index> <us or ''>          flag <key index> <us or ''>
---   q <quality>    sst <sender> <status>    sq <sender> <quality>
---   tst <template> <status>    tq <template> <quality>
+--   q <quality>    sst <sender> <status> <at>    sq <sender> <quality>
+--   tst <template> <status> <at>    tq <template> <quality>
 --   opt <recipient hash> <1 or 0>    alert <key> <body>    alias <display> <id>
 --   in <service-window hash> <us or ''>   opens the window until min(then, now) + service window
 --
@@ -25,6 +28,20 @@ local now = tg_now()
 local ttl = ARGV[1]
 local service_window = tonumber(ARGV[2])
 local touched = {}
+
+-- Whether an event at `at` ('' = now) is not older than the last applied to this item; if so,
+-- it becomes the last.
+local function newer(key, field, at)
+  local t = now
+  if at ~= '' then
+    t = tonumber(at)
+  end
+  if t < (tonumber(redis.call('HGET', key, field)) or 0) then
+    return false
+  end
+  redis.call('HSET', key, field, tg_fmt(t))
+  return true
+end
 
 local function set_or_clear(key, field, value)
   if value == '' then
@@ -39,12 +56,14 @@ while i <= #ARGV do
   local op = ARGV[i]
   if op == 'tier' then
     local key = KEYS[tonumber(ARGV[i + 1])]
-    if redis.call('HGET', key, 'tier') ~= ARGV[i + 2] then
-      redis.call('HSET', key, 'since', tg_fmt(now))
+    if newer(key, 'tat', ARGV[i + 4]) then
+      if redis.call('HGET', key, 'tier') ~= ARGV[i + 2] then
+        redis.call('HSET', key, 'since', tg_fmt(now))
+      end
+      redis.call('HSET', key, 'tier', ARGV[i + 2], 'limit', ARGV[i + 3])
     end
-    redis.call('HSET', key, 'tier', ARGV[i + 2], 'limit', ARGV[i + 3])
     touched[key] = true
-    i = i + 4
+    i = i + 5
   elseif op == 'elig' or op == 'flag' then
     local key = KEYS[tonumber(ARGV[i + 1])]
     set_or_clear(key, op, ARGV[i + 2])
@@ -55,17 +74,22 @@ while i <= #ARGV do
     i = i + 2
   elseif op == 'sst' then
     local field = 's:' .. ARGV[i + 1]
-    if redis.call('HGET', KEYS[1], field .. ':status') ~= ARGV[i + 2] then
-      redis.call('HSET', KEYS[1], field .. ':since', tg_fmt(now))
+    if newer(KEYS[1], field .. ':at', ARGV[i + 3]) then
+      if redis.call('HGET', KEYS[1], field .. ':status') ~= ARGV[i + 2] then
+        redis.call('HSET', KEYS[1], field .. ':since', tg_fmt(now))
+      end
+      redis.call('HSET', KEYS[1], field .. ':status', ARGV[i + 2])
     end
-    redis.call('HSET', KEYS[1], field .. ':status', ARGV[i + 2])
-    i = i + 3
+    i = i + 4
   elseif op == 'sq' then
     redis.call('HSET', KEYS[1], 's:' .. ARGV[i + 1] .. ':quality', ARGV[i + 2])
     i = i + 3
   elseif op == 'tst' then
-    redis.call('HSET', KEYS[1], 't:' .. ARGV[i + 1] .. ':status', ARGV[i + 2])
-    i = i + 3
+    local field = 't:' .. ARGV[i + 1]
+    if newer(KEYS[1], field .. ':at', ARGV[i + 3]) then
+      redis.call('HSET', KEYS[1], field .. ':status', ARGV[i + 2])
+    end
+    i = i + 4
   elseif op == 'tq' then
     redis.call('HSET', KEYS[1], 't:' .. ARGV[i + 1] .. ':quality', ARGV[i + 2])
     i = i + 3
