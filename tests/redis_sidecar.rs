@@ -288,3 +288,43 @@ async fn leases_stay_unique_when_the_redis_clock_goes_back() {
     assert!(second > first, "{second} after {first}");
     assert!(!store.release(&old).await.unwrap(), "an old lease cannot release a newer Admit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_counts_follow_the_redis_clock_not_a_skewed_sidecar() {
+    use std::sync::Arc;
+    use tiergate::hashing::RecipientHasher;
+    use tiergate::policy::{Category, ScopeKey, Tier};
+    use tiergate::store::redis::{RedisOptions, RedisStore, Topology};
+    use tiergate::store::{AdmitOp, AdmitParams, Clock, Store, SystemClock, Windows};
+
+    struct Skewed(i64);
+    impl Clock for Skewed {
+        fn now(&self) -> u64 {
+            SystemClock.now().saturating_add_signed(self.0)
+        }
+    }
+    let redis = RedisServer::start();
+    let open = |skew: i64| {
+        let opts = RedisOptions {
+            topology: Topology::Standalone { url: redis.url() },
+            windows: Windows::default(),
+            timeout: Duration::from_secs(2),
+            state_ttl: Duration::from_secs(3600),
+            key_prefix: "tg".into(),
+        };
+        RedisStore::new(opts).unwrap().with_clock(Arc::new(Skewed(skew)))
+    };
+    const DAY_US: i64 = 86_400_000_000;
+    let (ahead, behind, right) = (open(DAY_US), open(-DAY_US), open(0));
+    let scope = ScopeKey { portfolio: "acme".into(), sender: None };
+    let unlimited = AdmitParams { fallback: Tier::unlimited("UNL"), reserve_bp: 0 };
+    let h = RecipientHasher::new(b"0123456789abcdef").unwrap();
+    let op = |n: &str| AdmitOp { member: h.recipient(n), category: Category::Utility, ..AdmitOp::default() };
+    ahead.admit(&scope, &unlimited, &[op("15550000001")]).await.unwrap();
+    let again = behind.admit(&scope, &unlimited, &[op("15550000001")]).await.unwrap();
+    assert_eq!(again[0].reason, tiergate::policy::Reason::AlreadyCounted, "both wrote to the Redis clock's day");
+    for store in [&ahead, &behind, &right] {
+        let report = store.usage(&scope, &unlimited.fallback).await.unwrap();
+        assert_eq!((report.usage.counted, report.unique_7d), (1, 1));
+    }
+}

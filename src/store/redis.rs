@@ -118,6 +118,8 @@ enum Connection {
 pub struct RedisStore {
     conn: Arc<Connection>,
     opts: RedisOptions,
+    /// Names the daily keys a call may touch; the scripts pick among them by the Redis clock.
+    clock: Arc<dyn Clock>,
 }
 
 fn transient(e: &RedisError) -> bool {
@@ -187,7 +189,14 @@ impl RedisStore {
                 Connection::Sentinel { client: Mutex::new(client), conn: Mutex::new(None), timeout: opts.timeout }
             }
         };
-        Ok(RedisStore { conn: Arc::new(conn), opts })
+        Ok(RedisStore { conn: Arc::new(conn), opts, clock: Arc::new(SystemClock) })
+    }
+
+    /// The store with another local clock (which only names candidate daily keys; every
+    /// decision still takes its time from Redis).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> RedisStore {
+        self.clock = clock;
+        self
     }
 
     fn tag(&self, portfolio: &str) -> String {
@@ -215,8 +224,8 @@ impl RedisStore {
         [format!("{tag}:pf"), format!("{tag}:opt"), format!("{tag}:sw")]
     }
 
-    fn today() -> u64 {
-        day_of(SystemClock.now())
+    fn today(&self) -> u64 {
+        day_of(self.clock.now())
     }
 
     fn window_us(&self) -> u64 {
@@ -358,19 +367,23 @@ impl Store for RedisStore {
         ops: &[AdmitOp],
     ) -> Result<Vec<Admission>, StoreError> {
         let [pf, opt, sw] = self.portfolio_keys(&scope.portfolio);
+        let today = self.today();
         let mut inv = ADMIT.prepare_invoke();
         inv.key(self.window_key(scope))
             .key(self.meta_key(scope))
-            .key(self.day_key(scope, Self::today()))
+            .key(self.day_key(scope, today))
             .key(sw)
             .key(opt)
             .key(pf)
+            .key(self.day_key(scope, today.saturating_sub(1)))
+            .key(self.day_key(scope, today + 1))
             .arg(self.window_us())
             .arg(&params.fallback.name)
             .arg(params.fallback.limit.to_i64())
             .arg(self.state_ttl_ms())
             .arg((DAYS + 1) * 86_400_000)
-            .arg(params.reserve_bp);
+            .arg(params.reserve_bp)
+            .arg(today);
         for op in ops {
             let category = match op.category {
                 Category::Unspecified => 0,
@@ -473,13 +486,14 @@ impl Store for RedisStore {
     }
 
     async fn usage(&self, scope: &ScopeKey, fallback: &Tier) -> Result<ScopeReport, StoreError> {
-        let today = Self::today();
+        let today = self.today();
         let mut inv = USAGE.prepare_invoke();
         inv.key(self.window_key(scope)).key(self.meta_key(scope));
-        for back in 0..DAYS {
-            inv.key(self.day_key(scope, today.saturating_sub(back)));
+        // One day either side of the caller's, so the script can count from the Redis clock's.
+        for day in (today.saturating_sub(DAYS)..=today + 1).rev() {
+            inv.key(self.day_key(scope, day));
         }
-        inv.arg(self.window_us()).arg(&fallback.name).arg(fallback.limit.to_i64());
+        inv.arg(self.window_us()).arg(&fallback.name).arg(fallback.limit.to_i64()).arg(today);
         let v: Vec<redis::Value> = self.run(&inv).await?;
         let bad = || StoreError::Internal("usage script returned an unexpected shape".into());
         let [name, rest @ ..] = &v[..] else { return Err(bad()) };

@@ -2,7 +2,9 @@
 --
 -- KEYS[1]  rolling window: sorted set, member = recipient hash, score = last counted contact (us)
 -- KEYS[2]  scope state: hash {tier, limit, since, seq = last score handed out, elig, flag}
--- KEYS[3]  recipients reached today outside service windows: HyperLogLog
+-- KEYS[3]  recipients reached outside service windows on the caller's day: HyperLogLog; KEYS[7]
+--          and KEYS[8] are those of the day before and after, and the script uses whichever is
+--          today by the Redis clock, so sidecars with skewed clocks agree around midnight
 -- KEYS[4]  service windows of the portfolio: sorted set, member = (sender, recipient) hash,
 --          score = closing time (us)
 -- KEYS[5]  opted-out recipients of the portfolio: set of recipient hashes
@@ -11,7 +13,8 @@
 -- ARGV[2]  fallback tier name, ARGV[3] its limit (-1 = unlimited), used when none is persisted
 -- ARGV[4]  state TTL (ms), ARGV[5] TTL of KEYS[3] (ms)
 -- ARGV[6]  basis points of the limit kept from marketing to new recipients
--- ARGV[7], ...  six per message: recipient hash, service-window hash or '', category
+-- ARGV[7]  the caller's day (days since the Unix epoch, UTC), the day of KEYS[3]
+-- ARGV[8], ...  six per message: recipient hash, service-window hash or '', category
 --          (1 marketing, 2 utility, 3 authentication, 4 service, 0 unspecified), template or '',
 --          sender or '', '1' when the sender is blocked by configuration
 --
@@ -23,6 +26,8 @@
 
 local now = tg_now()
 local window = tonumber(ARGV[1])
+local today = ({[-1] = KEYS[7], [0] = KEYS[3], [1] = KEYS[8]})[math.floor(now / 86400000000) - tonumber(ARGV[7])]
+  or KEYS[3]
 local tier, limit, seq = tg_meta(KEYS[2], ARGV[2], ARGV[3])
 local reserve = tonumber(ARGV[6])
 local cap = -1
@@ -45,7 +50,7 @@ local function retry_after()
   return math.max(tonumber(oldest[2]) + window - now, 1000)
 end
 
-for i = 7, #ARGV, 6 do
+for i = 8, #ARGV, 6 do
   local member, service, category = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local template, sender, blocked = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local open = false
@@ -66,7 +71,7 @@ for i = 7, #ARGV, 6 do
     reason = 9
   elseif limit < 0 then
     reason = 2
-    if redis.call('PFADD', KEYS[3], member) == 1 then
+    if redis.call('PFADD', today, member) == 1 then
       reason = 1
     end
   else
@@ -83,13 +88,13 @@ for i = 7, #ARGV, 6 do
     if reason == 1 or reason == 2 then
       seq = math.max(now, seq + 1)
       redis.call('ZADD', KEYS[1], tg_fmt(seq), member)
-      redis.call('PFADD', KEYS[3], member)
+      redis.call('PFADD', today, member)
       if reason == 1 then
         lease, count = seq, count + 1
       end
     end
   end
-  local counted, next_slot = tg_usage(limit, KEYS[1], KEYS[3], window)
+  local counted, next_slot = tg_usage(limit, KEYS[1], today, window)
   for _, v in ipairs({reason, lease, retry, counted, next_slot}) do
     out[#out + 1] = v
   end
@@ -100,7 +105,7 @@ if limit >= 0 then
   redis.call('PEXPIRE', KEYS[1], math.floor(window / 1000) + 1000)
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PEXPIRE', KEYS[3], ARGV[5])
+redis.call('PEXPIRE', today, ARGV[5])
 redis.call('PEXPIRE', KEYS[5], ARGV[4])
 redis.call('PEXPIRE', KEYS[6], ARGV[4])
 

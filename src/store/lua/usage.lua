@@ -1,24 +1,30 @@
 -- The usage of one limit scope, after dropping contacts that left the window.
 --
 -- KEYS[1]  rolling window, KEYS[2] scope state (see admit.lua)
--- KEYS[3..] daily HyperLogLogs of recipients reached, today first, then one per earlier day
+-- KEYS[3..34] daily HyperLogLogs of recipients reached, from the day after ARGV[4] back to 30
+--          days before it; the script counts from whichever is today by the Redis clock
 -- ARGV[1]  rolling window (us)
 -- ARGV[2]  fallback tier name, ARGV[3] its limit (-1 = unlimited), used when none is persisted
+-- ARGV[4]  the caller's day (days since the Unix epoch, UTC)
 --
--- Returns {tier, limit, counted, next slot (us), unique over 7 days, unique over #KEYS-2 days,
+-- Returns {tier, limit, counted, next slot (us), unique over 7 days, unique over 30 days,
 -- tier since, eligible since, flagged since, now}; absent times are 0.
 
 local now = tg_now()
 local window = tonumber(ARGV[1])
 local tier, limit = tg_meta(KEYS[2], ARGV[2], ARGV[3])
 tg_expire(KEYS[1], now, window)
-local counted, next_slot = tg_usage(limit, KEYS[1], KEYS[3], window)
+local first = 4 + tonumber(ARGV[4]) - math.floor(now / 86400000000)
+if first < 3 or first + 29 > #KEYS then
+  first = 4
+end
+local counted, next_slot = tg_usage(limit, KEYS[1], KEYS[first], window)
 local week = {}
-for i = 3, math.min(9, #KEYS) do
+for i = first, first + 6 do
   week[#week + 1] = KEYS[i]
 end
 local all = {}
-for i = 3, #KEYS do
+for i = first, first + 29 do
   all[#all + 1] = KEYS[i]
 end
 local u7 = redis.call('PFCOUNT', unpack(week))
