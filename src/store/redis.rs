@@ -137,6 +137,8 @@ fn transient(e: &RedisError) -> bool {
                 | ErrorKind::MasterNameNotFoundBySentinel
                 | ErrorKind::EmptySentinelList
         )
+        // Redis full, a script still running, too few replicas: all pass, so callers may retry.
+        || matches!(e.code(), Some("OOM" | "BUSY" | "NOREPLICAS"))
 }
 
 fn store_error(e: RedisError) -> StoreError {
