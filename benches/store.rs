@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use redis_harness::RedisServer;
 use tiergate::hashing::RecipientHasher;
-use tiergate::policy::{Category, ScopeKey, Tier};
+use tiergate::policy::{Category, Reason, ScopeKey, Tier};
 use tiergate::store::memory::MemoryStore;
 use tiergate::store::memory::{Clock, SystemClock};
 use tiergate::store::redis::{RedisOptions, RedisStore, Topology};
@@ -42,11 +42,15 @@ fn redis_store(server: &RedisServer) -> Arc<dyn Store> {
     )
 }
 
-async fn fill(store: &dyn Store, h: &RecipientHasher, s: &ScopeKey, tier: &Tier) {
+/// Admits RECIPIENTS distinct recipients in batches of 1,000; returns how many were reported new.
+async fn fill(store: &dyn Store, h: &RecipientHasher, s: &ScopeKey, tier: &Tier) -> usize {
+    let mut new = 0;
     for chunk in (0..RECIPIENTS).collect::<Vec<_>>().chunks(1_000) {
         let ops: Vec<_> = chunk.iter().map(|&i| op(h, i)).collect();
-        store.admit(s, &params(tier), &ops).await.unwrap();
+        let got = store.admit(s, &params(tier), &ops).await.unwrap();
+        new += got.iter().filter(|a| a.reason == Reason::NewRecipient).count();
     }
+    new
 }
 
 /// Sequential single Admits: (calls per second, p50, p99).
@@ -107,11 +111,15 @@ async fn main() {
         bytes as f64 / RECIPIENTS as f64
     );
     let unlimited = Tier::unlimited("TIER_UNLIMITED");
-    fill(&*redis, &h, &scope("unlimited"), &unlimited).await;
+    let reported_new = fill(&*redis, &h, &scope("unlimited"), &unlimited).await;
     let today = day_of(SystemClock.now());
     let hll: u64 = server.cli(&["MEMORY", "USAGE", &format!("tg:{{unlimited}}:d:{today}")]).parse().unwrap();
     let estimate = redis.usage(&scope("unlimited"), &unlimited).await.unwrap().usage.counted;
     println!("redis unlimited tier: {RECIPIENTS} recipients in a {hll}-byte HyperLogLog, estimated as {estimate}");
+    println!(
+        "redis unlimited tier: {reported_new} of {RECIPIENTS} distinct recipients reported NEW_RECIPIENT ({:.1}% as ALREADY_COUNTED)",
+        100.0 * (RECIPIENTS - reported_new) as f64 / RECIPIENTS as f64
+    );
 
     let memory: Arc<dyn Store> = Arc::new(MemoryStore::new(Windows::default()));
     for (name, store) in [("memory", memory), ("redis", redis)] {
