@@ -2,7 +2,7 @@
 //! asks the store, and records metrics. Everything the gRPC edge and the webhook receiver do goes
 //! through here.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -150,16 +150,6 @@ impl Limiter {
         }
     }
 
-    /// The store, for readiness checks.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
-    /// The configured ladder.
-    pub fn ladder(&self) -> &policy::Ladder {
-        &self.ladder
-    }
-
     /// The limit scope mode.
     pub fn scope_mode(&self) -> ScopeMode {
         self.scope_mode
@@ -248,19 +238,22 @@ impl Limiter {
     /// result is the same as deciding every message one after another.
     async fn decide(&self, prepared: Vec<Prepared>) -> Result<Vec<AdmitAnswer>, Error> {
         let started = Instant::now();
-        let mut groups: Vec<(ScopeKey, Vec<usize>)> = Vec::new();
-        for (i, p) in prepared.iter().enumerate() {
-            match groups.iter_mut().find(|(s, _)| *s == p.scope) {
-                Some((_, idx)) => idx.push(i),
-                None => groups.push((p.scope.clone(), vec![i])),
-            }
-        }
         let mut answers: Vec<Option<AdmitAnswer>> = vec![None; prepared.len()];
+        // Each scope's messages, in order, with their places in the request.
+        let mut groups: Vec<(ScopeKey, Vec<usize>, Vec<AdmitOp>)> = Vec::new();
+        let mut group_of: HashMap<ScopeKey, usize> = HashMap::new();
+        for (i, Prepared { scope, op }) in prepared.into_iter().enumerate() {
+            let g = *group_of.entry(scope.clone()).or_insert_with(|| {
+                groups.push((scope, Vec::new(), Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push(i);
+            groups[g].2.push(op);
+        }
         let mut granted: Vec<Lease> = Vec::new();
-        for (scope, idx) in &groups {
+        for (scope, idx, ops) in &groups {
             let params = AdmitParams { fallback: self.fallback(scope).clone(), reserve_bp: self.reserve_bp };
-            let ops: Vec<AdmitOp> = idx.iter().map(|&i| prepared[i].op.clone()).collect();
-            let admissions = match self.store.admit(scope, &params, &ops).await {
+            let admissions = match self.store.admit(scope, &params, ops).await {
                 Ok(a) => a,
                 Err(e) => {
                     metrics::store_error("admit", &e);
@@ -275,12 +268,8 @@ impl Limiter {
                     return Err(e.into());
                 }
             };
-            for (&i, a) in idx.iter().zip(admissions) {
-                let lease = a.lease_score.map(|score| Lease {
-                    scope: scope.clone(),
-                    member: prepared[i].op.member.clone(),
-                    score,
-                });
+            for ((&i, op), a) in idx.iter().zip(ops).zip(admissions) {
+                let lease = a.lease_score.map(|score| Lease { scope: scope.clone(), member: op.member.clone(), score });
                 if let Some(l) = &lease {
                     granted.push(l.clone());
                 }
@@ -297,11 +286,11 @@ impl Limiter {
         for a in &answers {
             metrics::decision(&a.usage.scope.portfolio, a.reason);
         }
-        for (scope, idx) in &groups {
+        for (scope, idx, _) in &groups {
             let last = idx.last().and_then(|&i| answers.get(i)).expect("group is not empty");
             metrics::usage(scope, &last.usage.snapshot);
         }
-        self.remember(groups.into_iter().map(|(s, _)| s));
+        self.remember(groups.into_iter().map(|(s, ..)| s));
         Ok(answers)
     }
 
@@ -378,10 +367,15 @@ impl Limiter {
         Ok(())
     }
 
+    /// Everything persisted about a portfolio, as stored.
+    pub async fn state(&self, portfolio: &str) -> Result<PortfolioState, Error> {
+        Ok(self.store.portfolio(portfolio).await.inspect_err(|e| metrics::store_error("portfolio", e))?)
+    }
+
     /// The usage of a scope now, with its quality and upgrade projection.
     pub async fn usage(&self, portfolio: &str, sender: &str) -> Result<Usage, Error> {
         let scope = self.scope("", portfolio, sender)?;
-        let state = self.store.portfolio(portfolio).await.inspect_err(|e| metrics::store_error("portfolio", e))?;
+        let state = self.state(portfolio).await?;
         self.scope_usage(&scope, &state).await
     }
 
@@ -456,10 +450,9 @@ impl Limiter {
             changes = (!list.is_empty()).then_some(list);
         }
         let stored = scope.sender.as_ref().and_then(|s| state.senders.get(s)?.status).unwrap_or_default();
-        let full = report.usage.remaining() == Some(0);
         let detail = UsageDetail {
             quality,
-            status: stored.shown(full),
+            status: stored.shown(report.usage.remaining() == Some(0)),
             projection,
             unique_7d: report.unique_7d,
             unique_30d: report.unique_30d,
@@ -472,7 +465,7 @@ impl Limiter {
         let scopes: Vec<ScopeKey> = self.seen.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
         for scope in scopes {
             let result = async {
-                let state = self.store.portfolio(&scope.portfolio).await?;
+                let state = self.state(&scope.portfolio).await?;
                 self.scope_usage(&scope, &state).await
             }
             .await;
@@ -488,7 +481,7 @@ impl Limiter {
         let tier = self.tier("tier", tier)?;
         self.apply(portfolio, &[Change::Tier { scope: scope.clone(), tier: tier.clone(), at: None }]).await?;
         tracing::info!(scope = %scope, tier = %tier.name, "Tier set.");
-        let state = self.store.portfolio(portfolio).await?;
+        let state = self.state(portfolio).await?;
         self.scope_usage(&scope, &state).await
     }
 
@@ -565,7 +558,7 @@ impl Limiter {
     /// Everything known about a portfolio, with the usage of its scope (or of each known number).
     pub async fn portfolio(&self, portfolio: &str) -> Result<PortfolioView, Error> {
         policy::validate_id(portfolio).map_err(|m| invalid("portfolio_id", m))?;
-        let state = self.store.portfolio(portfolio).await.inspect_err(|e| metrics::store_error("portfolio", e))?;
+        let state = self.state(portfolio).await?;
         let scopes: Vec<ScopeKey> = match self.scope_mode {
             ScopeMode::Portfolio => vec![self.scope_of(portfolio, "")],
             ScopeMode::PhoneNumber => state.senders.keys().map(|s| self.scope_of(portfolio, s)).collect(),

@@ -188,7 +188,7 @@ impl Receiver {
         }
         let mut applied = 0;
         for (portfolio, changes) in by_portfolio {
-            let state = self.limiter.store().portfolio(&portfolio).await?;
+            let state = self.limiter.state(&portfolio).await?;
             let mut aliases = state.aliases.clone();
             let mut senders: Vec<String> = state.senders.keys().chain(state.aliases.values()).cloned().collect();
             senders.sort();
