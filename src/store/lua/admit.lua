@@ -45,11 +45,6 @@ if limit >= 0 then
   count = redis.call('ZCARD', KEYS[1])
 end
 
-local function retry_after()
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return math.max(tonumber(oldest[2]) + window - now, 1000)
-end
-
 for i = 8, #ARGV, 6 do
   local member, service, category = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local template, sender, blocked = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
@@ -79,11 +74,11 @@ for i = 8, #ARGV, 6 do
     if counted_already then
       reason = 2
     elseif category <= 1 and cap >= 0 and count >= cap then
-      reason, retry = 7, retry_after()
+      reason = 7
     elseif count < limit then
       reason = 1
     else
-      reason, retry = 4, retry_after()
+      reason = 4
     end
     if reason == 1 or reason == 2 then
       seq = math.max(now, seq + 1)
@@ -94,7 +89,19 @@ for i = 8, #ARGV, 6 do
       end
     end
   end
-  local counted, next_slot = tg_usage(limit, KEYS[1], today, window)
+  -- The usage after this message: the count is kept here; only the oldest contact is read.
+  local counted, next_slot = count, 0
+  if limit < 0 then
+    counted = redis.call('PFCOUNT', today)
+  else
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    if oldest[2] then
+      next_slot = tonumber(oldest[2]) + window
+    end
+    if reason == 4 or reason == 7 then
+      retry = math.max(next_slot - now, 1000)
+    end
+  end
   for _, v in ipairs({reason, lease, retry, counted, next_slot}) do
     out[#out + 1] = v
   end

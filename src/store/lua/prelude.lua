@@ -27,17 +27,3 @@ end
 local function tg_expire(window_key, now, window)
   redis.call('ZREMRANGEBYSCORE', window_key, '-inf', tg_fmt(now - window))
 end
-
--- Counted recipients and when the oldest leaves the window (0: none). Unlimited tiers keep no
--- window: they report today's HyperLogLog estimate instead.
-local function tg_usage(limit, window_key, today_key, window)
-  if limit < 0 then
-    return redis.call('PFCOUNT', today_key), 0
-  end
-  local oldest = redis.call('ZRANGE', window_key, 0, 0, 'WITHSCORES')
-  local next_slot = 0
-  if oldest[2] then
-    next_slot = tonumber(oldest[2]) + window
-  end
-  return redis.call('ZCARD', window_key), next_slot
-end

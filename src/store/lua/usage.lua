@@ -10,6 +10,20 @@
 -- Returns {tier, limit, counted, next slot (us), unique over 7 days, unique over 30 days,
 -- tier since, eligible since, flagged since, now}; absent times are 0.
 
+-- Counted recipients and when the oldest leaves the window (0: none). Unlimited tiers keep no
+-- window: they report today's HyperLogLog estimate instead.
+local function window_usage(limit, window_key, today_key, window)
+  if limit < 0 then
+    return redis.call('PFCOUNT', today_key), 0
+  end
+  local oldest = redis.call('ZRANGE', window_key, 0, 0, 'WITHSCORES')
+  local next_slot = 0
+  if oldest[2] then
+    next_slot = tonumber(oldest[2]) + window
+  end
+  return redis.call('ZCARD', window_key), next_slot
+end
+
 local now = tg_now()
 local window = tonumber(ARGV[1])
 local tier, limit = tg_meta(KEYS[2], ARGV[2], ARGV[3])
@@ -18,7 +32,7 @@ local first = 4 + tonumber(ARGV[4]) - math.floor(now / 86400000000)
 if first < 3 or first + 29 > #KEYS then
   first = 4
 end
-local counted, next_slot = tg_usage(limit, KEYS[1], KEYS[first], window)
+local counted, next_slot = window_usage(limit, KEYS[1], KEYS[first], window)
 local week = {}
 for i = first, first + 6 do
   week[#week + 1] = KEYS[i]
