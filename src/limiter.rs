@@ -65,7 +65,7 @@ impl Usage {
 /// What GetUsage adds to a scope's usage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageDetail {
-    /// The lowest known rating among the portfolio's and the scope's numbers'.
+    /// The lowest known rating among the portfolio's, the scope's numbers' and the templates'.
     pub quality: Quality,
     /// The scope's number status in per-number scope, shown RESTRICTED while full.
     pub status: SenderStatus,
@@ -405,7 +405,12 @@ impl Limiter {
     fn detail(&self, scope: &ScopeKey, state: &PortfolioState, report: &ScopeReport) -> (Usage, Option<Vec<Change>>) {
         let senders: Vec<_> =
             state.senders.iter().filter(|(id, _)| scope.sender.as_ref().is_none_or(|s| s == *id)).collect();
-        let quality = Quality::overall(std::iter::once(state.quality).chain(senders.iter().map(|(_, s)| s.quality)));
+        // Meta asks for high quality "across numbers and templates".
+        let quality = Quality::overall(
+            std::iter::once(state.quality)
+                .chain(senders.iter().map(|(_, s)| s.quality))
+                .chain(state.templates.values().map(|t| t.quality)),
+        );
         let input = ProjectionInput {
             ladder: &self.ladder,
             ruleset: self.ruleset,

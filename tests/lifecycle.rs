@@ -169,6 +169,21 @@ async fn usage_projects_the_next_upgrade_and_says_what_blocks_it() {
     assert_eq!((up.unique_recipients, up.threshold), (40, 2_000));
     assert_eq!(up.blockers, ["40 of 2000 unique recipients in the last 30 days", "quality is UNKNOWN; HIGH is needed"]);
     assert_eq!(u.quality(), pb::Quality::Unknown);
+    // Meta asks for high quality across numbers and templates: one medium template is enough
+    // to stand in the way.
+    let ratings = |template| pb::UpdatePortfolioRequest {
+        portfolio_id: "acme".into(),
+        quality: pb::Quality::High.into(),
+        senders: vec![pb::SenderUpdate { sender_id: "n1".into(), status: 0, quality: pb::Quality::High.into() }],
+        templates: vec![pb::TemplateUpdate { name: "spring_sale".into(), status: String::new(), quality: template }],
+        tier: String::new(),
+    };
+    c.update_portfolio(ratings(pb::Quality::High.into())).await.unwrap();
+    assert_eq!(usage(&mut c).await.quality(), pb::Quality::High);
+    c.update_portfolio(ratings(pb::Quality::Medium.into())).await.unwrap();
+    let u = usage(&mut c).await;
+    assert_eq!(u.quality(), pb::Quality::Medium);
+    assert!(u.upgrade.unwrap().blockers.contains(&"quality is MEDIUM; HIGH is needed".to_string()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
