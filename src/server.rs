@@ -132,14 +132,17 @@ pub async fn run(
         tracing::info!(path = crate::webhooks::PATH, "Receiving Meta webhooks on the admin server.");
     }
     let admin_server = axum::serve(admin, router).with_graceful_shutdown(stopped(stop_rx.clone()));
-    let grpc_task = tokio::spawn(grpc_server);
-    let admin_task = tokio::spawn(async move { admin_server.await });
+    let mut servers = std::pin::pin!(async {
+        tokio::try_join!(async { grpc_server.await.map_err(RunError::from) }, async {
+            admin_server.await.map_err(RunError::from)
+        })
+    });
 
     // The Limiter's gRPC health follows the store, so gRPC readiness probes see an outage.
     let watch_health = health.clone();
     let watch_store = store.clone();
     let mut watch_stop = stop_rx.clone();
-    let health_task = tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut serving = true;
         loop {
             tokio::select! {
@@ -161,44 +164,41 @@ pub async fn run(
         }
     });
 
-    let simulation = (settings.tier_source == TierSource::Simulate).then(|| {
-        let (limiter, every) = (limiter.clone(), settings.simulate_interval);
+    if settings.tier_source == TierSource::Simulate {
+        let (limiter, every, mut stop) = (limiter.clone(), settings.simulate_interval, stop_rx.clone());
         tracing::info!(every = ?every, "Simulating tier changes (policy.tier_source = \"simulate\").");
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
                 limiter.simulate_seen().await;
             }
-        })
-    });
+        });
+    }
 
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, backend = store.backend(), "tiergate serving.");
-    shutdown.await;
+    tokio::select! {
+        // The servers only end on their own when one of them fails.
+        result = &mut servers => {
+            tracing::error!("A server stopped before shutdown was asked for.");
+            let _ = stop_tx.send(true);
+            result?;
+            return Ok(());
+        }
+        () = shutdown => {}
+    }
 
     tracing::info!(grace = ?settings.server.shutdown_grace, "Shutting down: NOT_SERVING, draining in-flight calls.");
     stopping.store(true, Ordering::Relaxed);
     health.set_not_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
-    health_task.abort();
-    if let Some(task) = simulation {
-        task.abort();
-    }
-    let drained = tokio::time::timeout(settings.server.shutdown_grace, async {
-        let grpc = grpc_task.await;
-        let admin = admin_task.await;
-        (grpc, admin)
-    })
-    .await;
-    match drained {
-        Ok((grpc, admin)) => {
-            if let Ok(r) = grpc {
-                r?;
-            }
-            if let Ok(r) = admin {
-                r?;
-            }
+    match tokio::time::timeout(settings.server.shutdown_grace, servers).await {
+        Ok(result) => {
+            result?;
             tracing::info!("Stopped.");
         }
         Err(_) => tracing::warn!("In-flight calls did not finish within shutdown_grace; stopping anyway."),

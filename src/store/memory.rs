@@ -271,7 +271,6 @@ impl Store for MemoryStore {
                     } else {
                         p.opted_out.remove(member);
                     }
-                    p.state.opted_out = p.opted_out.len() as u64;
                 }
                 Change::Alert { key, body } => {
                     p.state.alerts.insert(key.clone(), body.clone());
@@ -310,7 +309,9 @@ impl Store for MemoryStore {
     }
 
     async fn portfolio(&self, portfolio: &str) -> Result<PortfolioState, StoreError> {
-        Ok(self.lock().portfolios.get(portfolio).map(|p| p.state.clone()).unwrap_or_default())
+        let state = self.lock();
+        let Some(p) = state.portfolios.get(portfolio) else { return Ok(PortfolioState::default()) };
+        Ok(PortfolioState { opted_out: p.opted_out.len() as u64, ..p.state.clone() })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
