@@ -201,6 +201,7 @@ impl Store for MemoryStore {
                 lease_score,
                 retry_after: outcome.retry_after,
                 usage: s.usage(&params.fallback, &self.windows, now),
+                now,
             });
         }
         Ok(out)

@@ -223,6 +223,8 @@ pub struct Admission {
     pub retry_after: Option<Duration>,
     /// The scope's usage right after this decision.
     pub usage: UsageSnapshot,
+    /// The store's clock when it decided (the same for every message of one call).
+    pub now: Micros,
 }
 
 /// Why a store call failed.

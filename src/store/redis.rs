@@ -401,7 +401,7 @@ impl Store for RedisStore {
                 .arg(op.sender.as_deref().unwrap_or(""))
                 .arg(if op.sender_blocked { "1" } else { "0" });
         }
-        let (name, limit, flat): (String, i64, Vec<i64>) = self.run(&inv).await?;
+        let (name, limit, now, flat): (String, i64, i64, Vec<i64>) = self.run(&inv).await?;
         if flat.len() != ops.len() * 5 {
             return Err(StoreError::Internal(format!(
                 "admit script returned {} values for {} ops",
@@ -421,6 +421,7 @@ impl Store for RedisStore {
                         counted: positive(c[3]).unwrap_or(0),
                         next_slot_at: positive(c[4]),
                     },
+                    now: positive(now).unwrap_or(0),
                 })
             })
             .collect()

@@ -20,8 +20,8 @@
 --
 -- Categories 0 and 1 both get the marketing rules: a message without a category may be one.
 --
--- Returns {tier, limit, {reason, lease score, retry after (us), counted, next slot (us)} x N},
--- flattened after the first two. Reasons are tiergate.v1.Reason numbers. The rules and their
+-- Returns {tier, limit, now (us), {reason, lease score, retry after (us), counted, next slot (us)}
+-- x N}, flattened after the first three. Reasons are tiergate.v1.Reason numbers. The rules and their
 -- order are those of `policy::decide`.
 
 local now = tg_now()
@@ -116,4 +116,4 @@ redis.call('PEXPIRE', today, ARGV[5])
 redis.call('PEXPIRE', KEYS[5], ARGV[4])
 redis.call('PEXPIRE', KEYS[6], ARGV[4])
 
-return {tier, limit, out}
+return {tier, limit, now, out}
