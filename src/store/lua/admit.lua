@@ -37,9 +37,9 @@ end
 local ACTIVE = {APPROVED = true, REINSTATED = true, ACTIVE = true, FLAGGED = true}
 local out = {}
 
-if limit >= 0 then
-  tg_expire(KEYS[1], now, window)
-end
+-- Trimmed on every tier, so a lease whose contact left the window cannot give back a slot
+-- after the tier became unlimited (and the window is right when the tier comes down again).
+tg_expire(KEYS[1], now, window)
 local count = 0
 if limit >= 0 then
   count = redis.call('ZCARD', KEYS[1])
@@ -99,7 +99,12 @@ for i = 8, #ARGV, 6 do
       next_slot = tonumber(oldest[2]) + window
     end
     if reason == 4 or reason == 7 then
-      retry = math.max(next_slot - now, 1000)
+      -- Until the oldest contact leaves; with none (a cap or limit of 0), a whole window.
+      if oldest[2] then
+        retry = math.max(next_slot - now, 1000)
+      else
+        retry = math.max(window, 1000)
+      end
     end
   end
   for _, v in ipairs({reason, lease, retry, counted, next_slot}) do

@@ -1,0 +1,254 @@
+//! The reference model: what every store must answer, built on `policy` and nothing else.
+//!
+//! It keeps the same state a store keeps, in the plainest form (ordered maps, linear scans), and
+//! is told the time of each call by the store under test, so a store with a real clock (Redis
+//! `TIME`) is held to exact answers too. Nothing here is shared with a store's code: a rule that
+//! one of them gets wrong shows up as a difference.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tiergate::policy::{self, Effect, Lease, Limit, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
+use tiergate::store::{
+    day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, UsageSnapshot, Windows,
+};
+
+/// Days of daily recipient sets a store keeps for the 30-day count.
+const DAYS: u64 = 30;
+
+#[derive(Default)]
+struct Scope {
+    /// Counted recipient → score of its last counted contact.
+    contacts: BTreeMap<Member, Micros>,
+    last_score: Micros,
+    tier: Option<Tier>,
+    tier_since: Option<Micros>,
+    /// When the tier event applied last happened.
+    tier_at: Micros,
+    eligible_since: Option<Micros>,
+    flagged_since: Option<Micros>,
+    /// Day → recipients reached outside service windows that day.
+    days: BTreeMap<u64, BTreeSet<Member>>,
+}
+
+impl Scope {
+    fn forget_old(&mut self, now: Micros, windows: &Windows) {
+        let start = policy::window_start(now, windows.window);
+        self.contacts.retain(|_, score| *score > start);
+        let first_day = day_of(now).saturating_sub(DAYS - 1);
+        self.days.retain(|day, _| *day >= first_day);
+    }
+
+    fn oldest(&self) -> Option<Micros> {
+        self.contacts.values().min().copied()
+    }
+
+    fn today(&self, now: Micros) -> u64 {
+        self.days.get(&day_of(now)).map_or(0, |d| d.len() as u64)
+    }
+
+    fn unique_since(&self, first_day: u64) -> u64 {
+        let all: BTreeSet<&Member> = self.days.range(first_day..).flat_map(|(_, d)| d).collect();
+        all.len() as u64
+    }
+
+    fn usage(&self, fallback: &Tier, now: Micros, windows: &Windows) -> UsageSnapshot {
+        let tier = self.tier.clone().unwrap_or_else(|| fallback.clone());
+        match tier.limit {
+            // Unlimited tiers report today's reach instead of a window.
+            Limit::Unlimited => UsageSnapshot { tier, counted: self.today(now), next_slot_at: None },
+            Limit::Limited(_) => UsageSnapshot {
+                tier,
+                counted: self.contacts.len() as u64,
+                next_slot_at: self.oldest().map(|o| o + policy::micros(windows.window)),
+            },
+        }
+    }
+}
+
+#[derive(Default)]
+struct Portfolio {
+    /// (sender, recipient) hash → when its service window closes.
+    service: BTreeMap<Member, Micros>,
+    opted_out: BTreeSet<Member>,
+    state: PortfolioState,
+    /// Item → time of the last status event applied to it.
+    event_at: BTreeMap<String, Micros>,
+}
+
+impl Portfolio {
+    fn newer(&mut self, item: String, at: Micros) -> bool {
+        let last = self.event_at.entry(item).or_default();
+        if at < *last {
+            return false;
+        }
+        *last = at;
+        true
+    }
+}
+
+/// The reference model of one store.
+pub struct Model {
+    windows: Windows,
+    scopes: BTreeMap<ScopeKey, Scope>,
+    portfolios: BTreeMap<String, Portfolio>,
+}
+
+impl Model {
+    /// An empty store with these windows.
+    pub fn new(windows: Windows) -> Model {
+        Model { windows, scopes: BTreeMap::new(), portfolios: BTreeMap::new() }
+    }
+
+    /// What `Store::admit` must answer at `now`.
+    pub fn admit(&mut self, now: Micros, scope: &ScopeKey, params: &AdmitParams, ops: &[AdmitOp]) -> Vec<Admission> {
+        let windows = self.windows;
+        let portfolio = self.portfolios.get(&scope.portfolio);
+        let s = self.scopes.entry(scope.clone()).or_default();
+        s.forget_old(now, &windows);
+        let limit = s.tier.as_ref().unwrap_or(&params.fallback).limit;
+        let limits = Limits::new(limit, params.reserve_bp);
+        let today = day_of(now);
+        let mut out = Vec::new();
+        for op in ops {
+            let status = |sender: &String| portfolio?.state.senders.get(sender)?.status;
+            let template_status =
+                |name: &String| portfolio.and_then(|p| p.state.templates.get(name)?.status.as_deref());
+            let window_open = |m: &Member| portfolio.and_then(|p| p.service.get(m)).is_some_and(|c| *c > now);
+            let reached_today = s.days.get(&today);
+            let snapshot = Snapshot {
+                sender_blocked: op.sender_blocked || op.sender.as_ref().and_then(status) == Some(SenderStatus::Banned),
+                template_blocked: op.template.as_ref().is_some_and(|t| !policy::template_active(template_status(t))),
+                opted_out: portfolio.is_some_and(|p| p.opted_out.contains(&op.member)),
+                service_window_open: op.service_member.as_ref().is_some_and(window_open),
+                already_counted: match limit {
+                    Limit::Unlimited => reached_today.is_some_and(|d| d.contains(&op.member)),
+                    Limit::Limited(_) => s.contacts.contains_key(&op.member),
+                },
+                counted: match limit {
+                    Limit::Unlimited => reached_today.map_or(0, |d| d.len() as u64),
+                    Limit::Limited(_) => s.contacts.len() as u64,
+                },
+                oldest: s.oldest(),
+            };
+            let outcome = policy::decide(&snapshot, op.category, limits, now, windows.window);
+            let mut lease_score = None;
+            if outcome.effect != Effect::Nothing {
+                s.days.entry(today).or_default().insert(op.member.clone());
+                if limit != Limit::Unlimited {
+                    let score = policy::next_score(now, s.last_score);
+                    s.last_score = score;
+                    s.contacts.insert(op.member.clone(), score);
+                    if outcome.effect == Effect::Count {
+                        lease_score = Some(score);
+                    }
+                }
+            }
+            out.push(Admission {
+                reason: outcome.reason,
+                lease_score,
+                retry_after: outcome.retry_after,
+                usage: s.usage(&params.fallback, now, &windows),
+                now,
+            });
+        }
+        out
+    }
+
+    /// What `Store::release` must answer.
+    pub fn release(&mut self, lease: &Lease) -> bool {
+        let Some(s) = self.scopes.get_mut(&lease.scope) else { return false };
+        if s.contacts.get(&lease.member) != Some(&lease.score) {
+            return false;
+        }
+        s.contacts.remove(&lease.member);
+        true
+    }
+
+    /// Applies what `Store::apply` must apply at `now`.
+    pub fn apply(&mut self, now: Micros, portfolio: &str, changes: &[Change]) {
+        for change in changes {
+            let p = self.portfolios.entry(portfolio.to_owned()).or_default();
+            match change {
+                Change::Tier { scope, tier, at } => {
+                    let s = self.scopes.entry(scope.clone()).or_default();
+                    let at = at.unwrap_or(now);
+                    if at >= s.tier_at {
+                        s.tier_at = at;
+                        if s.tier.as_ref().map(|t| &t.name) != Some(&tier.name) {
+                            s.tier_since = Some(now);
+                        }
+                        s.tier = Some(tier.clone());
+                    }
+                }
+                Change::Eligible { scope, since } => {
+                    self.scopes.entry(scope.clone()).or_default().eligible_since = *since
+                }
+                Change::Flagged { scope, since } => {
+                    self.scopes.entry(scope.clone()).or_default().flagged_since = *since
+                }
+                Change::Quality(q) => p.state.quality = *q,
+                Change::SenderStatus { sender, status, at } => {
+                    if p.newer(format!("sender {sender}"), at.unwrap_or(now)) {
+                        let s = p.state.senders.entry(sender.clone()).or_default();
+                        if s.status != Some(*status) {
+                            s.since = Some(now);
+                        }
+                        s.status = Some(*status);
+                    }
+                }
+                Change::SenderQuality { sender, quality } => {
+                    p.state.senders.entry(sender.clone()).or_default().quality = *quality
+                }
+                Change::TemplateStatus { name, status, at } => {
+                    if p.newer(format!("template {name}"), at.unwrap_or(now)) {
+                        p.state.templates.entry(name.clone()).or_default().status = Some(status.clone());
+                    }
+                }
+                Change::TemplateQuality { name, quality } => {
+                    p.state.templates.entry(name.clone()).or_default().quality = *quality
+                }
+                Change::OptOut { member, opted_out: true } => {
+                    p.opted_out.insert(member.clone());
+                }
+                Change::OptOut { member, opted_out: false } => {
+                    p.opted_out.remove(member);
+                }
+                Change::Alert { key, body } => {
+                    p.state.alerts.insert(key.clone(), body.clone());
+                }
+                Change::Alias { display, id } => {
+                    p.state.aliases.insert(display.clone(), id.clone());
+                }
+                Change::Inbound { service_member, at } => {
+                    // A timestamp from the future opens the window from now; a later close stays.
+                    let closes = at.unwrap_or(now).min(now) + policy::micros(self.windows.service_window);
+                    let c = p.service.entry(service_member.clone()).or_default();
+                    *c = (*c).max(closes);
+                }
+            }
+        }
+    }
+
+    /// What `Store::usage` must answer at `now`.
+    pub fn usage(&mut self, now: Micros, scope: &ScopeKey, fallback: &Tier) -> ScopeReport {
+        let windows = self.windows;
+        let s = self.scopes.entry(scope.clone()).or_default();
+        s.forget_old(now, &windows);
+        let today = day_of(now);
+        ScopeReport {
+            usage: s.usage(fallback, now, &windows),
+            unique_7d: s.unique_since(today.saturating_sub(6)),
+            unique_30d: s.unique_since(today.saturating_sub(DAYS - 1)),
+            tier_since: s.tier_since,
+            eligible_since: s.eligible_since,
+            flagged_since: s.flagged_since,
+            now,
+        }
+    }
+
+    /// What `Store::portfolio` must answer.
+    pub fn portfolio(&self, portfolio: &str) -> PortfolioState {
+        let Some(p) = self.portfolios.get(portfolio) else { return PortfolioState::default() };
+        PortfolioState { opted_out: p.opted_out.len() as u64, ..p.state.clone() }
+    }
+}
