@@ -25,7 +25,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
 
 use tiergate::hashing::RecipientHasher;
-use tiergate::policy::{Category, Lease, Micros, Quality, ScopeKey, SenderStatus, Tier};
+use tiergate::policy::{Category, Lease, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
 use tiergate::store::memory::MemoryStore;
 use tiergate::store::redis::{RedisOptions, RedisStore, Topology};
 use tiergate::store::{AdmitOp, AdmitParams, Change, Clock, Store, SystemClock, Windows};
@@ -372,8 +372,15 @@ fn change(subject: &Subject, h: &RecipientHasher, portfolio: u8, c: &Chg) -> Cha
     }
 }
 
+/// How often each outcome came up, so a run shows (and checks) that it reached every rule.
+type Seen = std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>;
+
+fn saw(seen: &Seen, what: &'static str) {
+    *seen.lock().unwrap().entry(what).or_default() += 1;
+}
+
 /// Plays `steps` on a fresh store and the model; the first disagreement is the error.
-async fn play(subject: Subject, steps: &[Step]) -> Result<(), String> {
+async fn play(subject: Subject, steps: &[Step], seen: &Seen) -> Result<(), String> {
     let h = hasher();
     let mut model = Model::new(subject.windows);
     let mut leases: Vec<Lease> = Vec::new();
@@ -389,6 +396,7 @@ async fn play(subject: Subject, steps: &[Step]) -> Result<(), String> {
                 let params = AdmitParams { fallback: fallback(*f), reserve_bp: RESERVES[usize::from(*reserve) % 5] };
                 let ops: Vec<AdmitOp> = msgs.iter().map(|m| admit_op(&h, m)).collect();
                 let got = store.admit(&key, &params, &ops).await.map_err(failed)?;
+                got.iter().for_each(|a| saw(seen, a.reason.as_str()));
                 let now = got.first().map_or(0, |a| a.now);
                 let want = model.admit(now, &key, &params, &ops);
                 if got != want {
@@ -403,6 +411,7 @@ async fn play(subject: Subject, steps: &[Step]) -> Result<(), String> {
             Step::Release { lease } => {
                 let Some(lease) = leases.get(usize::from(*lease) % leases.len().max(1)) else { continue };
                 let got = store.release(lease).await.map_err(failed)?;
+                saw(seen, if got { "release given back" } else { "release refused" });
                 let want = model.release(lease);
                 if got != want {
                     return Err(differ(&got, &want));
@@ -504,7 +513,7 @@ fn differential(name: &str, default_cases: u32, make: impl Fn(u64) -> Subject) {
     let case = AtomicU64::new(0);
     for (what, steps) in regressions() {
         let subject = make(case.fetch_add(1, Ordering::SeqCst));
-        if let Err(why) = runtime.block_on(play(subject, &steps)) {
+        if let Err(why) = runtime.block_on(play(subject, &steps, &Seen::default())) {
             panic!("{name}: regression \"{what}\" is back: {why}");
         }
     }
@@ -515,13 +524,39 @@ fn differential(name: &str, default_cases: u32, make: impl Fn(u64) -> Subject) {
         max_shrink_time: 120_000,
         ..Config::default()
     };
+    let seen = Seen::default();
     let mut runner = TestRunner::new(config);
     let result = runner.run(&steps(), |steps| {
         let subject = make(case.fetch_add(1, Ordering::SeqCst));
-        runtime.block_on(play(subject, &steps)).map_err(TestCaseError::fail)
+        runtime.block_on(play(subject, &steps, &seen)).map_err(TestCaseError::fail)
     });
     match result {
-        Ok(()) => eprintln!("{name}: {} cases agreed with the model", case.load(Ordering::SeqCst)),
+        Ok(()) => {
+            let seen = seen.into_inner().unwrap();
+            eprintln!("{name}: {} cases agreed with the model; outcomes: {seen:?}", case.load(Ordering::SeqCst));
+            // A generator that stopped reaching a rule would leave that rule unchecked.
+            let every = [
+                Reason::NewRecipient,
+                Reason::AlreadyCounted,
+                Reason::ServiceWindow,
+                Reason::LimitReached,
+                Reason::OptedOut,
+                Reason::TemplateBlocked,
+                Reason::HeadroomReserved,
+                Reason::SenderBlocked,
+                Reason::OutsideServiceWindow,
+            ];
+            let missing: Vec<&str> = every
+                .iter()
+                .map(|r| r.as_str())
+                .chain(["release given back", "release refused"])
+                .filter(|what| !seen.contains_key(what))
+                .collect();
+            assert!(
+                missing.is_empty(),
+                "{name}: no case reached {missing:?}; the generator needs more cases or weights"
+            );
+        }
         Err(TestError::Fail(why, steps)) => {
             let listed: Vec<String> = steps.iter().map(|s| format!("  {s:?}")).collect();
             panic!("{name} disagrees with the model.\nMinimal sequence:\n{}\nat {why}", listed.join("\n"))
