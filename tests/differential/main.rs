@@ -525,6 +525,7 @@ fn differential(name: &str, default_cases: u32, make: impl Fn(u64) -> Subject) {
         ..Config::default()
     };
     let seen = Seen::default();
+    let runner_cases = config.cases;
     let mut runner = TestRunner::new(config);
     let result = runner.run(&steps(), |steps| {
         let subject = make(case.fetch_add(1, Ordering::SeqCst));
@@ -552,10 +553,10 @@ fn differential(name: &str, default_cases: u32, make: impl Fn(u64) -> Subject) {
                 .chain(["release given back", "release refused"])
                 .filter(|what| !seen.contains_key(what))
                 .collect();
-            assert!(
-                missing.is_empty(),
-                "{name}: no case reached {missing:?}; the generator needs more cases or weights"
-            );
+            // (Only for runs long enough to reach them: a quick PROPTEST_CASES=5 run may not.)
+            if runner_cases >= 100 {
+                assert!(missing.is_empty(), "{name}: no case reached {missing:?}; the generator needs new weights");
+            }
         }
         Err(TestError::Fail(why, steps)) => {
             let listed: Vec<String> = steps.iter().map(|s| format!("  {s:?}")).collect();
