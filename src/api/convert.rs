@@ -1,0 +1,263 @@
+//! Protobuf ↔ domain conversions, as `From` and `TryFrom` impls: the only code that reads or
+//! builds `prost` messages. A request that cannot be converted (an unknown enum value) is an
+//! [`Error::InvalidArgument`] naming its field, answered like every other invalid input.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use crate::error::Error;
+use crate::limiter::{AdmitAnswer, AdmitInput, FieldPath, PortfolioUpdate, PortfolioView, Usage};
+use crate::pb;
+use crate::policy::{self, Category, Decision, Limit, Micros, Quality, Reason, SenderStatus};
+
+/// Reads an enum field that carries `value`, naming `field` at `at` when it is not one.
+fn known<E: TryFrom<i32>>(value: i32, at: FieldPath, field: &str) -> Result<E, Error> {
+    E::try_from(value).map_err(|_| at.invalid(field, format!("unknown value {value}")))
+}
+
+/// A protobuf timestamp of a store time.
+pub fn timestamp(us: Micros) -> prost_types::Timestamp {
+    (UNIX_EPOCH + Duration::from_micros(us)).into()
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration { seconds: i64::MAX, nanos: 0 })
+}
+
+impl From<pb::Category> for Category {
+    fn from(c: pb::Category) -> Category {
+        match c {
+            pb::Category::Unspecified => Category::Unspecified,
+            pb::Category::Marketing => Category::Marketing,
+            pb::Category::Utility => Category::Utility,
+            pb::Category::Authentication => Category::Authentication,
+            pb::Category::Service => Category::Service,
+        }
+    }
+}
+
+impl From<Reason> for pb::Reason {
+    fn from(r: Reason) -> pb::Reason {
+        match r {
+            Reason::NewRecipient => pb::Reason::NewRecipient,
+            Reason::AlreadyCounted => pb::Reason::AlreadyCounted,
+            Reason::ServiceWindow => pb::Reason::ServiceWindow,
+            Reason::LimitReached => pb::Reason::LimitReached,
+            Reason::StoreUnavailable => pb::Reason::StoreUnavailable,
+            Reason::OptedOut => pb::Reason::OptedOut,
+            Reason::TemplateBlocked => pb::Reason::TemplateBlocked,
+            Reason::HeadroomReserved => pb::Reason::HeadroomReserved,
+            Reason::SenderBlocked => pb::Reason::SenderBlocked,
+            Reason::OutsideServiceWindow => pb::Reason::OutsideServiceWindow,
+        }
+    }
+}
+
+impl From<Decision> for pb::Decision {
+    fn from(d: Decision) -> pb::Decision {
+        match d {
+            Decision::Admitted => pb::Decision::Admitted,
+            Decision::Denied => pb::Decision::Denied,
+        }
+    }
+}
+
+impl From<Quality> for pb::Quality {
+    fn from(q: Quality) -> pb::Quality {
+        match q {
+            Quality::High => pb::Quality::High,
+            Quality::Medium => pb::Quality::Medium,
+            Quality::Low => pb::Quality::Low,
+            Quality::Unknown => pb::Quality::Unknown,
+        }
+    }
+}
+
+/// `None` for UNSPECIFIED: leave the quality as it is.
+impl From<pb::Quality> for Option<Quality> {
+    fn from(q: pb::Quality) -> Option<Quality> {
+        match q {
+            pb::Quality::Unspecified => None,
+            pb::Quality::High => Some(Quality::High),
+            pb::Quality::Medium => Some(Quality::Medium),
+            pb::Quality::Low => Some(Quality::Low),
+            pb::Quality::Unknown => Some(Quality::Unknown),
+        }
+    }
+}
+
+impl From<SenderStatus> for pb::SenderStatus {
+    fn from(s: SenderStatus) -> pb::SenderStatus {
+        match s {
+            SenderStatus::Connected => pb::SenderStatus::Connected,
+            SenderStatus::Pending => pb::SenderStatus::Pending,
+            SenderStatus::Offline => pb::SenderStatus::Offline,
+            SenderStatus::Flagged => pb::SenderStatus::Flagged,
+            SenderStatus::Restricted => pb::SenderStatus::Restricted,
+            SenderStatus::Banned => pb::SenderStatus::Banned,
+        }
+    }
+}
+
+/// `None` for UNSPECIFIED: leave the status as it is.
+impl From<pb::SenderStatus> for Option<SenderStatus> {
+    fn from(s: pb::SenderStatus) -> Option<SenderStatus> {
+        match s {
+            pb::SenderStatus::Unspecified => None,
+            pb::SenderStatus::Connected => Some(SenderStatus::Connected),
+            pb::SenderStatus::Pending => Some(SenderStatus::Pending),
+            pb::SenderStatus::Offline => Some(SenderStatus::Offline),
+            pb::SenderStatus::Flagged => Some(SenderStatus::Flagged),
+            pb::SenderStatus::Restricted => Some(SenderStatus::Restricted),
+            pb::SenderStatus::Banned => Some(SenderStatus::Banned),
+        }
+    }
+}
+
+impl AdmitInput {
+    /// The message of an AdmitRequest found at `at`.
+    fn from_pb(r: pb::AdmitRequest, at: FieldPath) -> Result<AdmitInput, Error> {
+        Ok(AdmitInput {
+            category: known::<pb::Category>(r.category, at, "category")?.into(),
+            portfolio_id: r.portfolio_id,
+            sender_id: r.sender_id,
+            recipient: r.recipient,
+            template: r.template,
+        })
+    }
+}
+
+impl TryFrom<pb::AdmitRequest> for AdmitInput {
+    type Error = Error;
+
+    fn try_from(r: pb::AdmitRequest) -> Result<AdmitInput, Error> {
+        AdmitInput::from_pb(r, FieldPath::TOP)
+    }
+}
+
+impl TryFrom<pb::AdmitBatchRequest> for Vec<AdmitInput> {
+    type Error = Error;
+
+    fn try_from(r: pb::AdmitBatchRequest) -> Result<Vec<AdmitInput>, Error> {
+        r.requests.into_iter().enumerate().map(|(i, r)| AdmitInput::from_pb(r, FieldPath::batch(i))).collect()
+    }
+}
+
+impl TryFrom<pb::UpdatePortfolioRequest> for PortfolioUpdate {
+    type Error = Error;
+
+    /// Everything but the portfolio id, which the caller takes first.
+    fn try_from(r: pb::UpdatePortfolioRequest) -> Result<PortfolioUpdate, Error> {
+        let senders = r
+            .senders
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let at = FieldPath::item("senders", i);
+                let status = known::<pb::SenderStatus>(s.status, at, "status")?;
+                let quality = known::<pb::Quality>(s.quality, at, "quality")?;
+                Ok((s.sender_id, status.into(), quality.into()))
+            })
+            .collect::<Result<_, Error>>()?;
+        let templates = r
+            .templates
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let quality = known::<pb::Quality>(t.quality, FieldPath::item("templates", i), "quality")?;
+                Ok((t.name, (!t.status.is_empty()).then_some(t.status), quality.into()))
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok(PortfolioUpdate {
+            tier: (!r.tier.is_empty()).then_some(r.tier),
+            quality: known::<pb::Quality>(r.quality, FieldPath::TOP, "quality")?.into(),
+            senders,
+            templates,
+        })
+    }
+}
+
+impl From<Usage> for pb::Usage {
+    fn from(u: Usage) -> pb::Usage {
+        let status = u.status();
+        let remaining = u.snapshot.remaining();
+        let (limit, unlimited) = match u.snapshot.tier.limit {
+            Limit::Limited(n) => (n, false),
+            Limit::Unlimited => (0, true),
+        };
+        pb::Usage {
+            portfolio_id: u.scope.portfolio,
+            unique_recipients: u.snapshot.counted,
+            limit,
+            unlimited,
+            remaining: remaining.unwrap_or(0),
+            tier: u.snapshot.tier.name,
+            next_slot_at: u.snapshot.next_slot_at.map(timestamp),
+            sender_id: u.scope.sender.unwrap_or_default(),
+            quality: u.detail.as_ref().map_or(pb::Quality::Unspecified, |d| d.quality.into()).into(),
+            status: pb::SenderStatus::from(status).into(),
+            unique_recipients_7d: u.detail.as_ref().map_or(0, |d| d.unique_7d),
+            unique_recipients_30d: u.detail.as_ref().map_or(0, |d| d.unique_30d),
+            upgrade: u.detail.map(|d| pb::UpgradeProjection {
+                next_tier: d.projection.next_tier.map(|t| t.name).unwrap_or_default(),
+                eligible: d.projection.eligible,
+                period_days: d.projection.period_days,
+                unique_recipients: d.projection.count,
+                threshold: d.projection.threshold,
+                blockers: d.projection.blockers,
+                applies_after: Some(duration(d.projection.delay)),
+            }),
+        }
+    }
+}
+
+impl From<PortfolioView> for pb::Portfolio {
+    fn from(v: PortfolioView) -> pb::Portfolio {
+        let displays: std::collections::BTreeMap<&String, &String> =
+            v.state.aliases.iter().map(|(d, id)| (id, d)).collect();
+        let senders = v
+            .state
+            .senders
+            .iter()
+            .map(|(id, s)| pb::Sender {
+                sender_id: id.clone(),
+                status: pb::SenderStatus::from(v.sender_status(id)).into(),
+                quality: pb::Quality::from(s.quality).into(),
+                blocked: v.blocked_senders.contains(id),
+                status_since: s.since.map(timestamp),
+                display_phone_number: displays.get(id).map(|d| d.to_string()).unwrap_or_default(),
+            })
+            .collect();
+        let templates = v
+            .state
+            .templates
+            .iter()
+            .map(|(name, t)| pb::Template {
+                name: name.clone(),
+                status: t.status.clone().unwrap_or_default(),
+                quality: pb::Quality::from(t.quality).into(),
+                active: policy::template_active(t.status.as_deref()),
+            })
+            .collect();
+        pb::Portfolio {
+            portfolio_id: v.portfolio,
+            quality: pb::Quality::from(v.state.quality).into(),
+            senders,
+            templates,
+            alerts: v.state.alerts.into_iter().map(|(key, body)| pb::AccountAlert { key, body }).collect(),
+            usage: v.usage.into_iter().map(pb::Usage::from).collect(),
+            opted_out_recipients: v.state.opted_out,
+        }
+    }
+}
+
+impl From<AdmitAnswer> for pb::AdmitResponse {
+    fn from(a: AdmitAnswer) -> pb::AdmitResponse {
+        pb::AdmitResponse {
+            decision: pb::Decision::from(a.reason.decision()).into(),
+            reason: pb::Reason::from(a.reason).into(),
+            lease: a.lease.unwrap_or_default(),
+            retry_after: a.retry_after.map(duration),
+            usage: Some(a.usage.into()),
+        }
+    }
+}

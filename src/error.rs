@@ -1,0 +1,132 @@
+//! How the service fails, and how each failure is answered at the two edges: the gRPC API
+//! ([`api`](crate::api)) and the webhook receiver ([`webhooks`](crate::webhooks)).
+//!
+//! [`Kind::answer`] is the one table from a failure to its gRPC code and its HTTP status, with the
+//! reason beside each row. A denial is a decision, not an error, so it never appears here.
+
+use axum::http::StatusCode;
+use tonic::Code;
+
+use crate::store::StoreError;
+
+/// Why a limiter call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; `field` is the request field at fault (`requests[3].recipient`).
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The kinds of failure an edge answers, each with one gRPC code and one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The request is malformed.
+    InvalidArgument,
+    /// No credentials, or credentials that cannot be read.
+    Unauthenticated,
+    /// Credentials that are wrong.
+    PermissionDenied,
+    /// The store is down or slow.
+    Unavailable,
+    /// The store answered something that makes no sense.
+    Internal,
+}
+
+impl Kind {
+    /// The gRPC code and HTTP status of this kind: the one table both edges answer from.
+    pub const fn answer(self) -> (Code, StatusCode) {
+        match self {
+            // The caller must fix the request; the message names the field. Sending it again
+            // fails the same way, so nothing here invites a retry.
+            Kind::InvalidArgument => (Code::InvalidArgument, StatusCode::BAD_REQUEST),
+            // No admin token, or no (or an unreadable) Meta signature.
+            Kind::Unauthenticated => (Code::Unauthenticated, StatusCode::UNAUTHORIZED),
+            // A wrong admin token or webhook verify token.
+            Kind::PermissionDenied => (Code::PermissionDenied, StatusCode::FORBIDDEN),
+            // Redis is down or slow, and nothing went out unchecked: the same call can succeed
+            // later, so clients retry, and Meta redelivers a webhook it got a 503 for.
+            Kind::Unavailable => (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
+            // A store answer that makes no sense (a bug, a mismatched deployment, a key of the
+            // wrong type): retrying cannot fix it, so neither answer says "come back later".
+            Kind::Internal => (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+
+    /// The gRPC code of this kind.
+    pub const fn grpc(self) -> Code {
+        self.answer().0
+    }
+
+    /// The HTTP status of this kind.
+    pub const fn http(self) -> StatusCode {
+        self.answer().1
+    }
+}
+
+impl Error {
+    /// The kind of this failure, which decides how the edges answer it.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Error::InvalidArgument { .. } => Kind::InvalidArgument,
+            Error::Store(StoreError::Unavailable(_)) => Kind::Unavailable,
+            Error::Store(StoreError::Internal(_)) => Kind::Internal,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> tonic::Status {
+        let kind = e.kind();
+        let message = match e {
+            // Names the field; the message never repeats a recipient.
+            Error::InvalidArgument { .. } => e.to_string(),
+            Error::Store(StoreError::Unavailable(m)) => m,
+            Error::Store(StoreError::Internal(m)) => {
+                tracing::error!(error = %m, "Store call failed.");
+                m
+            }
+        };
+        tonic::Status::new(kind.grpc(), message)
+    }
+}
+
+/// Compares a secret in constant time, so the time taken does not reveal how much of it was
+/// guessed. `None` (nothing given) is [`Kind::Unauthenticated`], a mismatch
+/// [`Kind::PermissionDenied`].
+pub fn check_secret(given: Option<&str>, expected: &str) -> Result<(), Kind> {
+    let given = given.ok_or(Kind::Unauthenticated)?.as_bytes();
+    let expected = expected.as_bytes();
+    let same = given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(Kind::PermissionDenied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_store_failure_has_one_answer_on_each_edge() {
+        let unavailable = Error::Store(StoreError::Unavailable("timed out".into()));
+        assert_eq!(unavailable.kind().answer(), (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE));
+        let internal = Error::Store(StoreError::Internal("WRONGTYPE".into()));
+        assert_eq!(internal.kind().answer(), (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR));
+        let invalid = Error::InvalidArgument { field: "recipient".into(), message: "must not be empty".into() };
+        assert_eq!(invalid.kind().answer(), (Code::InvalidArgument, StatusCode::BAD_REQUEST));
+        assert_eq!(tonic::Status::from(invalid).message(), "recipient: must not be empty");
+    }
+
+    #[test]
+    fn secrets_are_missing_wrong_or_right() {
+        assert_eq!(check_secret(None, "s3cret"), Err(Kind::Unauthenticated));
+        assert_eq!(check_secret(Some("s3cre"), "s3cret"), Err(Kind::PermissionDenied));
+        assert_eq!(check_secret(Some("s3creT"), "s3cret"), Err(Kind::PermissionDenied));
+        assert_eq!(check_secret(Some("s3cret"), "s3cret"), Ok(()));
+    }
+}

@@ -1,0 +1,192 @@
+//! Admit and AdmitBatch: each message is checked and hashed, the batch is grouped by scope into
+//! one store call per scope, an unchecked message is let through only when the store is down and
+//! `store.on_error = "allow"`, and a batch that fails half way gives back what it had counted.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::config::OnError;
+use crate::error::Error;
+use crate::metrics;
+use crate::policy::{Category, Lease, Reason, ScopeKey, Tier};
+use crate::store::{AdmitOp, AdmitParams, UsageSnapshot};
+
+use super::input::{FieldPath, Recipient, TemplateName};
+use super::read::Usage;
+use super::Limiter;
+
+/// The most messages one AdmitBatch call may carry.
+pub const MAX_BATCH: usize = 1_000;
+
+/// One message to admit, as the caller sent it.
+#[derive(Debug, Clone, Default)]
+pub struct AdmitInput {
+    /// The business portfolio.
+    pub portfolio_id: String,
+    /// The sending number; required in per-number scope.
+    pub sender_id: String,
+    /// A phone number or business-scoped user id, as the caller wrote it.
+    pub recipient: String,
+    /// The message's category.
+    pub category: Category,
+    /// The template the message uses; empty for none.
+    pub template: String,
+}
+
+/// The answer to one [`AdmitInput`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmitAnswer {
+    /// Why it was admitted or denied.
+    pub reason: Reason,
+    /// Set when a new recipient was counted on a limited tier.
+    pub lease: Option<String>,
+    /// When the limit is reached: how long until a slot frees.
+    pub retry_after: Option<Duration>,
+    /// The scope's usage right after the decision.
+    pub usage: Usage,
+}
+
+/// A checked and hashed [`AdmitInput`].
+struct Prepared {
+    scope: ScopeKey,
+    op: AdmitOp,
+}
+
+/// One scope's messages of a call, in order, with their places in the request.
+struct Group {
+    scope: ScopeKey,
+    places: Vec<usize>,
+    ops: Vec<AdmitOp>,
+}
+
+impl Limiter {
+    /// Decides one message.
+    pub async fn admit(&self, input: &AdmitInput) -> Result<AdmitAnswer, Error> {
+        let prepared = self.prepare(input, FieldPath::TOP)?;
+        let mut answers = self.decide(vec![prepared]).await?;
+        Ok(answers.pop().expect("one answer per request"))
+    }
+
+    /// Decides up to [`MAX_BATCH`] messages in order, each as if sent after the one before. A
+    /// malformed request rejects the whole batch before anything is recorded.
+    pub async fn admit_batch(&self, inputs: &[AdmitInput]) -> Result<Vec<AdmitAnswer>, Error> {
+        if inputs.len() > MAX_BATCH {
+            return Err(FieldPath::TOP
+                .invalid("requests", format!("carries {} requests; at most {MAX_BATCH} are allowed", inputs.len())));
+        }
+        let prepared = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| self.prepare(input, FieldPath::batch(i)))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.decide(prepared).await
+    }
+
+    fn prepare(&self, input: &AdmitInput, at: FieldPath) -> Result<Prepared, Error> {
+        let (scope, sender) = self.parse_scope(&input.portfolio_id, &input.sender_id, at)?;
+        let recipient = Recipient::parse(&input.recipient, at)?;
+        let template = TemplateName::optional(&input.template, at)?;
+        let sender = sender.map(|s| s.into_string());
+        let sender_blocked = sender
+            .as_ref()
+            .is_some_and(|s| self.blocked_senders.get(&input.portfolio_id).is_some_and(|b| b.contains(s)));
+        let op = AdmitOp {
+            member: self.hasher.recipient(recipient.as_str()),
+            service_member: sender.as_ref().map(|s| self.hasher.service_window(s, recipient.as_str())),
+            category: input.category,
+            template: template.map(TemplateName::into_string),
+            sender,
+            sender_blocked,
+        };
+        Ok(Prepared { scope, op })
+    }
+
+    /// One store call per scope, in order of first appearance; scopes do not interact, so the
+    /// result is the same as deciding every message one after another.
+    async fn decide(&self, prepared: Vec<Prepared>) -> Result<Vec<AdmitAnswer>, Error> {
+        let started = Instant::now();
+        let mut answers: Vec<Option<AdmitAnswer>> = vec![None; prepared.len()];
+        let groups = group_by_scope(prepared);
+        let mut granted: Vec<Lease> = Vec::new();
+        for Group { scope, places, ops } in &groups {
+            let params = AdmitParams { fallback: self.fallback(scope).clone(), reserve_bp: self.reserve_bp };
+            let admissions = match self.store.admit(scope, &params, ops).await {
+                Ok(a) => a,
+                Err(e) => {
+                    metrics::store_error("admit", &e);
+                    if self.on_error == OnError::Allow && e.is_transient() {
+                        tracing::warn!(portfolio = %scope.portfolio, error = %e, "Store unavailable; admitting unchecked because store.on_error = \"allow\".");
+                        for &i in places {
+                            answers[i] = Some(unchecked(scope, &params.fallback));
+                        }
+                        continue;
+                    }
+                    self.undo(&granted).await;
+                    return Err(e.into());
+                }
+            };
+            for ((&i, op), a) in places.iter().zip(ops).zip(admissions) {
+                let lease = a.lease_score.map(|score| Lease { scope: scope.clone(), member: op.member.clone(), score });
+                if let Some(l) = &lease {
+                    granted.push(l.clone());
+                }
+                answers[i] = Some(AdmitAnswer {
+                    reason: a.reason,
+                    lease: lease.map(|l| l.encode()),
+                    retry_after: a.retry_after,
+                    usage: Usage { scope: scope.clone(), snapshot: a.usage, detail: None },
+                });
+            }
+        }
+        let answers: Vec<AdmitAnswer> = answers.into_iter().map(|a| a.expect("every request answered")).collect();
+        metrics::admit_latency(started.elapsed());
+        for a in &answers {
+            metrics::decision(&a.usage.scope.portfolio, a.reason);
+        }
+        for group in &groups {
+            let last = group.places.last().and_then(|&i| answers.get(i)).expect("group is not empty");
+            metrics::usage(&group.scope, &last.usage.snapshot);
+        }
+        self.remember(groups.into_iter().map(|g| g.scope));
+        Ok(answers)
+    }
+
+    /// Gives back what earlier groups of a failed batch counted, so the batch is not half-applied.
+    async fn undo(&self, leases: &[Lease]) {
+        for lease in leases {
+            if let Err(e) = self.store.release(lease).await {
+                tracing::warn!(portfolio = %lease.scope.portfolio, error = %e, "Could not give back a slot of a failed batch; it frees itself when the window passes.");
+            }
+        }
+    }
+}
+
+/// Groups messages by scope, in order of each scope's first message, moving their ops.
+fn group_by_scope(prepared: Vec<Prepared>) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    let mut group_of: HashMap<ScopeKey, usize> = HashMap::new();
+    for (i, Prepared { scope, op }) in prepared.into_iter().enumerate() {
+        let g = *group_of.entry(scope.clone()).or_insert_with(|| {
+            groups.push(Group { scope, places: Vec::new(), ops: Vec::new() });
+            groups.len() - 1
+        });
+        groups[g].places.push(i);
+        groups[g].ops.push(op);
+    }
+    groups
+}
+
+/// The answer for a message the store could not check, let through by `on_error = "allow"`.
+fn unchecked(scope: &ScopeKey, fallback: &Tier) -> AdmitAnswer {
+    metrics::fail_open();
+    AdmitAnswer {
+        reason: Reason::StoreUnavailable,
+        lease: None,
+        retry_after: None,
+        usage: Usage {
+            scope: scope.clone(),
+            snapshot: UsageSnapshot { tier: fallback.clone(), counted: 0, next_slot_at: None },
+            detail: None,
+        },
+    }
+}

@@ -1,0 +1,290 @@
+//! Changes to a portfolio's persisted state: tiers, opt-outs, number and template statuses and
+//! qualities, and service windows. They come from gRPC calls (SetTier, SetOptOut,
+//! RecordInbound, UpdatePortfolio) and from Meta's webhook events ([`Event`]); both build their
+//! store changes through the same few functions, so a status set by hand and one Meta reports are
+//! stored the same way. Every list of changes is applied in one atomic store call.
+
+use std::collections::BTreeMap;
+
+use crate::error::Error;
+use crate::metrics;
+use crate::policy::{self, Micros, Quality, ScopeMode, SenderStatus, Tier, TierValue};
+use crate::store::{Change, PortfolioState};
+
+use super::input::{FieldPath, PortfolioId, Recipient, SenderId, TemplateName};
+use super::read::{PortfolioView, Usage};
+use super::Limiter;
+
+/// A change to a portfolio asked for through UpdatePortfolio: every field is optional.
+#[derive(Debug, Clone, Default)]
+pub struct PortfolioUpdate {
+    /// A tier name from the ladder.
+    pub tier: Option<String>,
+    /// The portfolio's own quality.
+    pub quality: Option<Quality>,
+    /// (sender id, status, quality).
+    pub senders: Vec<(String, Option<SenderStatus>, Option<Quality>)>,
+    /// (template name, status, quality).
+    pub templates: Vec<(String, Option<String>, Option<Quality>)>,
+}
+
+/// Something Meta reported about a portfolio, with when it happened (the webhook entry's
+/// `time`; `None` for now).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reported {
+    /// When Meta says it happened, so a late retry of an older event cannot undo a newer one.
+    pub at: Option<Micros>,
+    /// What happened.
+    pub event: Event,
+}
+
+/// One of Meta's webhook changes, parsed into what tiergate follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `phone_number_quality_update`: a number, by the digits of its display number, with its
+    /// quality event and the limits the update carries.
+    NumberQuality { display: Option<String>, event: Option<NumberEvent>, limits: Limits },
+    /// `business_capability_update`: the limits the update carries.
+    Capability { limits: Limits },
+    /// `message_template_status_update`: a template's status event (APPROVED, PAUSED, …).
+    TemplateStatus { name: String, status: String },
+    /// `message_template_quality_update`.
+    TemplateQuality { name: String, quality: Quality },
+    /// `messages`: a number, by its phone number id, the digits of its display number, and the
+    /// users who wrote to it.
+    Messages { number: SenderId, display: Option<String>, inbound: Vec<Inbound> },
+    /// `account_alerts`: an alert by its identity, with its contents.
+    Alert { key: String, body: String },
+}
+
+/// The limits a webhook carries: the business's (today's rules) and the number's (legacy).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// `max_daily_conversations_per_business`.
+    pub business: Option<TierValue>,
+    /// The number's own limit (`current_limit` or `max_daily_conversation_per_phone`).
+    pub number: Option<TierValue>,
+}
+
+/// A number's quality event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberEvent {
+    /// Quality fell to low.
+    Flagged,
+    /// Out of the red.
+    Unflagged,
+}
+
+/// A message a user sent to a number, which opens that pair's service window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    /// The user.
+    pub from: Recipient,
+    /// When the user sent it.
+    pub at: Option<Micros>,
+}
+
+/// What a list of events knows of its portfolio while it is translated: the stored state plus
+/// what the events before taught.
+struct Known<'a> {
+    state: &'a PortfolioState,
+    /// Display number → phone number id.
+    aliases: BTreeMap<String, String>,
+    /// Sender ids: the stored ones, sorted, then those the events taught.
+    senders: Vec<String>,
+}
+
+impl<'a> Known<'a> {
+    fn new(state: &'a PortfolioState) -> Known<'a> {
+        let mut senders: Vec<String> = state.senders.keys().chain(state.aliases.values()).cloned().collect();
+        senders.sort();
+        senders.dedup();
+        Known { state, aliases: state.aliases.clone(), senders }
+    }
+}
+
+impl Limiter {
+    /// Persists the tier of a scope for every sidecar sharing the store.
+    pub async fn set_tier(&self, portfolio: &str, sender: &str, tier: &str) -> Result<Usage, Error> {
+        let (scope, _) = self.parse_scope(portfolio, sender, FieldPath::TOP)?;
+        let tier = self.parse_tier(tier)?;
+        self.apply(portfolio, &[Change::Tier { scope: scope.clone(), tier: tier.clone(), at: None }]).await?;
+        tracing::info!(scope = %scope, tier = %tier.name, "Tier set.");
+        let state = self.state(portfolio).await?;
+        self.scope_usage(&scope, &state).await
+    }
+
+    /// Records whether a recipient opted out of every number of the portfolio.
+    pub async fn set_opt_out(&self, portfolio: &str, recipient: &str, opted_out: bool) -> Result<(), Error> {
+        let portfolio = PortfolioId::parse(portfolio, FieldPath::TOP)?;
+        let recipient = Recipient::parse(recipient, FieldPath::TOP)?;
+        let change = Change::OptOut { member: self.hasher.recipient(recipient.as_str()), opted_out };
+        self.apply(portfolio.as_str(), &[change]).await?;
+        Ok(())
+    }
+
+    /// Opens or restarts the (sender, recipient) service window; returns when it closes.
+    pub async fn record_inbound(&self, portfolio: &str, sender: &str, recipient: &str) -> Result<Micros, Error> {
+        let portfolio = PortfolioId::parse(portfolio, FieldPath::TOP)?;
+        let sender = SenderId::parse(sender, FieldPath::TOP)?;
+        let recipient = Recipient::parse(recipient, FieldPath::TOP)?;
+        let now = self.apply(portfolio.as_str(), &[self.inbound(&sender, &recipient, None)]).await?;
+        metrics::inbound();
+        Ok(now.saturating_add(policy::micros(self.service_window)))
+    }
+
+    /// Applies an UpdatePortfolio request atomically and returns the portfolio after it.
+    pub async fn update_portfolio(&self, portfolio: &str, update: &PortfolioUpdate) -> Result<PortfolioView, Error> {
+        let id = PortfolioId::parse(portfolio, FieldPath::TOP)?;
+        let mut changes = Vec::new();
+        if let Some(name) = &update.tier {
+            let tier = self.parse_tier(name)?;
+            if self.scope_mode == ScopeMode::PhoneNumber && update.senders.is_empty() {
+                return Err(FieldPath::TOP.invalid("tier", "in per-number scope, name the senders whose tier this is"));
+            }
+            let senders = update.senders.iter().map(|(s, ..)| s.as_str());
+            changes.extend(self.tier_changes(id.as_str(), senders, &tier, None));
+        }
+        if let Some(q) = update.quality {
+            changes.push(Change::Quality(q));
+        }
+        for (i, (sender, status, quality)) in update.senders.iter().enumerate() {
+            let at = FieldPath::item("senders", i);
+            let sender = SenderId::parse(sender, at)?;
+            if *status == Some(SenderStatus::Restricted) {
+                return Err(at.invalid("status", "RESTRICTED is derived from usage and cannot be set"));
+            }
+            changes.extend(sender_changes(sender.as_str(), *status, *quality, None));
+        }
+        for (i, (name, status, quality)) in update.templates.iter().enumerate() {
+            let name = TemplateName::parse(name, FieldPath::item("templates", i), "name")?;
+            changes.extend(template_changes(name.as_str(), status.as_deref(), *quality, None));
+        }
+        if !changes.is_empty() {
+            self.apply(id.as_str(), &changes).await?;
+        }
+        self.portfolio(id.as_str()).await
+    }
+
+    /// Applies what Meta reported about a portfolio in one atomic store call. Returns how many
+    /// store changes each event made: 0 for one that tiergate does not follow.
+    pub async fn apply_events(&self, portfolio: &str, events: &[Reported]) -> Result<Vec<usize>, Error> {
+        let portfolio = PortfolioId::parse(portfolio, FieldPath::TOP)?;
+        let state = self.state(portfolio.as_str()).await?;
+        let mut known = Known::new(&state);
+        let mut changes = Vec::new();
+        let mut made = Vec::with_capacity(events.len());
+        for reported in events {
+            let before = changes.len();
+            self.event_changes(portfolio.as_str(), reported, &mut known, &mut changes);
+            made.push(changes.len() - before);
+        }
+        if !changes.is_empty() {
+            self.apply(portfolio.as_str(), &changes).await?;
+        }
+        Ok(made)
+    }
+
+    /// The store changes of one event (none for what tiergate does not follow).
+    fn event_changes(&self, portfolio: &str, reported: &Reported, known: &mut Known<'_>, out: &mut Vec<Change>) {
+        let at = reported.at;
+        match &reported.event {
+            Event::NumberQuality { display, event, limits } => {
+                let sender = display.as_ref().map(|d| known.aliases.get(d).unwrap_or(d).clone());
+                if let Some(tier) = self.reported_tier(limits) {
+                    out.extend(self.tier_changes(portfolio, sender.as_deref(), &tier, at));
+                }
+                let Some(sender) = sender else { return };
+                // A quality event never lifts a ban, nor flags a banned number.
+                if known.state.senders.get(&sender).and_then(|s| s.status) == Some(SenderStatus::Banned) {
+                    return;
+                }
+                match event {
+                    Some(NumberEvent::Flagged) => {
+                        out.extend(sender_changes(&sender, Some(SenderStatus::Flagged), Some(Quality::Low), at))
+                    }
+                    Some(NumberEvent::Unflagged) => {
+                        out.extend(sender_changes(&sender, Some(SenderStatus::Connected), Some(Quality::Medium), at))
+                    }
+                    None => {}
+                }
+            }
+            Event::Capability { limits } => {
+                if let Some(tier) = self.reported_tier(limits) {
+                    out.extend(self.tier_changes(portfolio, known.senders.iter().map(String::as_str), &tier, at));
+                }
+            }
+            Event::TemplateStatus { name, status } => out.extend(template_changes(name, Some(status), None, at)),
+            Event::TemplateQuality { name, quality } => out.extend(template_changes(name, None, Some(*quality), at)),
+            Event::Messages { number, display, inbound } => {
+                let id = number.as_str();
+                if let Some(display) = display {
+                    if known.aliases.get(display).map(String::as_str) != Some(id) {
+                        known.aliases.insert(display.clone(), id.to_owned());
+                        out.push(Change::Alias { display: display.clone(), id: id.to_owned() });
+                    }
+                }
+                if !known.senders.iter().any(|s| s == id) {
+                    known.senders.push(id.to_owned());
+                }
+                out.extend(inbound.iter().map(|m| self.inbound(number, &m.from, m.at)));
+            }
+            Event::Alert { key, body } => out.push(Change::Alert { key: key.clone(), body: body.clone() }),
+        }
+    }
+
+    /// The tier a webhook's limits mean for this sidecar's scopes: the business's in portfolio
+    /// scope, the number's in per-number scope, else the other one when only it is sent.
+    fn reported_tier(&self, limits: &Limits) -> Option<Tier> {
+        let (first, second) = match self.scope_mode {
+            ScopeMode::Portfolio => (&limits.business, &limits.number),
+            ScopeMode::PhoneNumber => (&limits.number, &limits.business),
+        };
+        first.as_ref().or(second.as_ref()).and_then(|t| self.ladder.resolve(t))
+    }
+
+    /// A tier for a portfolio: one change in portfolio scope, where the tier is the business's;
+    /// one per named sender in per-number scope.
+    fn tier_changes<'s>(
+        &self,
+        portfolio: &str,
+        senders: impl IntoIterator<Item = &'s str>,
+        tier: &Tier,
+        at: Option<Micros>,
+    ) -> Vec<Change> {
+        let tier = |scope| Change::Tier { scope, tier: tier.clone(), at };
+        match self.scope_mode {
+            ScopeMode::Portfolio => vec![tier(self.scope_of(portfolio, ""))],
+            ScopeMode::PhoneNumber => senders.into_iter().map(|s| tier(self.scope_of(portfolio, s))).collect(),
+        }
+    }
+
+    /// The change an inbound message makes: it opens the (sender, recipient) service window.
+    fn inbound(&self, sender: &SenderId, from: &Recipient, at: Option<Micros>) -> Change {
+        Change::Inbound { service_member: self.hasher.service_window(sender.as_str(), from.as_str()), at }
+    }
+}
+
+/// A number's status and quality, each when given.
+fn sender_changes(
+    sender: &str,
+    status: Option<SenderStatus>,
+    quality: Option<Quality>,
+    at: Option<Micros>,
+) -> impl Iterator<Item = Change> {
+    let status = status.map(|status| Change::SenderStatus { sender: sender.to_owned(), status, at });
+    let quality = quality.map(|quality| Change::SenderQuality { sender: sender.to_owned(), quality });
+    status.into_iter().chain(quality)
+}
+
+/// A template's status event (stored upper-case, as Meta names them) and quality, each when given.
+fn template_changes(
+    name: &str,
+    status: Option<&str>,
+    quality: Option<Quality>,
+    at: Option<Micros>,
+) -> impl Iterator<Item = Change> {
+    let status = status.map(|s| Change::TemplateStatus { name: name.to_owned(), status: s.to_ascii_uppercase(), at });
+    let quality = quality.map(|quality| Change::TemplateQuality { name: name.to_owned(), quality });
+    status.into_iter().chain(quality)
+}

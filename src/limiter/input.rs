@@ -1,0 +1,186 @@
+//! Request fields parsed once into small checked types. Each type knows its field's name and
+//! takes a [`FieldPath`] for where it sits, so an error names `recipient` in Admit and
+//! `requests[3].recipient` in AdmitBatch, and that path is built in one place.
+
+use std::fmt;
+
+use crate::error::Error;
+use crate::policy::{self, ScopeKey, ScopeMode, Tier};
+
+use super::Limiter;
+
+/// Where a request's fields sit: at the top of the request, or in item `i` of a repeated field.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FieldPath {
+    item: Option<(&'static str, usize)>,
+}
+
+impl FieldPath {
+    /// Fields of the request itself.
+    pub const TOP: FieldPath = FieldPath { item: None };
+
+    /// Fields of item `index` of the repeated field `list`.
+    pub fn item(list: &'static str, index: usize) -> FieldPath {
+        FieldPath { item: Some((list, index)) }
+    }
+
+    /// Fields of item `index` of AdmitBatch's `requests`.
+    pub fn batch(index: usize) -> FieldPath {
+        FieldPath::item("requests", index)
+    }
+
+    /// The full name of field `name` here, e.g. `requests[3].recipient`.
+    pub fn field(self, name: &str) -> String {
+        match self.item {
+            None => name.to_owned(),
+            Some((list, i)) => format!("{list}[{i}].{name}"),
+        }
+    }
+
+    /// The error for field `name` here.
+    pub fn invalid(self, name: &str, message: impl Into<String>) -> Error {
+        Error::InvalidArgument { field: self.field(name), message: message.into() }
+    }
+}
+
+/// A portfolio id: 1–128 characters of `[A-Za-z0-9_.:-]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortfolioId(String);
+
+impl PortfolioId {
+    /// Checks `portfolio_id` at `at`.
+    pub fn parse(raw: &str, at: FieldPath) -> Result<PortfolioId, Error> {
+        policy::validate_id(raw).map_err(|m| at.invalid("portfolio_id", m))?;
+        Ok(PortfolioId(raw.to_owned()))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A sender (phone number) id, checked like a portfolio id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderId(String);
+
+impl SenderId {
+    /// Checks `sender_id` at `at`.
+    pub fn parse(raw: &str, at: FieldPath) -> Result<SenderId, Error> {
+        policy::validate_id(raw).map_err(|m| at.invalid("sender_id", m))?;
+        Ok(SenderId(raw.to_owned()))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id, owned.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// A recipient in the form that is hashed (see [`policy::normalize_recipient`]). It is never
+/// stored or logged as such: its `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Recipient(String);
+
+impl Recipient {
+    /// Normalises `recipient` at `at`; the error never repeats the number.
+    pub fn parse(raw: &str, at: FieldPath) -> Result<Recipient, Error> {
+        policy::normalize_recipient(raw).map(Recipient).map_err(|m| at.invalid("recipient", m))
+    }
+
+    /// The normalised recipient, for hashing only.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Recipient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Recipient(***)")
+    }
+}
+
+/// A template name: 1 to 512 characters, none of them control characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateName(String);
+
+impl TemplateName {
+    /// Checks the template name in field `name` at `at`.
+    pub fn parse(raw: &str, at: FieldPath, name: &str) -> Result<TemplateName, Error> {
+        if raw.is_empty() || raw.len() > 512 || raw.contains(char::is_control) {
+            return Err(at.invalid(name, "must be a template name of 1 to 512 characters"));
+        }
+        Ok(TemplateName(raw.to_owned()))
+    }
+
+    /// An Admit's optional `template`: empty means none.
+    pub fn optional(raw: &str, at: FieldPath) -> Result<Option<TemplateName>, Error> {
+        (!raw.is_empty()).then(|| TemplateName::parse(raw, at, "template")).transpose()
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name, owned.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl Limiter {
+    /// Resolves the limit scope of `portfolio_id` and `sender_id` at `at`. The sender is
+    /// optional in portfolio scope (but checked when given) and required in per-number scope.
+    pub(super) fn parse_scope(
+        &self,
+        portfolio: &str,
+        sender: &str,
+        at: FieldPath,
+    ) -> Result<(ScopeKey, Option<SenderId>), Error> {
+        let portfolio = PortfolioId::parse(portfolio, at)?;
+        let per_number = self.scope_mode == ScopeMode::PhoneNumber;
+        let sender = if sender.is_empty() && per_number {
+            return Err(at.invalid("sender_id", "is required in per-number scope (policy.scope = \"phone_number\")"));
+        } else if sender.is_empty() {
+            None
+        } else {
+            Some(SenderId::parse(sender, at)?)
+        };
+        let scope = self.scope_of(portfolio.as_str(), sender.as_ref().map_or("", SenderId::as_str));
+        Ok((scope, sender))
+    }
+
+    /// The ladder's tier named in field `tier`.
+    pub(super) fn parse_tier(&self, name: &str) -> Result<Tier, Error> {
+        self.ladder.get(name).cloned().ok_or_else(|| {
+            FieldPath::TOP.invalid("tier", format!("unknown tier {name:?}; the ladder has {}", self.ladder.names()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_the_item_of_a_batch() {
+        assert_eq!(FieldPath::TOP.field("recipient"), "recipient");
+        assert_eq!(FieldPath::batch(3).field("recipient"), "requests[3].recipient");
+        assert_eq!(FieldPath::item("senders", 0).field("status"), "senders[0].status");
+    }
+
+    #[test]
+    fn recipients_are_not_shown_by_debug_or_errors() {
+        let r = Recipient::parse("+1 415 555 0100", FieldPath::TOP).unwrap();
+        assert!(!format!("{r:?}").contains("415"));
+        let e = Recipient::parse("+1 415 555 0100 x", FieldPath::batch(1)).unwrap_err();
+        assert!(e.to_string().starts_with("requests[1].recipient: "), "{e}");
+        assert!(!e.to_string().contains("415"), "{e}");
+    }
+}

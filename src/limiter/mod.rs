@@ -1,0 +1,108 @@
+//! The limiter: the service behind both edges. Each request's whole path lives in one file, the
+//! way a command does in mini-redis:
+//!
+//! - [`input`]: request fields parsed once into checked types that name their field in errors.
+//! - `admit`: Admit and AdmitBatch: prepare, group by scope, fail open, undo a failed batch.
+//! - `release`: leases and Release.
+//! - `read`: GetUsage and GetPortfolio, the only place RESTRICTED is worked out.
+//! - `change`: tiers, opt-outs, statuses, templates and service windows, from gRPC calls and
+//!   from Meta's webhook events alike.
+//! - `simulate`: applying the ruleset's tier moves when `policy.tier_source = "simulate"`.
+//!
+//! This module holds the [`Limiter`] itself and what every path shares: the scope and fallback
+//! tier of a request, and the store calls with their error metrics.
+
+mod admit;
+mod change;
+pub mod input;
+mod read;
+mod release;
+mod simulate;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::{OnError, Settings, TierSource};
+use crate::hashing::RecipientHasher;
+use crate::metrics;
+use crate::policy::{Ladder, Micros, Ruleset, ScopeKey, ScopeMode, Tier};
+use crate::store::{Change, PortfolioState, ScopeReport, Store};
+
+pub use crate::error::Error;
+pub use admit::{AdmitAnswer, AdmitInput, MAX_BATCH};
+pub use change::{Event, Inbound, Limits, NumberEvent, PortfolioUpdate, Reported};
+pub use input::{FieldPath, PortfolioId, Recipient, SenderId, TemplateName};
+pub use read::{PortfolioView, Usage, UsageDetail};
+
+/// The limiter behind the API.
+pub struct Limiter {
+    store: Arc<dyn Store>,
+    hasher: RecipientHasher,
+    scope_mode: ScopeMode,
+    ladder: Ladder,
+    default_tier: Tier,
+    portfolio_tiers: BTreeMap<String, Tier>,
+    blocked_senders: BTreeMap<String, BTreeSet<String>>,
+    on_error: OnError,
+    reserve_bp: u32,
+    ruleset: Ruleset,
+    tier_source: TierSource,
+    service_window: Duration,
+    /// Scopes a simulating sidecar has seen, to re-evaluate periodically.
+    seen: Mutex<HashSet<ScopeKey>>,
+}
+
+impl Limiter {
+    /// A limiter over `store` with the validated settings.
+    pub fn new(settings: &Settings, store: Arc<dyn Store>) -> Limiter {
+        Limiter {
+            store,
+            hasher: settings.store.hasher().clone(),
+            scope_mode: settings.scope,
+            ladder: settings.ladder.clone(),
+            default_tier: settings.default_tier.clone(),
+            portfolio_tiers: settings.portfolio_tiers.clone(),
+            blocked_senders: settings.blocked_senders.clone(),
+            on_error: settings.on_error,
+            reserve_bp: settings.reserve_bp,
+            ruleset: settings.ruleset,
+            tier_source: settings.tier_source,
+            service_window: settings.windows.service_window,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The limit scope mode.
+    pub fn scope_mode(&self) -> ScopeMode {
+        self.scope_mode
+    }
+
+    /// The scope a sender of a portfolio sends in.
+    pub fn scope_of(&self, portfolio: &str, sender: &str) -> ScopeKey {
+        ScopeKey {
+            portfolio: portfolio.to_owned(),
+            sender: (self.scope_mode == ScopeMode::PhoneNumber).then(|| sender.to_owned()),
+        }
+    }
+
+    /// The tier of a scope nobody has set: the portfolio's static tier, else the default.
+    fn fallback(&self, scope: &ScopeKey) -> &Tier {
+        self.portfolio_tiers.get(&scope.portfolio).unwrap_or(&self.default_tier)
+    }
+
+    /// Applies changes to a portfolio's persisted state; returns the store's clock.
+    async fn apply(&self, portfolio: &str, changes: &[Change]) -> Result<Micros, Error> {
+        Ok(self.store.apply(portfolio, changes).await.inspect_err(|e| metrics::store_error("apply", e))?)
+    }
+
+    /// Everything persisted about a portfolio, as stored.
+    async fn state(&self, portfolio: &str) -> Result<PortfolioState, Error> {
+        Ok(self.store.portfolio(portfolio).await.inspect_err(|e| metrics::store_error("portfolio", e))?)
+    }
+
+    /// The store's report on a scope's usage.
+    async fn report(&self, scope: &ScopeKey) -> Result<ScopeReport, Error> {
+        Ok(self.store.usage(scope, self.fallback(scope)).await.inspect_err(|e| metrics::store_error("usage", e))?)
+    }
+}

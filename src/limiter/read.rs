@@ -1,0 +1,165 @@
+//! GetUsage and GetPortfolio: a scope's usage with its quality and upgrade projection, and
+//! everything known about a portfolio. This is the only place RESTRICTED is worked out: Meta
+//! shows a number RESTRICTED while its limit is used up, so it is derived from usage, never
+//! stored.
+
+use std::collections::BTreeSet;
+
+use crate::config::TierSource;
+use crate::error::Error;
+use crate::metrics;
+use crate::policy::{self, Projection, ProjectionInput, Quality, ScopeKey, ScopeMode, SenderStatus};
+use crate::store::{Change, PortfolioState, ScopeReport, UsageSnapshot};
+
+use super::input::{FieldPath, PortfolioId};
+use super::Limiter;
+
+/// A scope's usage as reported to callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    /// The portfolio, or one number of it in per-number scope.
+    pub scope: ScopeKey,
+    /// Counted recipients against the tier.
+    pub snapshot: UsageSnapshot,
+    /// Quality and upgrade projection; GetUsage and GetPortfolio fill it, Admit does not.
+    pub detail: Option<UsageDetail>,
+}
+
+impl Usage {
+    /// RESTRICTED: the window is full, so only replies inside service windows may go out.
+    pub fn restricted(&self) -> bool {
+        self.snapshot.remaining() == Some(0)
+    }
+
+    /// The status to show for the scope: its number's, or CONNECTED when Admit knows no more,
+    /// either way RESTRICTED while the scope is full.
+    pub fn status(&self) -> SenderStatus {
+        self.detail.as_ref().map_or(SenderStatus::Connected.shown(self.restricted()), |d| d.status)
+    }
+}
+
+/// What GetUsage adds to a scope's usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageDetail {
+    /// The lowest known rating among the portfolio's, the scope's numbers' and the templates'.
+    pub quality: Quality,
+    /// The scope's number status in per-number scope, shown RESTRICTED while full.
+    pub status: SenderStatus,
+    /// What the next upgrade needs, and how far the scope is.
+    pub projection: Projection,
+    /// Unique recipients reached outside service windows over the last 7 days.
+    pub unique_7d: u64,
+    /// Unique recipients reached outside service windows over the last 30 days.
+    pub unique_30d: u64,
+}
+
+/// Everything known about a portfolio.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortfolioView {
+    /// The portfolio's id.
+    pub portfolio: String,
+    /// Everything persisted about it, as stored.
+    pub state: PortfolioState,
+    /// Senders blocked by configuration.
+    pub blocked_senders: BTreeSet<String>,
+    /// The portfolio's scope, or one per known number in per-number scope.
+    pub usage: Vec<Usage>,
+}
+
+impl PortfolioView {
+    /// The status to show for a known number: as stored, but RESTRICTED while the scope it
+    /// sends in is full.
+    pub fn sender_status(&self, sender: &str) -> SenderStatus {
+        let full =
+            self.usage.iter().filter(|u| u.restricted()).any(|u| u.scope.sender.as_deref().is_none_or(|s| s == sender));
+        let stored = self.state.senders.get(sender).and_then(|s| s.status);
+        stored.unwrap_or_default().shown(full)
+    }
+}
+
+impl Limiter {
+    /// The usage of a scope now, with its quality and upgrade projection.
+    pub async fn usage(&self, portfolio: &str, sender: &str) -> Result<Usage, Error> {
+        let (scope, _) = self.parse_scope(portfolio, sender, FieldPath::TOP)?;
+        let state = self.state(portfolio).await?;
+        self.scope_usage(&scope, &state).await
+    }
+
+    /// Everything known about a portfolio, with the usage of its scope (or of each known number).
+    pub async fn portfolio(&self, portfolio: &str) -> Result<PortfolioView, Error> {
+        let portfolio = PortfolioId::parse(portfolio, FieldPath::TOP)?;
+        let portfolio = portfolio.as_str();
+        let state = self.state(portfolio).await?;
+        let scopes: Vec<ScopeKey> = match self.scope_mode {
+            ScopeMode::Portfolio => vec![self.scope_of(portfolio, "")],
+            ScopeMode::PhoneNumber => state.senders.keys().map(|s| self.scope_of(portfolio, s)).collect(),
+        };
+        let mut usage = Vec::with_capacity(scopes.len());
+        for scope in &scopes {
+            usage.push(self.scope_usage(scope, &state).await?);
+        }
+        metrics::portfolio(portfolio, &state);
+        Ok(PortfolioView {
+            portfolio: portfolio.to_owned(),
+            blocked_senders: self.blocked_senders.get(portfolio).cloned().unwrap_or_default(),
+            state,
+            usage,
+        })
+    }
+
+    /// A scope's usage with its detail. A simulating sidecar applies the tier move the reading
+    /// calls for first, so what it answers is the state after that move.
+    pub(super) async fn scope_usage(&self, scope: &ScopeKey, state: &PortfolioState) -> Result<Usage, Error> {
+        let report = self.report(scope).await?;
+        let (usage, step) = self.detail(scope, state, &report);
+        let usage = match step {
+            Some(changes) => {
+                self.apply(&scope.portfolio, &changes).await?;
+                let report = self.report(scope).await?;
+                self.detail(scope, state, &report).0
+            }
+            None => usage,
+        };
+        metrics::usage(scope, &usage.snapshot);
+        if let Some(d) = &usage.detail {
+            metrics::projection(scope, d.quality, d.unique_7d, &d.projection);
+        }
+        Ok(usage)
+    }
+
+    /// The usage with its projection, and in simulation the changes to apply now.
+    fn detail(&self, scope: &ScopeKey, state: &PortfolioState, report: &ScopeReport) -> (Usage, Option<Vec<Change>>) {
+        let senders: Vec<_> =
+            state.senders.iter().filter(|(id, _)| scope.sender.as_ref().is_none_or(|s| s == *id)).collect();
+        // Meta asks for high quality "across numbers and templates".
+        let quality = Quality::overall(
+            std::iter::once(state.quality)
+                .chain(senders.iter().map(|(_, s)| s.quality))
+                .chain(state.templates.values().map(|t| t.quality)),
+        );
+        let input = ProjectionInput {
+            ladder: &self.ladder,
+            ruleset: self.ruleset,
+            tier: &report.usage.tier,
+            tier_since: report.tier_since,
+            quality,
+            unique_7d: report.unique_7d,
+            unique_30d: report.unique_30d,
+            now: report.now,
+        };
+        let projection = policy::project(&input);
+        let changes = match self.tier_source {
+            TierSource::Simulate => self.simulation_step(scope, &senders, report, &input, &projection),
+            TierSource::Authoritative => None,
+        };
+        let stored = scope.sender.as_ref().and_then(|s| state.senders.get(s)?.status).unwrap_or_default();
+        let detail = UsageDetail {
+            quality,
+            status: stored.shown(report.usage.remaining() == Some(0)),
+            projection,
+            unique_7d: report.unique_7d,
+            unique_30d: report.unique_30d,
+        };
+        (Usage { scope: scope.clone(), snapshot: report.usage.clone(), detail: Some(detail) }, changes)
+    }
+}

@@ -1,0 +1,202 @@
+//! Meta's WhatsApp webhooks, received on the admin HTTP server at `/webhooks/whatsapp`, so that
+//! tiergate follows the business's real tier, quality, template statuses and service windows.
+//!
+//! This edge only verifies, parses and hands over: every delivery is verified (HMAC-SHA256 of
+//! the raw body under the app secret) before anything is read; [`parse`] turns Meta's payload
+//! into typed [`Event`](crate::limiter::Event)s; each entry belongs to the portfolio its WABA id
+//! is mapped to in the configuration (or to a portfolio named after the WABA); and the limiter
+//! applies each portfolio's events in one atomic store call. A 200 means every change is applied
+//! and visible to every sidecar on the store. Every change is idempotent, so Meta's retries of a
+//! delivery leave the same state. Failures are answered from the table in
+//! [`error`]: 503 when the store is down (Meta retries), 500 when a retry cannot
+//! help.
+
+pub mod parse;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::Router;
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+use crate::config::WebhookSettings;
+use crate::error::{self, Error, Kind};
+use crate::limiter::{Limiter, Reported};
+use crate::metrics;
+
+/// The path Meta is configured to call.
+pub const PATH: &str = "/webhooks/whatsapp";
+
+/// The largest delivery accepted (Meta batches up to 1,000 changes).
+const MAX_BODY: usize = 8 * 1024 * 1024;
+
+struct Receiver {
+    limiter: Arc<Limiter>,
+    settings: WebhookSettings,
+    wabas: BTreeMap<String, String>,
+    /// WABAs already logged as unmapped, so each is logged once.
+    unmapped: Mutex<HashSet<String>>,
+}
+
+/// The webhook routes, or none (so the path answers 404) without both secrets.
+pub fn router(limiter: Arc<Limiter>, settings: Option<WebhookSettings>, wabas: BTreeMap<String, String>) -> Router {
+    let Some(settings) = settings else { return Router::new() };
+    let receiver = Arc::new(Receiver { limiter, settings, wabas, unmapped: Mutex::new(HashSet::new()) });
+    Router::new()
+        .route(PATH, get(verify).post(deliver))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(receiver)
+}
+
+/// The subscription handshake: echo `hub.challenge` when the token matches.
+async fn verify(State(r): State<Arc<Receiver>>, Query(q): Query<BTreeMap<String, String>>) -> (StatusCode, String) {
+    let mode = q.get("hub.mode").map(String::as_str);
+    // A missing token is a wrong one here: Meta always sends it, so only a guess omits it.
+    let token = q.get("hub.verify_token").map(String::as_str).unwrap_or("");
+    let checked = error::check_secret(Some(token), &r.settings.verify_token);
+    match (mode, q.get("hub.challenge"), checked) {
+        (Some("subscribe"), Some(challenge), Ok(())) => {
+            tracing::info!("Webhook subscription verified.");
+            (StatusCode::OK, challenge.clone())
+        }
+        _ => {
+            tracing::warn!("Webhook verification refused: wrong mode or token.");
+            (Kind::PermissionDenied.http(), "verification refused\n".into())
+        }
+    }
+}
+
+/// Checks `X-Hub-Signature-256: sha256=<hex>` against the raw body, in constant time.
+pub fn signature_valid(secret: &[u8], body: &[u8], header: Option<&str>) -> bool {
+    let Some(hex_sig) = header.and_then(|h| h.strip_prefix("sha256=")) else { return false };
+    let Ok(sig) = hex::decode(hex_sig.trim()) else { return false };
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else { return false };
+    mac.update(body);
+    mac.verify_slice(&sig).is_ok()
+}
+
+async fn deliver(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
+    let signature = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok());
+    if !signature_valid(r.settings.app_secret.as_bytes(), &body, signature) {
+        metrics::webhook_delivery("unauthorized");
+        tracing::warn!("Webhook delivery refused: missing or wrong X-Hub-Signature-256.");
+        return (Kind::Unauthenticated.http(), "bad signature\n".into());
+    }
+    let envelope: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            metrics::webhook_delivery("malformed");
+            return (Kind::InvalidArgument.http(), format!("malformed JSON: {e}\n"));
+        }
+    };
+    let Some(entries) = envelope.get("entry").and_then(Value::as_array) else {
+        metrics::webhook_delivery("malformed");
+        return (Kind::InvalidArgument.http(), "no entry array\n".into());
+    };
+    match r.apply(entries).await {
+        Ok(applied) => {
+            metrics::webhook_delivery("applied");
+            (StatusCode::OK, format!("applied {applied} changes\n"))
+        }
+        Err(e) => {
+            metrics::webhook_delivery("store_failed");
+            let kind = e.kind();
+            if kind == Kind::Unavailable {
+                tracing::warn!(error = %e, "Webhook delivery not applied; Meta will retry it.");
+                (kind.http(), "store unavailable; retry\n".into())
+            } else {
+                tracing::error!(error = %e, "Webhook delivery not applied, and retrying it cannot help.");
+                (kind.http(), "delivery not applied\n".into())
+            }
+        }
+    }
+}
+
+impl Receiver {
+    fn portfolio_of(&self, waba: &str) -> String {
+        if let Some(p) = self.wabas.get(waba) {
+            return p.clone();
+        }
+        let mut logged = self.unmapped.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.insert(waba.to_owned()) {
+            tracing::info!(
+                waba,
+                "Webhook for a WABA not in [[portfolios]] wabas; applying it to the portfolio named after it."
+            );
+        }
+        waba.to_owned()
+    }
+
+    /// Hands every entry's events to the limiter, one atomic store call per portfolio; returns
+    /// how many store changes they made.
+    async fn apply(&self, entries: &[Value]) -> Result<usize, Error> {
+        // Each portfolio's events in delivery order, with the field each came from.
+        let mut by_portfolio: BTreeMap<String, (Vec<&str>, Vec<Reported>)> = BTreeMap::new();
+        let mut ignored: Vec<&str> = Vec::new();
+        for entry in entries {
+            let Some(entry) = parse::entry(entry) else {
+                metrics::webhook_change("entry", "ignored");
+                continue;
+            };
+            let (fields, events) = by_portfolio.entry(self.portfolio_of(&entry.waba)).or_default();
+            for (field, event) in entry.changes {
+                match event {
+                    Some(event) => {
+                        fields.push(field);
+                        events.push(Reported { at: entry.at, event });
+                    }
+                    None => ignored.push(field),
+                }
+            }
+        }
+        for field in ignored {
+            metrics::webhook_change(field_label(field), "ignored");
+        }
+        let mut applied = 0;
+        for (portfolio, (fields, events)) in by_portfolio {
+            let made = self.limiter.apply_events(&portfolio, &events).await?;
+            for (field, n) in fields.into_iter().zip(&made) {
+                metrics::webhook_change(field_label(field), if *n > 0 { "applied" } else { "ignored" });
+            }
+            applied += made.iter().sum::<usize>();
+        }
+        Ok(applied)
+    }
+}
+
+fn field_label(field: &str) -> &str {
+    if field.is_empty() {
+        "unknown"
+    } else {
+        field
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign(secret: &[u8], body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+        mac.update(body);
+        format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn signatures_are_checked_against_the_raw_body() {
+        let body = br#"{"entry":[]}"#;
+        let good = sign(b"secret", body);
+        assert!(signature_valid(b"secret", body, Some(&good)));
+        assert!(!signature_valid(b"other", body, Some(&good)));
+        assert!(!signature_valid(b"secret", br#"{"entry": []}"#, Some(&good)));
+        assert!(!signature_valid(b"secret", body, None));
+        assert!(!signature_valid(b"secret", body, Some("sha1=abc")));
+        assert!(!signature_valid(b"secret", body, Some("sha256=zz")));
+    }
+}

@@ -1,0 +1,156 @@
+//! Meta's webhook payloads parsed into the limiter's typed [`Event`]s. A change tiergate does not
+//! follow, or cannot read, parses to `None`. What an event changes (which scopes a tier applies
+//! to, that a quality event never lifts a ban) is decided by the limiter, not here.
+
+use serde_json::Value;
+
+use crate::limiter::{Event, FieldPath, Inbound, Limits, NumberEvent, Recipient, SenderId};
+use crate::policy::{self, Micros, Quality, TierValue};
+
+/// One entry of a delivery: a WABA's changes, all made at the entry's time.
+pub struct Entry<'a> {
+    /// The WABA id, checked like a portfolio id.
+    pub waba: String,
+    /// When Meta says the changes happened.
+    pub at: Option<Micros>,
+    /// Each change's `field`, and its event when tiergate follows it.
+    pub changes: Vec<(&'a str, Option<Event>)>,
+}
+
+/// An entry of a delivery, or `None` when it names no usable WABA id.
+pub fn entry(v: &Value) -> Option<Entry<'_>> {
+    let waba = v.get("id").and_then(text).filter(|w| policy::validate_id(w).is_ok())?;
+    let at = v.get("time").and_then(seconds_to_micros);
+    let changes = v.get("changes").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    let changes = changes
+        .iter()
+        .map(|c| {
+            let field = c.get("field").and_then(Value::as_str).unwrap_or("");
+            (field, event(field, c.get("value").unwrap_or(&Value::Null)))
+        })
+        .collect();
+    Some(Entry { waba, at, changes })
+}
+
+/// The event of one change with this `field` and `value`.
+pub fn event(field: &str, v: &Value) -> Option<Event> {
+    let limits = |number: &str| Limits {
+        business: v.get("max_daily_conversations_per_business").and_then(tier_value),
+        number: v.get(number).and_then(tier_value),
+    };
+    match field {
+        "phone_number_quality_update" => Some(Event::NumberQuality {
+            display: v.get("display_phone_number").and_then(text).and_then(|d| digits(&d)),
+            event: match v.get("event").and_then(Value::as_str) {
+                Some("FLAGGED") => Some(NumberEvent::Flagged),
+                Some("UNFLAGGED") => Some(NumberEvent::Unflagged),
+                _ => None,
+            },
+            limits: limits("current_limit"),
+        }),
+        "business_capability_update" => Some(Event::Capability { limits: limits("max_daily_conversation_per_phone") }),
+        "message_template_status_update" => Some(Event::TemplateStatus {
+            name: v.get("message_template_name").and_then(text)?,
+            status: v.get("event").and_then(Value::as_str)?.to_owned(),
+        }),
+        "message_template_quality_update" => Some(Event::TemplateQuality {
+            name: v.get("message_template_name").and_then(text)?,
+            quality: v.get("new_quality_score").and_then(Value::as_str).and_then(Quality::parse)?,
+        }),
+        "messages" => {
+            let metadata = v.get("metadata");
+            let number = metadata.and_then(|m| m.get("phone_number_id")).and_then(text)?;
+            let number = SenderId::parse(&number, FieldPath::TOP).ok()?;
+            let display = metadata.and_then(|m| m.get("display_phone_number")).and_then(text).and_then(|d| digits(&d));
+            let inbound = v.get("messages").and_then(Value::as_array).into_iter().flatten().filter_map(|m| {
+                let from = m.get("from").and_then(text).or_else(|| m.get("from_user_id").and_then(text))?;
+                // A sender we cannot parse is skipped, not logged: it may be a number.
+                let from = Recipient::parse(&from, FieldPath::TOP).ok()?;
+                Some(Inbound { from, at: m.get("timestamp").and_then(seconds_to_micros) })
+            });
+            Some(Event::Messages { number, display, inbound: inbound.collect() })
+        }
+        "account_alerts" => {
+            let info = v.get("alert_info");
+            let kind = info.and_then(|i| i.get("alert_type")).and_then(text).unwrap_or_else(|| "ALERT".into());
+            let entity = v.get("entity_id").and_then(text).unwrap_or_default();
+            Some(Event::Alert { key: format!("{kind}:{entity}"), body: v.to_string() })
+        }
+        _ => None,
+    }
+}
+
+/// A string or a number, as text (Meta sends ids both ways).
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A tier as Meta sends it: `TIER_*`, or a limit as a number or a numeric string.
+fn tier_value(v: &Value) -> Option<TierValue> {
+    match v {
+        Value::Number(n) => n.as_i64().map(TierValue::Limit),
+        Value::String(s) => match s.parse::<i64>() {
+            Ok(n) => Some(TierValue::Limit(n)),
+            Err(_) => Some(TierValue::Name(s.to_ascii_uppercase())),
+        },
+        _ => None,
+    }
+}
+
+fn seconds_to_micros(v: &Value) -> Option<Micros> {
+    text(v)?.parse::<u64>().ok().map(|s| s.saturating_mul(1_000_000))
+}
+
+/// The digits of a display phone number, by which the limiter finds the number's id.
+fn digits(display: &str) -> Option<String> {
+    let digits: String = display.chars().filter(char::is_ascii_digit).collect();
+    (!digits.is_empty()).then_some(digits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tiers_come_as_names_or_numbers() {
+        assert_eq!(tier_value(&json!("TIER_2K")), Some(TierValue::Name("TIER_2K".into())));
+        assert_eq!(tier_value(&json!(-1)), Some(TierValue::Limit(-1)));
+        assert_eq!(tier_value(&json!("10000")), Some(TierValue::Limit(10_000)));
+        assert_eq!(tier_value(&json!(null)), None);
+    }
+
+    #[test]
+    fn display_numbers_become_their_digits() {
+        assert_eq!(digits("+1 555-000-1111").as_deref(), Some("15550001111"));
+        assert_eq!(digits("none"), None);
+    }
+
+    #[test]
+    fn quality_updates_carry_both_limits_and_only_flag_events() {
+        let v = json!({"display_phone_number": "+1 555 000 1111", "event": "ONBOARDING", "current_limit": "TIER_1K",
+                       "max_daily_conversations_per_business": 2000});
+        let Some(Event::NumberQuality { display, event, limits }) = event("phone_number_quality_update", &v) else {
+            panic!("a quality update")
+        };
+        assert_eq!((display.as_deref(), event), (Some("15550001111"), None));
+        assert_eq!(limits.business, Some(TierValue::Limit(2000)));
+        assert_eq!(limits.number, Some(TierValue::Name("TIER_1K".into())));
+    }
+
+    #[test]
+    fn messages_need_a_valid_number_and_skip_unreadable_users() {
+        let v = json!({"metadata": {"phone_number_id": "106540352242922"},
+                       "messages": [{"from": "16505551234", "timestamp": "1700000000"}, {"from": "call me"}]});
+        let Some(Event::Messages { number, inbound, .. }) = event("messages", &v) else { panic!("messages") };
+        assert_eq!(number.as_str(), "106540352242922");
+        assert_eq!(inbound.len(), 1);
+        assert_eq!(inbound[0].at, Some(1_700_000_000_000_000));
+        assert_eq!(event("messages", &json!({"metadata": {"phone_number_id": "not an id"}})), None);
+        assert_eq!(event("security", &json!({})), None);
+    }
+}
