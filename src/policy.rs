@@ -105,6 +105,78 @@ impl Reason {
     }
 }
 
+/// Stable wire codes: the `tiergate.v1.Category` and `tiergate.v1.Reason` numbers, which the Redis
+/// store's Lua scripts also speak. A unit test in `store::redis` holds them to the protobuf.
+impl Category {
+    /// Every category, in code order.
+    pub const ALL: [Category; 5] =
+        [Category::Unspecified, Category::Marketing, Category::Utility, Category::Authentication, Category::Service];
+
+    /// The category's wire code (`tiergate.v1.Category`).
+    pub fn code(self) -> i32 {
+        match self {
+            Category::Unspecified => 0,
+            Category::Marketing => 1,
+            Category::Utility => 2,
+            Category::Authentication => 3,
+            Category::Service => 4,
+        }
+    }
+
+    /// The category with this wire code, if any.
+    pub fn from_code(code: i64) -> Option<Category> {
+        Category::ALL.into_iter().find(|c| i64::from(c.code()) == code)
+    }
+
+    /// Stable lower-case name, as [`Reason::as_str`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Unspecified => "unspecified",
+            Category::Marketing => "marketing",
+            Category::Utility => "utility",
+            Category::Authentication => "authentication",
+            Category::Service => "service",
+        }
+    }
+}
+
+impl Reason {
+    /// Every reason, in code order.
+    pub const ALL: [Reason; 10] = [
+        Reason::NewRecipient,
+        Reason::AlreadyCounted,
+        Reason::ServiceWindow,
+        Reason::LimitReached,
+        Reason::OptedOut,
+        Reason::TemplateBlocked,
+        Reason::HeadroomReserved,
+        Reason::SenderBlocked,
+        Reason::OutsideServiceWindow,
+        Reason::StoreUnavailable,
+    ];
+
+    /// The reason's wire code (`tiergate.v1.Reason`).
+    pub fn code(self) -> i32 {
+        match self {
+            Reason::NewRecipient => 1,
+            Reason::AlreadyCounted => 2,
+            Reason::ServiceWindow => 3,
+            Reason::LimitReached => 4,
+            Reason::OptedOut => 5,
+            Reason::TemplateBlocked => 6,
+            Reason::HeadroomReserved => 7,
+            Reason::SenderBlocked => 8,
+            Reason::OutsideServiceWindow => 9,
+            Reason::StoreUnavailable => 10,
+        }
+    }
+
+    /// The reason with this wire code, if any.
+    pub fn from_code(code: i64) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| i64::from(r.code()) == code)
+    }
+}
+
 impl Decision {
     /// Stable lower-case name, used as a metric label.
     pub fn as_str(self) -> &'static str {

@@ -2,6 +2,7 @@
 --
 -- KEYS[1]  rolling window: sorted set, member = recipient hash, score = last counted contact (us)
 -- KEYS[2]  scope state: hash {tier, limit, since, seq = last score handed out, elig, flag}
+--          (field names: FIELD_* in the prelude)
 -- KEYS[3]  recipients reached outside service windows on the caller's day: HyperLogLog; KEYS[7]
 --          and KEYS[8] are those of the day before and after, and the script uses whichever is
 --          today by the Redis clock, so sidecars with skewed clocks agree around midnight
@@ -14,19 +15,20 @@
 -- ARGV[4]  state TTL (ms), ARGV[5] TTL of KEYS[3] (ms)
 -- ARGV[6]  basis points of the limit kept from marketing to new recipients
 -- ARGV[7]  the caller's day (days since the Unix epoch, UTC), the day of KEYS[3]
--- ARGV[8], ...  six per message: recipient hash, service-window hash or '', category
---          (1 marketing, 2 utility, 3 authentication, 4 service, 0 unspecified), template or '',
---          sender or '', '1' when the sender is blocked by configuration
+-- ARGV[8], ...  six per message: recipient hash, service-window hash or '', category code
+--          (CATEGORY_*), template or '', sender or '', '1' when the sender is blocked by
+--          configuration
 --
--- Categories 0 and 1 both get the marketing rules: a message without a category may be one.
+-- Categories in MAY_BE_MARKETING get the marketing rules: a message without a category may be one.
 --
 -- Returns {tier, limit, now (us), {reason, lease score, retry after (us), counted, next slot (us)}
--- x N}, flattened after the first three. Reasons are tiergate.v1.Reason numbers. The rules and their
--- order are those of `policy::decide`.
+-- x N}, flattened after the first three. Reasons are REASON_* codes (the tiergate.v1.Reason
+-- numbers). The rules and their order are those of `policy::decide`. `admit.rs` encodes the
+-- arguments and decodes the reply.
 
 local now = tg_now()
 local window = tonumber(ARGV[1])
-local today = ({[-1] = KEYS[7], [0] = KEYS[3], [1] = KEYS[8]})[math.floor(now / 86400000000) - tonumber(ARGV[7])]
+local today = ({[-1] = KEYS[7], [0] = KEYS[3], [1] = KEYS[8]})[math.floor(now / DAY_US) - tonumber(ARGV[7])]
   or KEYS[3]
 local tier, limit, seq = tg_meta(KEYS[2], ARGV[2], ARGV[3])
 local reserve = tonumber(ARGV[6])
@@ -34,7 +36,6 @@ local cap = -1
 if limit >= 0 and reserve > 0 then
   cap = math.floor((limit * (10000 - reserve) + 9999) / 10000)
 end
-local ACTIVE = {APPROVED = true, REINSTATED = true, ACTIVE = true, FLAGGED = true}
 local out = {}
 
 -- Trimmed on every tier, so a lease whose contact left the window cannot give back a slot
@@ -54,37 +55,37 @@ for i = 8, #ARGV, 6 do
     open = closes ~= false and tonumber(closes) > now
   end
   local reason, lease, retry = 0, 0, 0
-  if blocked == '1' or (sender ~= '' and redis.call('HGET', KEYS[6], 's:' .. sender .. ':status') == 'BANNED') then
-    reason = 8
-  elseif template ~= '' and not ACTIVE[redis.call('HGET', KEYS[6], 't:' .. template .. ':status') or 'ACTIVE'] then
-    reason = 6
-  elseif (not open or category <= 1) and redis.call('SISMEMBER', KEYS[5], member) == 1 then
-    reason = 5
+  if blocked == '1' or (sender ~= '' and tg_sender_banned(KEYS[6], sender)) then
+    reason = REASON_SENDER_BLOCKED
+  elseif template ~= '' and not tg_template_active(KEYS[6], template) then
+    reason = REASON_TEMPLATE_BLOCKED
+  elseif (not open or MAY_BE_MARKETING[category]) and redis.call('SISMEMBER', KEYS[5], member) == 1 then
+    reason = REASON_OPTED_OUT
   elseif open then
-    reason = 3
-  elseif category == 4 then
-    reason = 9
+    reason = REASON_SERVICE_WINDOW
+  elseif category == CATEGORY_SERVICE then
+    reason = REASON_OUTSIDE_SERVICE_WINDOW
   elseif limit < 0 then
-    reason = 2
+    reason = REASON_ALREADY_COUNTED
     if redis.call('PFADD', today, member) == 1 then
-      reason = 1
+      reason = REASON_NEW_RECIPIENT
     end
   else
     local counted_already = redis.call('ZSCORE', KEYS[1], member)
     if counted_already then
-      reason = 2
-    elseif category <= 1 and cap >= 0 and count >= cap then
-      reason = 7
+      reason = REASON_ALREADY_COUNTED
+    elseif MAY_BE_MARKETING[category] and cap >= 0 and count >= cap then
+      reason = REASON_HEADROOM_RESERVED
     elseif count < limit then
-      reason = 1
+      reason = REASON_NEW_RECIPIENT
     else
-      reason = 4
+      reason = REASON_LIMIT_REACHED
     end
-    if reason == 1 or reason == 2 then
+    if reason == REASON_NEW_RECIPIENT or reason == REASON_ALREADY_COUNTED then
       seq = math.max(now, seq + 1)
       redis.call('ZADD', KEYS[1], tg_fmt(seq), member)
       redis.call('PFADD', today, member)
-      if reason == 1 then
+      if reason == REASON_NEW_RECIPIENT then
         lease, count = seq, count + 1
       end
     end
@@ -98,12 +99,12 @@ for i = 8, #ARGV, 6 do
     if oldest[2] then
       next_slot = tonumber(oldest[2]) + window
     end
-    if reason == 4 or reason == 7 then
+    if reason == REASON_LIMIT_REACHED or reason == REASON_HEADROOM_RESERVED then
       -- Until the oldest contact leaves; with none (a cap or limit of 0), a whole window.
       if oldest[2] then
-        retry = math.max(next_slot - now, 1000)
+        retry = math.max(next_slot - now, MIN_RETRY_AFTER)
       else
-        retry = math.max(window, 1000)
+        retry = math.max(window, MIN_RETRY_AFTER)
       end
     end
   end
@@ -113,7 +114,7 @@ for i = 8, #ARGV, 6 do
 end
 
 if limit >= 0 then
-  redis.call('HSET', KEYS[2], 'seq', tg_fmt(seq))
+  redis.call('HSET', KEYS[2], FIELD_SEQ, tg_fmt(seq))
   redis.call('PEXPIRE', KEYS[1], math.floor(window / 1000) + 1000)
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[4])

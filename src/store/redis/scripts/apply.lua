@@ -1,6 +1,6 @@
 -- Applies a list of changes to one portfolio's persisted state, atomically and idempotently.
 --
--- KEYS[1]  portfolio state: hash
+-- KEYS[1]  portfolio state: hash (field names: FIELD_* in the prelude, generated from Rust)
 --            q                  the portfolio's quality
 --            s:<sender>:status  number status; s:<sender>:since when it last changed (us)
 --            s:<sender>:quality number quality
@@ -11,7 +11,7 @@
 -- KEYS[3]  service windows: sorted set, member = (sender, recipient) hash, score = closing time
 -- KEYS[4..] scope state hashes that tier/elig/flag changes name by index (see admit.lua)
 -- ARGV[1]  state TTL (ms), ARGV[2] service window (us)
--- ARGV[3..] changes, each an op name and its arguments:
+-- ARGV[3..] changes, each an op name (OP_* in the prelude) and its arguments:
 --   tier <key index> <name> <limit> <at>  sets the tier; `since` moves to now when the name changes
 --   (for tier, sst and tst, <at> is when the event happened, '' = now; an event older than the
 --   last one applied to the same item is skipped: its time is kept in `tat`, s:<sender>:at or
@@ -22,7 +22,7 @@
 --   opt <recipient hash> <1 or 0>    alert <key> <body>    alias <display> <id>
 --   in <service-window hash> <us or ''>   opens the window until min(then, now) + service window
 --
--- Returns the server's time (us).
+-- Returns the server's time (us). `apply.rs` encodes the arguments and decodes the reply.
 
 local now = tg_now()
 local ttl = ARGV[1]
@@ -54,59 +54,60 @@ end
 local i = 3
 while i <= #ARGV do
   local op = ARGV[i]
-  if op == 'tier' then
+  if op == OP_TIER then
     local key = KEYS[tonumber(ARGV[i + 1])]
-    if newer(key, 'tat', ARGV[i + 4]) then
-      if redis.call('HGET', key, 'tier') ~= ARGV[i + 2] then
-        redis.call('HSET', key, 'since', tg_fmt(now))
+    if newer(key, FIELD_TIER_AT, ARGV[i + 4]) then
+      if redis.call('HGET', key, FIELD_TIER) ~= ARGV[i + 2] then
+        redis.call('HSET', key, FIELD_SINCE, tg_fmt(now))
       end
-      redis.call('HSET', key, 'tier', ARGV[i + 2], 'limit', ARGV[i + 3])
+      redis.call('HSET', key, FIELD_TIER, ARGV[i + 2], FIELD_LIMIT, ARGV[i + 3])
     end
     touched[key] = true
     i = i + 5
-  elseif op == 'elig' or op == 'flag' then
+  elseif op == OP_ELIGIBLE or op == OP_FLAGGED then
     local key = KEYS[tonumber(ARGV[i + 1])]
-    set_or_clear(key, op, ARGV[i + 2])
+    set_or_clear(key, ({[OP_ELIGIBLE] = FIELD_ELIGIBLE, [OP_FLAGGED] = FIELD_FLAGGED})[op], ARGV[i + 2])
     touched[key] = true
     i = i + 3
-  elseif op == 'q' then
-    redis.call('HSET', KEYS[1], 'q', ARGV[i + 1])
+  elseif op == OP_QUALITY then
+    redis.call('HSET', KEYS[1], FIELD_QUALITY, ARGV[i + 1])
     i = i + 2
-  elseif op == 'sst' then
-    local field = 's:' .. ARGV[i + 1]
-    if newer(KEYS[1], field .. ':at', ARGV[i + 3]) then
-      if redis.call('HGET', KEYS[1], field .. ':status') ~= ARGV[i + 2] then
-        redis.call('HSET', KEYS[1], field .. ':since', tg_fmt(now))
+  elseif op == OP_SENDER_STATUS then
+    local sender = ARGV[i + 1]
+    if newer(KEYS[1], tg_field(FIELD_SENDER, sender, FIELD_AT), ARGV[i + 3]) then
+      local status = tg_field(FIELD_SENDER, sender, FIELD_STATUS)
+      if redis.call('HGET', KEYS[1], status) ~= ARGV[i + 2] then
+        redis.call('HSET', KEYS[1], tg_field(FIELD_SENDER, sender, FIELD_SINCE), tg_fmt(now))
       end
-      redis.call('HSET', KEYS[1], field .. ':status', ARGV[i + 2])
+      redis.call('HSET', KEYS[1], status, ARGV[i + 2])
     end
     i = i + 4
-  elseif op == 'sq' then
-    redis.call('HSET', KEYS[1], 's:' .. ARGV[i + 1] .. ':quality', ARGV[i + 2])
+  elseif op == OP_SENDER_QUALITY then
+    redis.call('HSET', KEYS[1], tg_field(FIELD_SENDER, ARGV[i + 1], FIELD_ITEM_QUALITY), ARGV[i + 2])
     i = i + 3
-  elseif op == 'tst' then
-    local field = 't:' .. ARGV[i + 1]
-    if newer(KEYS[1], field .. ':at', ARGV[i + 3]) then
-      redis.call('HSET', KEYS[1], field .. ':status', ARGV[i + 2])
+  elseif op == OP_TEMPLATE_STATUS then
+    local template = ARGV[i + 1]
+    if newer(KEYS[1], tg_field(FIELD_TEMPLATE, template, FIELD_AT), ARGV[i + 3]) then
+      redis.call('HSET', KEYS[1], tg_field(FIELD_TEMPLATE, template, FIELD_STATUS), ARGV[i + 2])
     end
     i = i + 4
-  elseif op == 'tq' then
-    redis.call('HSET', KEYS[1], 't:' .. ARGV[i + 1] .. ':quality', ARGV[i + 2])
+  elseif op == OP_TEMPLATE_QUALITY then
+    redis.call('HSET', KEYS[1], tg_field(FIELD_TEMPLATE, ARGV[i + 1], FIELD_ITEM_QUALITY), ARGV[i + 2])
     i = i + 3
-  elseif op == 'opt' then
+  elseif op == OP_OPT_OUT then
     if ARGV[i + 2] == '1' then
       redis.call('SADD', KEYS[2], ARGV[i + 1])
     else
       redis.call('SREM', KEYS[2], ARGV[i + 1])
     end
     i = i + 3
-  elseif op == 'alert' then
-    redis.call('HSET', KEYS[1], 'a:' .. ARGV[i + 1], ARGV[i + 2])
+  elseif op == OP_ALERT then
+    redis.call('HSET', KEYS[1], tg_field(FIELD_ALERT, ARGV[i + 1]), ARGV[i + 2])
     i = i + 3
-  elseif op == 'alias' then
-    redis.call('HSET', KEYS[1], 'n:' .. ARGV[i + 1], ARGV[i + 2])
+  elseif op == OP_ALIAS then
+    redis.call('HSET', KEYS[1], tg_field(FIELD_ALIAS, ARGV[i + 1]), ARGV[i + 2])
     i = i + 3
-  elseif op == 'in' then
+  elseif op == OP_INBOUND then
     local at = now
     if ARGV[i + 2] ~= '' then
       -- A timestamp ahead of this clock cannot hold a window open longer than one from now.

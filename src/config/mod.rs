@@ -1,5 +1,9 @@
-//! Configuration: a TOML file, then `TIERGATE_<SECTION>_<KEY>` environment variables, then flags;
-//! validated once at start-up into [`Settings`], with errors that name the offending key.
+//! Configuration: a TOML file, then `TIERGATE_<SECTION>_<KEY>` environment variables (see
+//! [`env`]), then flags; validated once at start-up into [`Settings`], with errors that name the
+//! offending key. Each component's own keys are resolved beside it (the Redis topology in
+//! [`store::redis`](crate::store::redis)).
+
+mod env;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -10,7 +14,7 @@ use serde::Deserialize;
 
 use crate::hashing::{RecipientHasher, MIN_KEY_LEN};
 use crate::policy::{self, Ladder, Limit, Ruleset, ScopeMode, Tier};
-use crate::store::redis::{RedisOptions, Topology};
+use crate::store::redis::{RedisOptions, Topology, TopologyConfig};
 use crate::store::Windows;
 
 /// A configuration error, naming the key (or environment variable) at fault.
@@ -230,40 +234,6 @@ pub struct PortfolioConfig {
     pub blocked_senders: Vec<String>,
 }
 
-/// Keys that may be set from the environment, by section.
-const ENV_KEYS: &[(&str, &[&str])] = &[
-    ("server", &["grpc_listen", "admin_listen", "shutdown_grace", "admin_token"]),
-    (
-        "store",
-        &[
-            "backend",
-            "url",
-            "cluster",
-            "sentinels",
-            "master_name",
-            "hash_key",
-            "timeout",
-            "on_error",
-            "key_prefix",
-            "state_ttl",
-        ],
-    ),
-    (
-        "policy",
-        &[
-            "scope",
-            "window",
-            "service_window",
-            "ladder",
-            "default_tier",
-            "tier_source",
-            "legacy_threshold",
-            "simulate_interval",
-        ],
-    ),
-    ("webhooks", &["app_secret", "verify_token"]),
-];
-
 impl Config {
     /// Reads the file (if any) and applies `TIERGATE_<SECTION>_<KEY>` variables from `env`.
     pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
@@ -274,18 +244,18 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        for (name, value) in env {
-            apply_env(&mut doc, &name, &value)?;
-        }
-        Config::from_table(doc)
+        let origins = env::overlay(&mut doc, env)?;
+        Config::from_table(doc, &origins)
     }
 
     /// Parses TOML text without the environment.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        Config::from_table(parse_toml(text).map_err(|m| err("config", m))?)
+        Config::from_table(parse_toml(text).map_err(|m| err("config", m))?, &BTreeMap::new())
     }
 
-    fn from_table(doc: toml::Table) -> Result<Config, ConfigError> {
+    /// Deserializes the merged table; `origins` names the variable behind each key the
+    /// environment set, so an error there names the variable to fix.
+    fn from_table(doc: toml::Table, origins: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
         serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." { "config".to_string() } else { key };
@@ -295,7 +265,7 @@ impl Config {
             } else {
                 e.into_inner().message().to_string()
             };
-            err(key, message)
+            err(origins.get(&key).cloned().unwrap_or(key), message)
         })
     }
 }
@@ -313,40 +283,6 @@ fn parse_toml(text: &str) -> Result<toml::Table, String> {
             None => format!("TOML syntax error: {}", e.message()),
         }
     })
-}
-
-fn apply_env(doc: &mut toml::Table, name: &str, value: &str) -> Result<(), ConfigError> {
-    let Some(rest) = name.strip_prefix("TIERGATE_") else { return Ok(()) };
-    let Some((section, keys)) =
-        ENV_KEYS.iter().find(|(s, _)| rest.strip_prefix(&s.to_ascii_uppercase()).is_some_and(|r| r.starts_with('_')))
-    else {
-        return Ok(()); // Not a config section (e.g. TIERGATE_LOG).
-    };
-    let key = rest[section.len() + 1..].to_ascii_lowercase();
-    // Kubernetes service links name a Service `tiergate-store` TIERGATE_STORE_SERVICE_HOST,
-    // TIERGATE_STORE_PORT_…: not config, and no reason to refuse to start.
-    if key.starts_with("service_") || key == "port" || key.starts_with("port_") {
-        return Ok(());
-    }
-    if !keys.contains(&key.as_str()) {
-        return Err(err(name, format!("no key `{key}` in [{section}]; known: {}", keys.join(", "))));
-    }
-    let parsed = match key.as_str() {
-        "cluster" => toml::Value::Boolean(
-            value.parse().map_err(|_| err(name, format!("expected true or false, got {value:?}")))?,
-        ),
-        "sentinels" => toml::Value::Array(
-            value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
-        ),
-        _ => toml::Value::String(value.to_owned()),
-    };
-    let table = doc
-        .entry(section.to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-        .as_table_mut()
-        .ok_or_else(|| err(*section, "must be a table"))?;
-    table.insert(key, parsed);
-    Ok(())
 }
 
 /// The validated configuration the server runs with.
@@ -554,56 +490,14 @@ impl Config {
 
     fn topology(&self) -> Result<Topology, ConfigError> {
         let s = &self.store;
-        let with_scheme = |a: &str| if a.contains("://") { a.to_owned() } else { format!("redis://{a}") };
-        if !s.sentinels.is_empty() {
-            let master_name = s
-                .master_name
-                .clone()
-                .filter(|m| !m.is_empty())
-                .ok_or_else(|| err("store.master_name", "is required with store.sentinels"))?;
-            return Ok(Topology::Sentinel {
-                sentinels: s.sentinels.iter().map(|a| with_scheme(a)).collect(),
-                master_name,
-                master_url: s.url.clone(),
-            });
-        }
-        let url = s.url.clone().ok_or_else(|| err("store.url", "is required with the redis backend"))?;
-        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
-            return parse_sentinel_url(rest);
-        }
-        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            return Err(err("store.url", "must start with redis://, rediss:// or redis+sentinel://"));
-        }
-        redis::Client::open(url.as_str()).map_err(|e| err("store.url", e.to_string()))?;
-        if s.cluster {
-            Ok(Topology::Cluster { nodes: vec![url] })
-        } else {
-            Ok(Topology::Standalone { url })
-        }
+        let topology = TopologyConfig {
+            url: s.url.as_deref(),
+            cluster: s.cluster,
+            sentinels: &s.sentinels,
+            master_name: s.master_name.as_deref(),
+        };
+        topology.resolve().map_err(|e| err(format!("store.{}", e.key), e.message))
     }
-}
-
-/// `[user:pass@]host:port[,host:port...]/master_name[/db]`: credentials and db are the master's.
-fn parse_sentinel_url(rest: &str) -> Result<Topology, ConfigError> {
-    let bad = |m: &str| {
-        err("store.url", format!("{m}; expected redis+sentinel://[user:pass@]host:port[,host:port]/master_name[/db]"))
-    };
-    let (authority, path) = rest.split_once('/').ok_or_else(|| bad("no master name"))?;
-    let (creds, hosts) = authority.rsplit_once('@').map_or((None, authority), |(c, h)| (Some(c), h));
-    let mut path = path.split('/');
-    let master_name = path.next().filter(|m| !m.is_empty()).ok_or_else(|| bad("no master name"))?.to_owned();
-    let db = path.next().filter(|d| !d.is_empty());
-    if let Some(db) = db {
-        db.parse::<u32>().map_err(|_| bad("the database must be a number"))?;
-    }
-    let sentinels: Vec<String> = hosts.split(',').filter(|h| !h.is_empty()).map(|h| format!("redis://{h}")).collect();
-    if sentinels.is_empty() {
-        return Err(bad("no sentinel address"));
-    }
-    let master_url = (creds.is_some() || db.is_some()).then(|| {
-        format!("redis://{}localhost/{}", creds.map(|c| format!("{c}@")).unwrap_or_default(), db.unwrap_or("0"))
-    });
-    Ok(Topology::Sentinel { sentinels, master_name, master_url })
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 -- ARGV[4]  the caller's day (days since the Unix epoch, UTC)
 --
 -- Returns {tier, limit, counted, next slot (us), unique over 7 days, unique over 30 days,
--- tier since, eligible since, flagged since, now}; absent times are 0.
+-- tier since, eligible since, flagged since, now}; absent times are 0. `usage.rs` encodes the
+-- arguments and decodes the reply.
 
 -- Counted recipients and when the oldest leaves the window (0: none). Unlimited tiers keep no
 -- window: they report today's HyperLogLog estimate instead.
@@ -28,7 +29,7 @@ local now = tg_now()
 local window = tonumber(ARGV[1])
 local tier, limit = tg_meta(KEYS[2], ARGV[2], ARGV[3])
 tg_expire(KEYS[1], now, window)
-local first = 4 + tonumber(ARGV[4]) - math.floor(now / 86400000000)
+local first = 4 + tonumber(ARGV[4]) - math.floor(now / DAY_US)
 if first < 3 or first + 29 > #KEYS then
   first = 4
 end
@@ -43,6 +44,6 @@ for i = first, first + 29 do
 end
 local u7 = redis.call('PFCOUNT', unpack(week))
 local u30 = redis.call('PFCOUNT', unpack(all))
-local m = redis.call('HMGET', KEYS[2], 'since', 'elig', 'flag')
+local m = redis.call('HMGET', KEYS[2], FIELD_SINCE, FIELD_ELIGIBLE, FIELD_FLAGGED)
 return {tier, limit, counted, next_slot, u7, u30,
   tonumber(m[1]) or 0, tonumber(m[2]) or 0, tonumber(m[3]) or 0, now}

@@ -1,0 +1,67 @@
+//! Key names: every key of a portfolio carries its hash tag (`{portfolio}`), so a script's keys
+//! all live on one Cluster slot. The layout is in the [module docs](super).
+
+use crate::policy::ScopeKey;
+
+/// Names the keys of one deployment (one `store.key_prefix`).
+#[derive(Debug, Clone)]
+pub struct KeySpace {
+    prefix: String,
+}
+
+/// A portfolio's own keys.
+#[derive(Debug, Clone)]
+pub struct PortfolioKeys {
+    /// State hash: quality, numbers, templates, alerts, aliases.
+    pub state: String,
+    /// Opted-out recipient hashes (set).
+    pub opted_out: String,
+    /// Service windows (sorted set).
+    pub service_windows: String,
+}
+
+impl KeySpace {
+    /// The key space under `prefix`.
+    pub fn new(prefix: &str) -> KeySpace {
+        KeySpace { prefix: prefix.to_owned() }
+    }
+
+    fn tag(&self, portfolio: &str) -> String {
+        format!("{}:{{{}}}", self.prefix, portfolio)
+    }
+
+    /// Empty for a portfolio-wide scope, `:n:<sender>` for a per-number one.
+    fn sub(scope: &ScopeKey) -> String {
+        scope.sender.as_ref().map(|s| format!(":n:{s}")).unwrap_or_default()
+    }
+
+    /// The scope's rolling window (sorted set).
+    pub fn window(&self, scope: &ScopeKey) -> String {
+        format!("{}:w{}", self.tag(&scope.portfolio), Self::sub(scope))
+    }
+
+    /// The scope's state hash.
+    pub fn meta(&self, scope: &ScopeKey) -> String {
+        format!("{}:m{}", self.tag(&scope.portfolio), Self::sub(scope))
+    }
+
+    /// The scope's HyperLogLog of recipients reached on `day` (days since the Unix epoch).
+    pub fn day(&self, scope: &ScopeKey, day: u64) -> String {
+        format!("{}:d{}:{day}", self.tag(&scope.portfolio), Self::sub(scope))
+    }
+
+    /// The portfolio's own keys.
+    pub fn portfolio(&self, portfolio: &str) -> PortfolioKeys {
+        let tag = self.tag(portfolio);
+        PortfolioKeys {
+            state: format!("{tag}:pf"),
+            opted_out: format!("{tag}:opt"),
+            service_windows: format!("{tag}:sw"),
+        }
+    }
+
+    /// A window key no portfolio uses, for health checks.
+    pub fn ping(&self) -> String {
+        format!("{}:{{ping}}:w", self.prefix)
+    }
+}

@@ -1,0 +1,170 @@
+//! The protocol of `admit.lua`: decide messages in order within one scope, atomically.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::{Script, ScriptInvocation, Value};
+
+use super::{bad_reply, positive, with_prelude, Call};
+use crate::policy::{Limit, Micros, Reason, Tier};
+use crate::store::{Admission, AdmitOp, StoreError, UsageSnapshot};
+
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("admit.lua")));
+
+/// The keys an admission touches, KEYS[1..8] of the script.
+#[derive(Debug, Clone)]
+pub struct AdmitKeys {
+    /// The scope's rolling window (sorted set).
+    pub window: String,
+    /// The scope's state hash.
+    pub meta: String,
+    /// The daily HyperLogLog of the caller's day, and those of the day before and after.
+    pub day: String,
+    /// See `day`.
+    pub day_before: String,
+    /// See `day`.
+    pub day_after: String,
+    /// The portfolio's service windows (sorted set).
+    pub service_windows: String,
+    /// The portfolio's opted-out recipients (set).
+    pub opted_out: String,
+    /// The portfolio's state hash.
+    pub portfolio: String,
+}
+
+/// The arguments of one admission call.
+#[derive(Debug)]
+pub struct AdmitArgs<'a> {
+    /// Which keys.
+    pub keys: AdmitKeys,
+    /// The rolling window (us).
+    pub window_us: u64,
+    /// The tier used when none is persisted.
+    pub fallback: &'a Tier,
+    /// TTL of the scope's state and the portfolio's keys (ms).
+    pub state_ttl_ms: u64,
+    /// TTL of a daily HyperLogLog (ms).
+    pub day_ttl_ms: u64,
+    /// Basis points of the limit kept from marketing to new recipients.
+    pub reserve_bp: u32,
+    /// The caller's day (days since the Unix epoch, UTC), the day of `keys.day`.
+    pub today: u64,
+    /// The messages, decided in order.
+    pub ops: &'a [AdmitOp],
+}
+
+/// Fields per message in ARGV and in the reply.
+const ARGS_PER_OP: usize = 6;
+const REPLIES_PER_OP: usize = 5;
+
+/// The script's answer for one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpReply {
+    /// Why it was admitted or denied.
+    pub reason: Reason,
+    /// For a counted recipient on a limited tier: the contact's score, to name in a lease.
+    pub lease_score: Option<Micros>,
+    /// For a denial by the limit: how long until a slot frees up.
+    pub retry_after: Option<Duration>,
+    /// Recipients counted after this message.
+    pub counted: u64,
+    /// When the oldest counted recipient leaves the window.
+    pub next_slot_at: Option<Micros>,
+}
+
+/// The script's reply: the tier in force, the Redis clock, and one answer per message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmitReply {
+    /// The tier in force (persisted, else the fallback).
+    pub tier: Tier,
+    /// The Redis clock when the script ran.
+    pub now: Micros,
+    /// One answer per message, in order.
+    pub ops: Vec<OpReply>,
+}
+
+impl AdmitReply {
+    /// The store's admissions, one per message.
+    pub fn into_admissions(self) -> Vec<Admission> {
+        let AdmitReply { tier, now, ops } = self;
+        ops.into_iter()
+            .map(|op| Admission {
+                reason: op.reason,
+                lease_score: op.lease_score,
+                retry_after: op.retry_after,
+                usage: UsageSnapshot { tier: tier.clone(), counted: op.counted, next_slot_at: op.next_slot_at },
+                now,
+            })
+            .collect()
+    }
+}
+
+impl Call for AdmitArgs<'_> {
+    type Reply = AdmitReply;
+
+    fn script() -> &'static Script {
+        &SCRIPT
+    }
+
+    fn encode(&self, inv: &mut ScriptInvocation<'static>) {
+        let k = &self.keys;
+        inv.key(&k.window)
+            .key(&k.meta)
+            .key(&k.day)
+            .key(&k.service_windows)
+            .key(&k.opted_out)
+            .key(&k.portfolio)
+            .key(&k.day_before)
+            .key(&k.day_after)
+            .arg(self.window_us)
+            .arg(&self.fallback.name)
+            .arg(self.fallback.limit.to_i64())
+            .arg(self.state_ttl_ms)
+            .arg(self.day_ttl_ms)
+            .arg(self.reserve_bp)
+            .arg(self.today);
+        for op in self.ops {
+            let category = op.category.code().to_string();
+            let args: [&[u8]; ARGS_PER_OP] = [
+                &op.member,
+                op.service_member.as_deref().unwrap_or(b""),
+                category.as_bytes(),
+                op.template.as_deref().unwrap_or("").as_bytes(),
+                op.sender.as_deref().unwrap_or("").as_bytes(),
+                if op.sender_blocked { b"1" } else { b"0" },
+            ];
+            for arg in args {
+                inv.arg(arg);
+            }
+        }
+    }
+
+    fn decode(&self, reply: Value) -> Result<AdmitReply, StoreError> {
+        let (name, limit, now, flat): (String, i64, i64, Vec<i64>) =
+            redis::from_redis_value(reply).map_err(|_| bad_reply("admit"))?;
+        if flat.len() != self.ops.len() * REPLIES_PER_OP {
+            return Err(StoreError::Internal(format!(
+                "admit script returned {} values for {} ops",
+                flat.len(),
+                self.ops.len()
+            )));
+        }
+        let ops = flat
+            .chunks_exact(REPLIES_PER_OP)
+            .map(|c| {
+                let [reason, lease, retry, counted, next_slot] = c else { unreachable!("chunks of {REPLIES_PER_OP}") };
+                Ok(OpReply {
+                    // The store never answers STORE_UNAVAILABLE: that is the limiter's, when it cannot ask.
+                    reason: Reason::from_code(*reason)
+                        .filter(|r| *r != Reason::StoreUnavailable)
+                        .ok_or_else(|| StoreError::Internal(format!("admit script returned reason {reason}")))?,
+                    lease_score: positive(*lease),
+                    retry_after: positive(*retry).map(Duration::from_micros),
+                    counted: positive(*counted).unwrap_or(0),
+                    next_slot_at: positive(*next_slot),
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(AdmitReply { tier: Tier { name, limit: Limit::from_i64(limit) }, now: positive(now).unwrap_or(0), ops })
+    }
+}

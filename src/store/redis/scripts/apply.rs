@@ -1,0 +1,108 @@
+//! The protocol of `apply.lua`: apply a list of changes to one portfolio, atomically.
+
+use std::sync::LazyLock;
+
+use redis::{Script, ScriptInvocation, Value};
+
+use super::{bad_reply, op, time_arg, with_prelude, Call};
+use crate::policy::{Micros, ScopeKey};
+use crate::store::redis::keys::{KeySpace, PortfolioKeys};
+use crate::store::{Change, StoreError};
+
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("apply.lua")));
+
+/// The arguments of one apply call.
+#[derive(Debug)]
+pub struct ApplyArgs<'a> {
+    /// Names the state hashes of the scopes that changes touch.
+    pub keys: &'a KeySpace,
+    /// The portfolio's state hash, opted-out set and service windows: KEYS[1..3].
+    pub portfolio: PortfolioKeys,
+    /// TTL of everything touched (ms).
+    pub state_ttl_ms: u64,
+    /// How long an inbound message keeps the service window open (us).
+    pub service_window_us: u64,
+    /// The changes, applied in order.
+    pub changes: &'a [Change],
+}
+
+impl Call for ApplyArgs<'_> {
+    /// The Redis clock when the changes were applied.
+    type Reply = Micros;
+
+    fn script() -> &'static Script {
+        &SCRIPT
+    }
+
+    fn encode(&self, inv: &mut ScriptInvocation<'static>) {
+        // Scope state hashes follow the portfolio's keys, each once; changes name them by index.
+        let p = &self.portfolio;
+        let mut keys = vec![p.state.clone(), p.opted_out.clone(), p.service_windows.clone()];
+        let mut key_index = |scope: &ScopeKey| {
+            let key = self.keys.meta(scope);
+            let i = match keys.iter().position(|k| *k == key) {
+                Some(i) => i + 1,
+                None => {
+                    keys.push(key);
+                    keys.len()
+                }
+            };
+            i.to_string()
+        };
+        let mut args: Vec<Vec<u8>> =
+            vec![self.state_ttl_ms.to_string().into_bytes(), self.service_window_us.to_string().into_bytes()];
+        let mut push = |parts: &[&[u8]]| args.extend(parts.iter().map(|p| p.to_vec()));
+        for change in self.changes {
+            match change {
+                Change::Tier { scope, tier, at } => {
+                    let limit = tier.limit.to_i64().to_string();
+                    push(&[
+                        op::TIER.as_bytes(),
+                        key_index(scope).as_bytes(),
+                        tier.name.as_bytes(),
+                        limit.as_bytes(),
+                        time_arg(*at).as_bytes(),
+                    ]);
+                }
+                Change::Eligible { scope, since } => {
+                    push(&[op::ELIGIBLE.as_bytes(), key_index(scope).as_bytes(), time_arg(*since).as_bytes()])
+                }
+                Change::Flagged { scope, since } => {
+                    push(&[op::FLAGGED.as_bytes(), key_index(scope).as_bytes(), time_arg(*since).as_bytes()])
+                }
+                Change::Quality(q) => push(&[op::QUALITY.as_bytes(), q.as_str().as_bytes()]),
+                Change::SenderStatus { sender, status, at } => push(&[
+                    op::SENDER_STATUS.as_bytes(),
+                    sender.as_bytes(),
+                    status.as_str().as_bytes(),
+                    time_arg(*at).as_bytes(),
+                ]),
+                Change::SenderQuality { sender, quality } => {
+                    push(&[op::SENDER_QUALITY.as_bytes(), sender.as_bytes(), quality.as_str().as_bytes()])
+                }
+                Change::TemplateStatus { name, status, at } => push(&[
+                    op::TEMPLATE_STATUS.as_bytes(),
+                    name.as_bytes(),
+                    status.as_bytes(),
+                    time_arg(*at).as_bytes(),
+                ]),
+                Change::TemplateQuality { name, quality } => {
+                    push(&[op::TEMPLATE_QUALITY.as_bytes(), name.as_bytes(), quality.as_str().as_bytes()])
+                }
+                Change::OptOut { member, opted_out } => {
+                    push(&[op::OPT_OUT.as_bytes(), member, if *opted_out { b"1" } else { b"0" }])
+                }
+                Change::Alert { key, body } => push(&[op::ALERT.as_bytes(), key.as_bytes(), body.as_bytes()]),
+                Change::Alias { display, id } => push(&[op::ALIAS.as_bytes(), display.as_bytes(), id.as_bytes()]),
+                Change::Inbound { service_member, at } => {
+                    push(&[op::INBOUND.as_bytes(), service_member, time_arg(*at).as_bytes()])
+                }
+            }
+        }
+        inv.key(&keys[..]).arg(args);
+    }
+
+    fn decode(&self, reply: Value) -> Result<Micros, StoreError> {
+        redis::from_redis_value(reply).map_err(|_| bad_reply("apply"))
+    }
+}

@@ -1,0 +1,234 @@
+//! The Redis store's Lua scripts and the typed protocol of each.
+//!
+//! Every script `x.lua` sits beside `x.rs`, which holds its arguments type (encoding KEYS and ARGV
+//! in the order the script's header documents) and its reply type (decoding what it returns, and
+//! refusing any other shape). What the scripts and Rust must agree on — reason and category codes,
+//! which template statuses are active, the BANNED status, hash-field names, `apply` op names, the
+//! length of a day — is declared once here and generated into the Lua prelude when the scripts are
+//! built, so adding a reason is one [`Reason`] variant plus the Lua that decides it.
+
+mod admit;
+mod apply;
+mod portfolio;
+mod release;
+mod usage;
+
+use std::fmt::Write as _;
+
+use redis::{Script, ScriptInvocation, Value};
+
+pub use admit::{AdmitArgs, AdmitKeys};
+pub use apply::ApplyArgs;
+pub use portfolio::PortfolioArgs;
+pub use release::ReleaseArgs;
+pub use usage::UsageArgs;
+
+use crate::policy::{self, Category, Reason, SenderStatus};
+use crate::store::StoreError;
+
+/// One day in microseconds: daily keys are named by `store::day_of`, and the scripts find today's
+/// key by the Redis clock with the same division.
+pub const DAY_US: u64 = 86_400_000_000;
+
+/// Declares string constants shared with the scripts: each becomes a Rust `pub const` and a Lua
+/// `local <MODULE>_<NAME>` in the prelude, with the same value.
+macro_rules! shared_strings {
+    ($($(#[$doc:meta])* $name:ident = $value:literal;)*) => {
+        $(
+            $(#[$doc])*
+            #[allow(dead_code, reason = "Rust owns every shared name, even those only the Lua uses")]
+            pub const $name: &str = $value;
+        )*
+
+        /// Every constant above, by name, for the Lua prelude.
+        pub const ALL: &[(&str, &str)] = &[$((stringify!($name), $value)),*];
+    };
+}
+
+/// Field names of the hashes the scripts keep.
+///
+/// A scope's state hash holds `tier`, `limit`, `since`, `seq`, `elig`, `flag` and `tat`. The
+/// portfolio hash holds `q` and fields named `<prefix>:<item>:<attribute>` (sender `s`, template
+/// `t`) or `<prefix>:<item>` (alert `a`, alias `n`).
+pub mod field {
+    shared_strings! {
+        /// Scope: the persisted tier's name.
+        TIER = "tier";
+        /// Scope: the persisted tier's limit (-1 = unlimited).
+        LIMIT = "limit";
+        /// Scope: when the tier last changed (us); also a sender attribute, when its status did.
+        SINCE = "since";
+        /// Scope: the last lease score handed out, so scores stay unique within the scope.
+        SEQ = "seq";
+        /// Scope (simulation): since when it is eligible for an upgrade (us).
+        ELIGIBLE = "elig";
+        /// Scope (simulation): since when it is counted as flagged (us).
+        FLAGGED = "flag";
+        /// Scope: when the last applied tier event happened (us), so older events are skipped.
+        TIER_AT = "tat";
+        /// Portfolio: its quality rating.
+        QUALITY = "q";
+        /// Portfolio: prefix of a sender's fields, `s:<sender>:<attribute>`.
+        SENDER = "s";
+        /// Portfolio: prefix of a template's fields, `t:<name>:<attribute>`.
+        TEMPLATE = "t";
+        /// Portfolio: prefix of an account alert, `a:<key>`.
+        ALERT = "a";
+        /// Portfolio: prefix of a phone number id by display number, `n:<display>`.
+        ALIAS = "n";
+        /// Attribute: a sender's or template's status.
+        STATUS = "status";
+        /// Attribute: a sender's or template's quality.
+        ITEM_QUALITY = "quality";
+        /// Attribute: when the last applied status event happened (us).
+        AT = "at";
+    }
+}
+
+/// Op names of the `apply` script's change list.
+pub mod op {
+    shared_strings! {
+        /// `tier <key index> <name> <limit> <at>`.
+        TIER = "tier";
+        /// `elig <key index> <us or ''>`.
+        ELIGIBLE = "elig";
+        /// `flag <key index> <us or ''>`.
+        FLAGGED = "flag";
+        /// `q <quality>`.
+        QUALITY = "q";
+        /// `sst <sender> <status> <at>`.
+        SENDER_STATUS = "sst";
+        /// `sq <sender> <quality>`.
+        SENDER_QUALITY = "sq";
+        /// `tst <template> <status> <at>`.
+        TEMPLATE_STATUS = "tst";
+        /// `tq <template> <quality>`.
+        TEMPLATE_QUALITY = "tq";
+        /// `opt <recipient hash> <1 or 0>`.
+        OPT_OUT = "opt";
+        /// `alert <key> <body>`.
+        ALERT = "alert";
+        /// `alias <display> <id>`.
+        ALIAS = "alias";
+        /// `in <service-window hash> <us or ''>`.
+        INBOUND = "in";
+    }
+}
+
+/// The Lua constants every script starts with, generated from the Rust ones.
+pub fn constants() -> String {
+    let mut lua =
+        String::from("-- Generated from Rust (store::redis::scripts): the values the scripts share with it.\n");
+    let mut line = |name: String, value: String| {
+        let _ = writeln!(lua, "local {name} = {value}");
+    };
+    for r in Reason::ALL {
+        line(format!("REASON_{}", r.as_str().to_ascii_uppercase()), r.code().to_string());
+    }
+    for c in Category::ALL {
+        line(format!("CATEGORY_{}", c.as_str().to_ascii_uppercase()), c.code().to_string());
+    }
+    let marketing = Category::ALL.iter().filter(|c| c.may_be_marketing()).map(|c| format!("[{}] = true", c.code()));
+    line("MAY_BE_MARKETING".into(), format!("{{{}}}", marketing.collect::<Vec<_>>().join(", ")));
+    let active = policy::ACTIVE_TEMPLATE_STATUSES.iter().map(|s| format!("[{}] = true", lua_string(s)));
+    line("ACTIVE_TEMPLATE_STATUSES".into(), format!("{{{}}}", active.collect::<Vec<_>>().join(", ")));
+    line("SENDER_STATUS_BANNED".into(), lua_string(SenderStatus::Banned.as_str()));
+    line("MIN_RETRY_AFTER".into(), policy::micros(policy::MIN_RETRY_AFTER).to_string());
+    line("DAY_US".into(), DAY_US.to_string());
+    for (name, value) in field::ALL {
+        line(format!("FIELD_{name}"), lua_string(value));
+    }
+    for (name, value) in op::ALL {
+        line(format!("OP_{name}"), lua_string(value));
+    }
+    lua
+}
+
+/// A Lua string literal; the values are Rust constants, never input, but quote them properly.
+fn lua_string(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// A script with the generated constants and the shared functions prepended.
+fn with_prelude(body: &str) -> Script {
+    Script::new(&format!("{}{}\n{body}", constants(), include_str!("prelude.lua")))
+}
+
+/// One script call: its arguments encode into an invocation, and its reply decodes into `Reply`.
+pub trait Call {
+    /// What the script's reply decodes to.
+    type Reply;
+
+    /// The script, built once.
+    fn script() -> &'static Script;
+
+    /// Adds KEYS and ARGV, in the order the script's header documents.
+    fn encode(&self, inv: &mut ScriptInvocation<'static>);
+
+    /// Checks and decodes the script's reply.
+    fn decode(&self, reply: Value) -> Result<Self::Reply, StoreError>;
+}
+
+/// The error for a reply of the wrong shape; names the script, never echoes the reply.
+fn bad_reply(script: &str) -> StoreError {
+    StoreError::Internal(format!("{script} script returned an unexpected reply"))
+}
+
+/// A positive number, else `None` (the scripts send 0 for "none").
+fn positive(v: i64) -> Option<u64> {
+    u64::try_from(v).ok().filter(|v| *v > 0)
+}
+
+/// An optional time as an argument: empty for "now".
+fn time_arg(t: Option<u64>) -> String {
+    t.map(|t| t.to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb;
+
+    #[test]
+    fn reason_codes_are_the_protobuf_numbers() {
+        for r in Reason::ALL {
+            let p = pb::Reason::try_from(r.code()).unwrap_or_else(|_| panic!("{r:?} has no protobuf value"));
+            assert_eq!(p.as_str_name(), r.as_str().to_ascii_uppercase(), "{r:?}");
+            assert_eq!(Reason::from_code(r.code().into()), Some(r));
+        }
+        // Every protobuf reason but UNSPECIFIED has a Rust one.
+        assert_eq!(Reason::ALL.len(), (1..).take_while(|c| pb::Reason::try_from(*c).is_ok()).count());
+        assert_eq!(Reason::from_code(0), None);
+    }
+
+    #[test]
+    fn category_codes_are_the_protobuf_numbers() {
+        for c in Category::ALL {
+            let p = pb::Category::try_from(c.code()).unwrap_or_else(|_| panic!("{c:?} has no protobuf value"));
+            let name = p.as_str_name();
+            assert_eq!(name.strip_prefix("CATEGORY_").unwrap_or(name), c.as_str().to_ascii_uppercase(), "{c:?}");
+            assert_eq!(Category::from_code(c.code().into()), Some(c));
+        }
+        assert_eq!(Category::ALL.len(), (0..).take_while(|c| pb::Category::try_from(*c).is_ok()).count());
+    }
+
+    #[test]
+    fn the_prelude_carries_the_rust_values() {
+        let lua = constants();
+        assert!(lua.contains("local REASON_NEW_RECIPIENT = 1\n"), "{lua}");
+        assert!(lua.contains("local REASON_OUTSIDE_SERVICE_WINDOW = 9\n"), "{lua}");
+        assert!(lua.contains("local CATEGORY_SERVICE = 4\n"), "{lua}");
+        assert!(lua.contains("local MAY_BE_MARKETING = {[0] = true, [1] = true}\n"), "{lua}");
+        assert!(lua.contains(r#"local ACTIVE_TEMPLATE_STATUSES = {["APPROVED"] = true, ["REINSTATED"] = true"#));
+        assert!(lua.contains("local SENDER_STATUS_BANNED = \"BANNED\"\n"), "{lua}");
+        assert!(lua.contains("local MIN_RETRY_AFTER = 1000\n"), "{lua}");
+        assert!(lua.contains("local FIELD_TIER_AT = \"tat\"\n"), "{lua}");
+        assert!(lua.contains("local OP_INBOUND = \"in\"\n"), "{lua}");
+    }
+
+    #[test]
+    fn days_are_those_of_the_store() {
+        assert_eq!(crate::store::day_of(DAY_US - 1), 0);
+        assert_eq!(crate::store::day_of(DAY_US), 1);
+    }
+}

@@ -1,0 +1,80 @@
+//! The protocol of `portfolio.lua`: everything persisted about one portfolio besides its windows.
+
+use std::sync::LazyLock;
+
+use redis::{Script, ScriptInvocation, Value};
+
+use super::{bad_reply, field, Call};
+use crate::policy::{Quality, SenderStatus};
+use crate::store::{PortfolioState, StoreError};
+
+// No prelude: the script returns the hash as it is, and Rust reads the field names.
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("portfolio.lua")));
+
+/// The arguments of one read.
+#[derive(Debug)]
+pub struct PortfolioArgs {
+    /// The portfolio's state hash.
+    pub state: String,
+    /// The portfolio's opted-out recipients (set).
+    pub opted_out: String,
+}
+
+/// The script's reply, decoded.
+pub type PortfolioReply = PortfolioState;
+
+impl Call for PortfolioArgs {
+    type Reply = PortfolioReply;
+
+    fn script() -> &'static Script {
+        &SCRIPT
+    }
+
+    fn encode(&self, inv: &mut ScriptInvocation<'static>) {
+        inv.key(&self.state).key(&self.opted_out);
+    }
+
+    fn decode(&self, reply: Value) -> Result<PortfolioState, StoreError> {
+        let (fields, opted_out): (Vec<(String, String)>, u64) =
+            redis::from_redis_value(reply).map_err(|_| bad_reply("portfolio"))?;
+        Ok(portfolio_state(fields, opted_out))
+    }
+}
+
+/// Splits `<prefix>:<rest>` for one of the prefixes in [`field`].
+fn strip<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
+    name.strip_prefix(prefix)?.strip_prefix(':')
+}
+
+/// Reads the portfolio hash (its layout is in [`field`] and `apply.lua`); unknown fields are
+/// skipped, so an older sidecar reads what a newer one wrote.
+fn portfolio_state(fields: Vec<(String, String)>, opted_out: u64) -> PortfolioState {
+    let mut state = PortfolioState { opted_out, ..PortfolioState::default() };
+    for (name, value) in fields {
+        if name == field::QUALITY {
+            state.quality = Quality::parse(&value).unwrap_or_default();
+        } else if let Some(rest) = strip(&name, field::SENDER) {
+            let Some((sender, attr)) = rest.rsplit_once(':') else { continue };
+            let s = state.senders.entry(sender.to_owned()).or_default();
+            match attr {
+                field::STATUS => s.status = SenderStatus::parse(&value),
+                field::ITEM_QUALITY => s.quality = Quality::parse(&value).unwrap_or_default(),
+                field::SINCE => s.since = value.parse().ok(),
+                _ => {}
+            }
+        } else if let Some(rest) = strip(&name, field::TEMPLATE) {
+            let Some((template, attr)) = rest.rsplit_once(':') else { continue };
+            let t = state.templates.entry(template.to_owned()).or_default();
+            match attr {
+                field::STATUS => t.status = Some(value),
+                field::ITEM_QUALITY => t.quality = Quality::parse(&value).unwrap_or_default(),
+                _ => {}
+            }
+        } else if let Some(key) = strip(&name, field::ALERT) {
+            state.alerts.insert(key.to_owned(), value);
+        } else if let Some(display) = strip(&name, field::ALIAS) {
+            state.aliases.insert(display.to_owned(), value);
+        }
+    }
+    state
+}

@@ -1,0 +1,49 @@
+-- Shared by the admit, usage and apply scripts (prepended to each, after the constants that
+-- scripts/mod.rs generates from Rust: REASON_*, CATEGORY_*, FIELD_*, OP_*, ...).
+--
+-- Times are microseconds since the Unix epoch, from the Redis server's clock, so sidecars with
+-- skewed clocks agree. They stay below 2^53, so Lua's doubles hold them exactly; numbers sent
+-- back to Redis go through tg_fmt because Lua's own conversion keeps only 14 digits.
+
+local function tg_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function tg_fmt(n)
+  return string.format('%.0f', n)
+end
+
+-- The scope's tier (persisted, else the caller's fallback) and the last score handed out.
+local function tg_meta(meta_key, fallback_tier, fallback_limit)
+  local m = redis.call('HMGET', meta_key, FIELD_TIER, FIELD_LIMIT, FIELD_SEQ)
+  local tier, limit = fallback_tier, tonumber(fallback_limit)
+  if m[1] then
+    tier, limit = m[1], tonumber(m[2])
+  end
+  return tier, limit, tonumber(m[3]) or 0
+end
+
+-- Drops contacts that have left the rolling window.
+local function tg_expire(window_key, now, window)
+  redis.call('ZREMRANGEBYSCORE', window_key, '-inf', tg_fmt(now - window))
+end
+
+-- A portfolio hash field: `<kind>:<name>`, or `<kind>:<name>:<attribute>` for senders and templates.
+local function tg_field(kind, name, attribute)
+  if attribute then
+    return kind .. ':' .. name .. ':' .. attribute
+  end
+  return kind .. ':' .. name
+end
+
+-- Whether the sender's last known status is BANNED.
+local function tg_sender_banned(portfolio_key, sender)
+  return redis.call('HGET', portfolio_key, tg_field(FIELD_SENDER, sender, FIELD_STATUS)) == SENDER_STATUS_BANNED
+end
+
+-- Whether the template may be sent (`policy::template_active`): one never heard of may.
+local function tg_template_active(portfolio_key, template)
+  local status = redis.call('HGET', portfolio_key, tg_field(FIELD_TEMPLATE, template, FIELD_STATUS))
+  return not status or ACTIVE_TEMPLATE_STATUSES[status] == true
+end
