@@ -1,13 +1,13 @@
 //! Store figures: Redis memory per tracked recipient, and admission latency and throughput on
 //! each backend. Prints numbers; asserts nothing. Run with `cargo bench --bench store`.
 
-#[path = "../tests/common/redis.rs"]
-mod redis_harness;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis_harness::RedisServer;
+use common::redis::{require_redis, RedisServer};
 use tiergate::hashing::RecipientHasher;
 use tiergate::policy::{Category, Reason, ScopeKey, Tier};
 use tiergate::store::memory::MemoryStore;
@@ -95,7 +95,7 @@ async fn throughput(store: Arc<dyn Store>, h: &RecipientHasher, tasks: usize, pe
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    redis_harness::require_redis();
+    require_redis();
     let server = RedisServer::start();
     println!("{}", server.cli(&["INFO", "server"]).lines().find(|l| l.starts_with("redis_version")).unwrap_or(""));
     let h = RecipientHasher::new(b"bench-hash-key-0123456789").unwrap();
