@@ -4,22 +4,15 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tiergate::hashing::RecipientHasher;
 use tiergate::policy::{Category, Lease, Limit, Quality, Reason, ScopeKey, SenderStatus, Tier};
-use tiergate::store::memory::MemoryStore;
-use tiergate::store::redis::{RedisOptions, RedisStore, Topology};
-use tiergate::store::{Admission, AdmitOp, AdmitParams, Change, Store, UsageSnapshot, Windows};
+use tiergate::store::{AdmitOp, AdmitParams, Change, Windows};
 
-use common::redis::{RedisCluster, RedisServer};
-
-/// A store under test and whatever keeps its server alive.
-struct Fixture {
-    store: Arc<dyn Store>,
-    _server: Option<Box<dyn std::any::Any + Send>>,
-}
+use common::ops::{
+    admit, admit_one, hasher, inbound, limited, now_us, op, op_from, portfolio, reasons, set_tier, usage, with,
+};
+use common::stores::Fixture;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -27,38 +20,12 @@ fn windows(window: Duration, service_window: Duration) -> Windows {
     Windows { window, service_window }
 }
 
-fn memory(w: Windows) -> Fixture {
-    Fixture { store: Arc::new(MemoryStore::new(w)), _server: None }
-}
-
-fn redis_options(topology: Topology, w: Windows) -> RedisOptions {
-    RedisOptions {
-        topology,
-        windows: w,
-        timeout: Duration::from_secs(2),
-        state_ttl: DAY * 35,
-        key_prefix: "tgtest".into(),
-    }
-}
-
-fn redis(w: Windows) -> Fixture {
-    let server = RedisServer::start();
-    let store = RedisStore::new(redis_options(Topology::Standalone { url: server.url() }, w)).unwrap();
-    Fixture { store: Arc::new(store), _server: Some(Box::new(server)) }
-}
-
-fn redis_cluster(w: Windows) -> Fixture {
-    let cluster = RedisCluster::start();
-    let store = RedisStore::new(redis_options(Topology::Cluster { nodes: vec![cluster.url()] }, w)).unwrap();
-    Fixture { store: Arc::new(store), _server: Some(Box::new(cluster)) }
-}
-
 /// Runs each named test against every backend.
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
-        mod memory { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::memory).await } )* }
-        mod redis { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::redis).await } )* }
-        mod redis_cluster { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(super::redis_cluster).await } )* }
+        mod memory { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(crate::common::stores::memory).await } )* }
+        mod redis { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(crate::common::stores::redis).await } )* }
+        mod redis_cluster { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { super::$test(crate::common::stores::redis_cluster).await } )* }
     };
 }
 
@@ -87,70 +54,6 @@ conformance!(
     changes_older_than_the_last_applied_are_skipped,
     unique_recipients_over_7_and_30_days_are_counted,
 );
-
-fn hasher() -> RecipientHasher {
-    RecipientHasher::new(b"conformance-suite-key").unwrap()
-}
-
-fn op(recipient: &str) -> AdmitOp {
-    AdmitOp { member: hasher().recipient(recipient), category: Category::Utility, ..AdmitOp::default() }
-}
-
-fn op_from(sender: &str, recipient: &str) -> AdmitOp {
-    let h = hasher();
-    AdmitOp {
-        member: h.recipient(recipient),
-        service_member: Some(h.service_window(sender, recipient)),
-        sender: Some(sender.into()),
-        ..op(recipient)
-    }
-}
-
-fn params(tier: &Tier) -> AdmitParams {
-    AdmitParams { fallback: tier.clone(), reserve_bp: 0 }
-}
-
-async fn admit(store: &dyn Store, scope: &ScopeKey, tier: &Tier, ops: &[AdmitOp]) -> Vec<Admission> {
-    store.admit(scope, &params(tier), ops).await.unwrap()
-}
-
-async fn usage(store: &dyn Store, scope: &ScopeKey, tier: &Tier) -> UsageSnapshot {
-    store.usage(scope, tier).await.unwrap().usage
-}
-
-/// Opens a service window now; returns when it closes.
-async fn inbound(store: &dyn Store, portfolio: &str, sender: &str, recipient: &str) -> u64 {
-    let service_member = hasher().service_window(sender, recipient);
-    store.apply(portfolio, &[Change::Inbound { service_member, at: None }]).await.unwrap()
-}
-
-async fn set_tier(store: &dyn Store, scope: &ScopeKey, tier: &Tier) -> UsageSnapshot {
-    store
-        .apply(&scope.portfolio, &[Change::Tier { scope: scope.clone(), tier: tier.clone(), at: None }])
-        .await
-        .unwrap();
-    usage(store, scope, tier).await
-}
-
-fn portfolio(id: &str) -> ScopeKey {
-    ScopeKey { portfolio: id.into(), sender: None }
-}
-
-fn limited(n: u64) -> Tier {
-    Tier::limited("TEST", n)
-}
-
-async fn admit_one(store: &dyn Store, scope: &ScopeKey, tier: &Tier, op: AdmitOp) -> Admission {
-    admit(store, scope, tier, &[op]).await.pop().unwrap()
-}
-
-async fn reasons(store: &dyn Store, scope: &ScopeKey, tier: &Tier, recipients: &[&str]) -> Vec<Reason> {
-    let mut out = Vec::new();
-    for r in recipients {
-        out.push(admit_one(store, scope, tier, op(r)).await.reason);
-    }
-    out
-}
 
 async fn new_recipients_are_counted_until_the_limit_then_denied<F: Fn(Windows) -> Fixture>(make: F) {
     let f = make(Windows::default());
@@ -336,14 +239,6 @@ async fn concurrent_admits_never_exceed_the_limit<F: Fn(Windows) -> Fixture>(mak
     }
     assert_eq!(admitted, 25);
     assert_eq!(usage(&*f.store, &p, &t).await.counted, 25);
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
-}
-
-fn with(op: AdmitOp, category: Category, template: Option<&str>) -> AdmitOp {
-    AdmitOp { category, template: template.map(str::to_owned), ..op }
 }
 
 async fn opted_out_recipients_get_only_non_marketing_replies_in_a_window<F: Fn(Windows) -> Fixture>(make: F) {

@@ -5,9 +5,10 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
+use common::calls::{admit, outcome, usage};
+use common::requests::{Admit, MARKETING};
 use common::server::TestServer;
-use tiergate::pb::{self, limiter_client::LimiterClient, Decision, Reason};
-use tonic::transport::Channel;
+use tiergate::pb::{self, Decision, Reason};
 use tonic::Code;
 
 /// A small ladder so limits are reached with a handful of recipients.
@@ -16,43 +17,21 @@ const SMALL: &str = r#"
 ladder = [{ name = "T3", limit = 3 }, { name = "T30", limit = 30 }, { name = "UNL" }]
 "#;
 
-fn req(portfolio: &str, sender: &str, recipient: &str) -> pb::AdmitRequest {
-    pb::AdmitRequest {
-        portfolio_id: portfolio.into(),
-        sender_id: sender.into(),
-        recipient: recipient.into(),
-        category: pb::Category::Marketing.into(),
-        template: "spring_sale".into(),
-    }
-}
-
-async fn admit(c: &mut LimiterClient<Channel>, r: pb::AdmitRequest) -> pb::AdmitResponse {
-    c.admit(r).await.unwrap().into_inner()
-}
-
-fn outcome(r: &pb::AdmitResponse) -> (Decision, Reason) {
-    (r.decision(), r.reason())
-}
-
-async fn usage(c: &mut LimiterClient<Channel>, portfolio: &str, sender: &str) -> pb::Usage {
-    c.get_usage(pb::GetUsageRequest { portfolio_id: portfolio.into(), sender_id: sender.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
+/// What these tests send, unless they say otherwise.
+const SALE: Admit = MARKETING.template("spring_sale");
 
 #[tokio::test]
 async fn admits_new_recipients_up_to_the_limit_and_then_denies_with_retry_after() {
     let server = TestServer::start(SMALL).await;
     let mut c = server.client().await;
     for (i, n) in ["+1 415 555 0101", "+1 415 555 0102", "+1 415 555 0103"].iter().enumerate() {
-        let r = admit(&mut c, req("acme", "s1", n)).await;
+        let r = admit(&mut c, SALE.to("acme", "s1", n)).await;
         assert_eq!(outcome(&r), (Decision::Admitted, Reason::NewRecipient));
         assert!(!r.lease.is_empty());
         let u = r.usage.unwrap();
         assert_eq!((u.unique_recipients, u.limit, u.remaining, u.tier.as_str()), (i as u64 + 1, 3, 2 - i as u64, "T3"));
     }
-    let denied = admit(&mut c, req("acme", "s1", "+1 415 555 0104")).await;
+    let denied = admit(&mut c, SALE.to("acme", "s1", "+1 415 555 0104")).await;
     assert_eq!(outcome(&denied), (Decision::Denied, Reason::LimitReached));
     assert!(denied.lease.is_empty());
     let retry = denied.retry_after.unwrap();
@@ -62,7 +41,7 @@ async fn admits_new_recipients_up_to_the_limit_and_then_denies_with_retry_after(
     let next: SystemTime = u.next_slot_at.unwrap().try_into().unwrap();
     assert!(next > SystemTime::now() + Duration::from_secs(23 * 3600));
     // The same number, written differently, is the same recipient and costs nothing.
-    let again = admit(&mut c, req("acme", "s2", "14155550101")).await;
+    let again = admit(&mut c, SALE.to("acme", "s2", "14155550101")).await;
     assert_eq!(outcome(&again), (Decision::Admitted, Reason::AlreadyCounted));
     assert!(again.lease.is_empty());
     server.stop().await.unwrap();
@@ -84,11 +63,11 @@ async fn service_window_admits_replies_without_counting() {
     let closes: SystemTime = opened.window_closes_at.unwrap().try_into().unwrap();
     let in_a_day = SystemTime::now() + Duration::from_secs(24 * 3600);
     assert!(closes <= in_a_day && closes > in_a_day - Duration::from_secs(60));
-    let reply = admit(&mut c, req("acme", "s1", "4915112345678")).await;
+    let reply = admit(&mut c, SALE.to("acme", "s1", "4915112345678")).await;
     assert_eq!(outcome(&reply), (Decision::Admitted, Reason::ServiceWindow));
     assert_eq!(reply.usage.unwrap().unique_recipients, 0);
     // Another number of the business has no window with this user.
-    let other = admit(&mut c, req("acme", "s2", "4915112345678")).await;
+    let other = admit(&mut c, SALE.to("acme", "s2", "4915112345678")).await;
     assert_eq!(outcome(&other), (Decision::Admitted, Reason::NewRecipient));
     let bad = c
         .record_inbound(pb::RecordInboundRequest {
@@ -106,17 +85,17 @@ async fn service_window_admits_replies_without_counting() {
 async fn release_gives_the_slot_back_once() {
     let server = TestServer::start(SMALL).await;
     let mut c = server.client().await;
-    let first = admit(&mut c, req("acme", "s1", "+15550000001")).await;
+    let first = admit(&mut c, SALE.to("acme", "s1", "+15550000001")).await;
     for n in ["+15550000002", "+15550000003"] {
-        admit(&mut c, req("acme", "s1", n)).await;
+        admit(&mut c, SALE.to("acme", "s1", n)).await;
     }
-    assert_eq!(outcome(&admit(&mut c, req("acme", "s1", "+15550000004")).await).1, Reason::LimitReached);
+    assert_eq!(outcome(&admit(&mut c, SALE.to("acme", "s1", "+15550000004")).await).1, Reason::LimitReached);
     let released = c.release(pb::ReleaseRequest { lease: first.lease.clone() }).await.unwrap().into_inner();
     assert!(released.released);
     assert_eq!(usage(&mut c, "acme", "").await.unique_recipients, 2);
     let twice = c.release(pb::ReleaseRequest { lease: first.lease }).await.unwrap().into_inner();
     assert!(!twice.released);
-    assert_eq!(outcome(&admit(&mut c, req("acme", "s1", "+15550000004")).await).1, Reason::NewRecipient);
+    assert_eq!(outcome(&admit(&mut c, SALE.to("acme", "s1", "+15550000004")).await).1, Reason::NewRecipient);
     let garbage = c.release(pb::ReleaseRequest { lease: "nonsense".into() }).await.unwrap_err();
     assert_eq!(garbage.code(), Code::InvalidArgument);
     assert!(garbage.message().contains("lease"));
@@ -128,7 +107,7 @@ async fn a_lease_names_its_own_admit_even_within_one_batch() {
     let mut c = server.client().await;
     let batch = c
         .admit_batch(pb::AdmitBatchRequest {
-            requests: vec![req("acme", "s1", "+15550000001"), req("acme", "s1", "+15550000001")],
+            requests: vec![SALE.to("acme", "s1", "+15550000001"), SALE.to("acme", "s1", "+15550000001")],
         })
         .await
         .unwrap()
@@ -145,25 +124,25 @@ async fn invalid_requests_name_the_field_and_record_nothing() {
     let server = TestServer::start(SMALL).await;
     let mut c = server.client().await;
     let cases = [
-        (req("", "s1", "+15550000001"), "portfolio_id"),
-        (req("acme corp", "s1", "+15550000001"), "portfolio_id"),
-        (req(&"a".repeat(129), "s1", "+15550000001"), "portfolio_id"),
-        (req("acme", "s 1", "+15550000001"), "sender_id"),
-        (req("acme", "s1", ""), "recipient"),
-        (req("acme", "s1", "12345"), "recipient"),
-        (req("acme", "s1", "call me maybe"), "recipient"),
-        (pb::AdmitRequest { category: 42, ..req("acme", "s1", "+15550000001") }, "category"),
+        (SALE.to("", "s1", "+15550000001"), "portfolio_id"),
+        (SALE.to("acme corp", "s1", "+15550000001"), "portfolio_id"),
+        (SALE.to(&"a".repeat(129), "s1", "+15550000001"), "portfolio_id"),
+        (SALE.to("acme", "s 1", "+15550000001"), "sender_id"),
+        (SALE.to("acme", "s1", ""), "recipient"),
+        (SALE.to("acme", "s1", "12345"), "recipient"),
+        (SALE.to("acme", "s1", "call me maybe"), "recipient"),
+        (pb::AdmitRequest { category: 42, ..SALE.to("acme", "s1", "+15550000001") }, "category"),
     ];
     for (r, field) in cases {
         let e = c.admit(r).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{field}");
         assert!(e.message().starts_with(field), "{field}: {}", e.message());
     }
-    let e = c.admit(req("acme", "s1", "+1 415 555 0100 x")).await.unwrap_err();
+    let e = c.admit(SALE.to("acme", "s1", "+1 415 555 0100 x")).await.unwrap_err();
     assert!(!e.message().contains("415"), "the number is not echoed back: {}", e.message());
     assert_eq!(usage(&mut c, "acme", "").await.unique_recipients, 0);
     // The server keeps serving.
-    assert_eq!(outcome(&admit(&mut c, req("acme", "s1", "+15550000001")).await).1, Reason::NewRecipient);
+    assert_eq!(outcome(&admit(&mut c, SALE.to("acme", "s1", "+15550000001")).await).1, Reason::NewRecipient);
     let e = c.get_usage(pb::GetUsageRequest { portfolio_id: "".into(), sender_id: "".into() }).await.unwrap_err();
     assert!(e.message().starts_with("portfolio_id"));
 }
@@ -172,9 +151,9 @@ async fn invalid_requests_name_the_field_and_record_nothing() {
 async fn business_scoped_user_ids_are_recipients_too() {
     let server = TestServer::start(SMALL).await;
     let mut c = server.client().await;
-    let r = admit(&mut c, req("acme", "s1", "US.13491208655302741918")).await;
+    let r = admit(&mut c, SALE.to("acme", "s1", "US.13491208655302741918")).await;
     assert_eq!(outcome(&r).1, Reason::NewRecipient);
-    let r = admit(&mut c, req("acme", "s1", "us.13491208655302741918")).await;
+    let r = admit(&mut c, SALE.to("acme", "s1", "us.13491208655302741918")).await;
     assert_eq!(outcome(&r).1, Reason::AlreadyCounted);
 }
 
@@ -183,12 +162,12 @@ async fn admit_batch_answers_in_order_and_rejects_whole_batches() {
     let server = TestServer::start(SMALL).await;
     let mut c = server.client().await;
     let requests = vec![
-        req("acme", "s1", "+15550000001"),
-        req("globex", "s1", "+15550000001"),
-        req("acme", "s1", "+15550000002"),
-        req("acme", "s1", "+15550000001"),
-        req("acme", "s1", "+15550000003"),
-        req("acme", "s1", "+15550000004"),
+        SALE.to("acme", "s1", "+15550000001"),
+        SALE.to("globex", "s1", "+15550000001"),
+        SALE.to("acme", "s1", "+15550000002"),
+        SALE.to("acme", "s1", "+15550000001"),
+        SALE.to("acme", "s1", "+15550000003"),
+        SALE.to("acme", "s1", "+15550000004"),
     ];
     let got = c.admit_batch(pb::AdmitBatchRequest { requests }).await.unwrap().into_inner().responses;
     let reasons: Vec<_> = got.iter().map(|r| r.reason()).collect();
@@ -198,17 +177,17 @@ async fn admit_batch_answers_in_order_and_rejects_whole_batches() {
     assert_eq!(counted, [1, 1, 2, 2, 3, 3]);
     assert_eq!(got[1].usage.as_ref().unwrap().portfolio_id, "globex");
 
-    let bad = vec![req("initech", "s1", "+15550000001"), req("initech", "s1", "oops")];
+    let bad = vec![SALE.to("initech", "s1", "+15550000001"), SALE.to("initech", "s1", "oops")];
     let e = c.admit_batch(pb::AdmitBatchRequest { requests: bad }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("requests[1].recipient"), "{}", e.message());
     assert_eq!(usage(&mut c, "initech", "").await.unique_recipients, 0, "nothing of a rejected batch is recorded");
 
-    let too_many = (0..1001).map(|i| req("initech", "s1", &format!("+1555{i:07}"))).collect();
+    let too_many = (0..1001).map(|i| SALE.to("initech", "s1", &format!("+1555{i:07}"))).collect();
     let e = c.admit_batch(pb::AdmitBatchRequest { requests: too_many }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("requests"));
-    let max = (0..1000).map(|i| req("initech", "s1", &format!("+1555{i:07}"))).collect();
+    let max = (0..1000).map(|i| SALE.to("initech", "s1", &format!("+1555{i:07}"))).collect();
     let got = c.admit_batch(pb::AdmitBatchRequest { requests: max }).await.unwrap().into_inner().responses;
     assert_eq!(got.len(), 1000);
     assert_eq!(got.iter().filter(|r| r.decision() == Decision::Admitted).count(), 3);
@@ -226,13 +205,13 @@ async fn set_tier_changes_the_limit_and_beats_the_config() {
     let u = c.set_tier(set("T3")).await.unwrap().into_inner();
     assert_eq!((u.tier.as_str(), u.limit), ("T3", 3));
     for i in 0..4 {
-        admit(&mut c, req("acme", "s1", &format!("+1555000000{i}"))).await;
+        admit(&mut c, SALE.to("acme", "s1", &format!("+1555000000{i}"))).await;
     }
     assert_eq!(usage(&mut c, "acme", "").await.unique_recipients, 3);
     let u = c.set_tier(set("UNL")).await.unwrap().into_inner();
     assert!(u.unlimited);
     assert_eq!((u.limit, u.remaining), (0, 0));
-    let r = admit(&mut c, req("acme", "s1", "+15550000009")).await;
+    let r = admit(&mut c, SALE.to("acme", "s1", "+15550000009")).await;
     assert_eq!(outcome(&r), (Decision::Admitted, Reason::NewRecipient));
     let e = c.set_tier(set("TIER_2K")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -245,13 +224,13 @@ async fn per_number_scope_gives_each_number_its_own_limit() {
     let server = TestServer::start(&config).await;
     let mut c = server.client().await;
     for i in 0..3 {
-        admit(&mut c, req("acme", "n1", &format!("+1555000000{i}"))).await;
+        admit(&mut c, SALE.to("acme", "n1", &format!("+1555000000{i}"))).await;
     }
-    assert_eq!(outcome(&admit(&mut c, req("acme", "n1", "+15550000009")).await).1, Reason::LimitReached);
-    assert_eq!(outcome(&admit(&mut c, req("acme", "n2", "+15550000009")).await).1, Reason::NewRecipient);
+    assert_eq!(outcome(&admit(&mut c, SALE.to("acme", "n1", "+15550000009")).await).1, Reason::LimitReached);
+    assert_eq!(outcome(&admit(&mut c, SALE.to("acme", "n2", "+15550000009")).await).1, Reason::NewRecipient);
     let u = usage(&mut c, "acme", "n1").await;
     assert_eq!((u.unique_recipients, u.sender_id.as_str()), (3, "n1"));
-    let e = c.admit(req("acme", "", "+15550000009")).await.unwrap_err();
+    let e = c.admit(SALE.to("acme", "", "+15550000009")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("sender_id"));
     let e = c.get_usage(pb::GetUsageRequest { portfolio_id: "acme".into(), sender_id: "".into() }).await.unwrap_err();
@@ -264,14 +243,14 @@ async fn short_windows_free_slots_as_contacts_age_out() {
     let server = TestServer::start(&config).await;
     let mut c = server.client().await;
     for i in 0..3 {
-        admit(&mut c, req("acme", "s1", &format!("+1555000000{i}"))).await;
+        admit(&mut c, SALE.to("acme", "s1", &format!("+1555000000{i}"))).await;
     }
-    let denied = admit(&mut c, req("acme", "s1", "+15550000009")).await;
+    let denied = admit(&mut c, SALE.to("acme", "s1", "+15550000009")).await;
     assert_eq!(denied.reason(), Reason::LimitReached);
     let retry: Duration = denied.retry_after.unwrap().try_into().unwrap();
     assert!(retry > Duration::ZERO && retry <= Duration::from_secs(1));
     tokio::time::sleep(retry + Duration::from_millis(50)).await;
-    assert_eq!(admit(&mut c, req("acme", "s1", "+15550000009")).await.reason(), Reason::NewRecipient);
+    assert_eq!(admit(&mut c, SALE.to("acme", "s1", "+15550000009")).await.reason(), Reason::NewRecipient);
 }
 
 #[tokio::test]
@@ -282,7 +261,7 @@ async fn concurrent_admits_of_distinct_recipients_never_exceed_the_limit() {
         .map(|i| {
             let mut c = c.clone();
             tokio::spawn(async move {
-                let r = c.admit(req("acme", "s1", &format!("+1555{i:07}"))).await.unwrap().into_inner();
+                let r = c.admit(SALE.to("acme", "s1", &format!("+1555{i:07}"))).await.unwrap().into_inner();
                 r.decision() == Decision::Admitted
             })
         })
@@ -307,7 +286,7 @@ async fn health_metrics_and_readiness_are_served() {
         assert_eq!(s.status(), ServingStatus::Serving, "{service:?}");
     }
     let mut c = server.client().await;
-    admit(&mut c, req("metrics-acme", "s1", "+15550000001")).await;
+    admit(&mut c, SALE.to("metrics-acme", "s1", "+15550000001")).await;
     let (status, body) = server.get("/metrics").await;
     assert_eq!(status, 200);
     assert!(body.contains(r#"tiergate_decisions_total{decision="admitted",reason="new_recipient"}"#), "{body}");
@@ -381,5 +360,5 @@ async fn with_an_admin_token_only_its_holders_change_portfolios() {
     right.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
     assert_eq!(c.set_tier(right).await.unwrap().into_inner().tier, "T30");
     // Sending needs no token.
-    assert_eq!(admit(&mut c, req("acme", "s1", "+15550000001")).await.reason(), Reason::NewRecipient);
+    assert_eq!(admit(&mut c, SALE.to("acme", "s1", "+15550000001")).await.reason(), Reason::NewRecipient);
 }

@@ -6,10 +6,12 @@ mod common;
 
 use std::net::SocketAddr;
 
+use common::calls::{inbound, portfolio, reason, usage, Client};
 use common::redis::RedisServer;
-use common::server::{fixture, http, http_get, post_webhook, TestServer};
-use tiergate::pb::{self, limiter_client::LimiterClient, Decision, Reason};
-use tonic::transport::Channel;
+use common::requests::{AUTHENTICATION, MARKETING, SERVICE, UTILITY};
+use common::server::{http, http_get, TestServer};
+use common::webhooks::{fixture, post_webhook};
+use tiergate::pb::{self, Decision, Reason};
 use tonic::Code;
 
 const SECRET: &str = "meta-app-secret-for-tests";
@@ -20,7 +22,7 @@ const USER: &str = "16505551234";
 
 struct Setup {
     server: TestServer,
-    c: LimiterClient<Channel>,
+    c: Client,
     _redis: RedisServer,
 }
 
@@ -52,41 +54,10 @@ verify_token = "{TOKEN}"
     Setup { server, c, _redis: redis }
 }
 
-fn req(sender: &str, recipient: &str, category: pb::Category, template: &str) -> pb::AdmitRequest {
-    pb::AdmitRequest {
-        portfolio_id: "acme".into(),
-        sender_id: sender.into(),
-        recipient: recipient.into(),
-        category: category.into(),
-        template: template.into(),
-    }
-}
-
-async fn reason(c: &mut LimiterClient<Channel>, r: pb::AdmitRequest) -> Reason {
-    c.admit(r).await.unwrap().into_inner().reason()
-}
-
-async fn portfolio(c: &mut LimiterClient<Channel>) -> pb::Portfolio {
-    c.get_portfolio(pb::GetPortfolioRequest { portfolio_id: "acme".into() }).await.unwrap().into_inner()
-}
-
-async fn usage(c: &mut LimiterClient<Channel>) -> pb::Usage {
-    let r = pb::GetUsageRequest { portfolio_id: "acme".into(), sender_id: String::new() };
-    c.get_usage(r).await.unwrap().into_inner()
-}
-
-async fn inbound(c: &mut LimiterClient<Channel>, sender: &str, recipient: &str) {
-    let r =
-        pb::RecordInboundRequest { portfolio_id: "acme".into(), sender_id: sender.into(), recipient: recipient.into() };
-    c.record_inbound(r).await.unwrap();
-}
-
 async fn deliver(admin: SocketAddr, body: &str) {
     let (status, text) = post_webhook(admin, SECRET, body).await;
     assert_eq!(status, 200, "{text}");
 }
-
-use pb::Category::{Authentication, Marketing, Service, Utility};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opted_out_users_get_only_replies_and_no_marketing_on_any_number() {
@@ -94,17 +65,17 @@ async fn opted_out_users_get_only_replies_and_no_marketing_on_any_number() {
     let opt =
         |out| pb::SetOptOutRequest { portfolio_id: "acme".into(), recipient: "+1 650 555 1234".into(), opted_out: out };
     assert!(c.set_opt_out(opt(true)).await.unwrap().into_inner().opted_out);
-    assert_eq!(reason(&mut c, req("n1", USER, Utility, "")).await, Reason::OptedOut);
-    inbound(&mut c, "n1", USER).await;
-    assert_eq!(reason(&mut c, req("n1", USER, Service, "")).await, Reason::ServiceWindow);
-    assert_eq!(reason(&mut c, req("n1", USER, Utility, "")).await, Reason::ServiceWindow);
-    assert_eq!(reason(&mut c, req("n1", USER, Marketing, "")).await, Reason::OptedOut);
-    assert_eq!(reason(&mut c, req("n2", USER, Utility, "")).await, Reason::OptedOut, "every number of the business");
-    assert_eq!(portfolio(&mut c).await.opted_out_recipients, 1);
+    assert_eq!(reason(&mut c, UTILITY.to("acme", "n1", USER)).await, Reason::OptedOut);
+    inbound(&mut c, "acme", "n1", USER).await;
+    assert_eq!(reason(&mut c, SERVICE.to("acme", "n1", USER)).await, Reason::ServiceWindow);
+    assert_eq!(reason(&mut c, UTILITY.to("acme", "n1", USER)).await, Reason::ServiceWindow);
+    assert_eq!(reason(&mut c, MARKETING.to("acme", "n1", USER)).await, Reason::OptedOut);
+    assert_eq!(reason(&mut c, UTILITY.to("acme", "n2", USER)).await, Reason::OptedOut, "every number of the business");
+    assert_eq!(portfolio(&mut c, "acme").await.opted_out_recipients, 1);
     let (_, metrics) = server.get("/metrics").await;
     assert!(metrics.contains("tiergate_denials_total{portfolio=\"acme\",reason=\"opted_out\"}"), "{metrics}");
     c.set_opt_out(opt(false)).await.unwrap();
-    assert_eq!(reason(&mut c, req("n2", USER, Marketing, "")).await, Reason::NewRecipient);
+    assert_eq!(reason(&mut c, MARKETING.to("acme", "n2", USER)).await, Reason::NewRecipient);
     let e = c
         .set_opt_out(pb::SetOptOutRequest { portfolio_id: "acme".into(), recipient: "nope".into(), opted_out: true })
         .await
@@ -122,11 +93,11 @@ async fn senders_banned_or_configured_blocked_are_denied_and_free_form_needs_a_w
     };
     let p = c.update_portfolio(ban).await.unwrap().into_inner();
     assert_eq!(p.senders[0].status(), pb::SenderStatus::Banned);
-    let denied = c.admit(req("n1", USER, Utility, "")).await.unwrap().into_inner();
+    let denied = c.admit(UTILITY.to("acme", "n1", USER)).await.unwrap().into_inner();
     assert_eq!((denied.decision(), denied.reason()), (Decision::Denied, Reason::SenderBlocked));
-    assert_eq!(reason(&mut c, req("blocked-number", USER, Utility, "")).await, Reason::SenderBlocked);
-    assert_eq!(reason(&mut c, req("n2", USER, Service, "")).await, Reason::OutsideServiceWindow);
-    assert_eq!(usage(&mut c).await.unique_recipients, 0, "denials take no slot");
+    assert_eq!(reason(&mut c, UTILITY.to("acme", "blocked-number", USER)).await, Reason::SenderBlocked);
+    assert_eq!(reason(&mut c, SERVICE.to("acme", "n2", USER)).await, Reason::OutsideServiceWindow);
+    assert_eq!(usage(&mut c, "acme", "").await.unique_recipients, 0, "denials take no slot");
     let restricted = pb::UpdatePortfolioRequest {
         portfolio_id: "acme".into(),
         senders: vec![pb::SenderUpdate {
@@ -144,25 +115,25 @@ async fn senders_banned_or_configured_blocked_are_denied_and_free_form_needs_a_w
 async fn marketing_is_held_back_by_the_reserve_while_otps_use_the_rest() {
     let Setup { mut c, _redis, server: _server } =
         setup("default_tier = \"TIER_250\"\n[policy.reserve]\nmarketing = 0.1").await;
-    let batch: Vec<_> = (0..226).map(|i| req("n1", &format!("+1555{i:07}"), Marketing, "")).collect();
+    let batch: Vec<_> = (0..226).map(|i| MARKETING.to("acme", "n1", &format!("+1555{i:07}"))).collect();
     let got = c.admit_batch(pb::AdmitBatchRequest { requests: batch }).await.unwrap().into_inner().responses;
     assert_eq!(got.iter().filter(|r| r.reason() == Reason::NewRecipient).count(), 225);
     assert_eq!(got[225].reason(), Reason::HeadroomReserved);
     assert!(got[225].retry_after.is_some());
-    let otps: Vec<_> = (0..26).map(|i| req("n1", &format!("+1666{i:07}"), Authentication, "")).collect();
+    let otps: Vec<_> = (0..26).map(|i| AUTHENTICATION.to("acme", "n1", &format!("+1666{i:07}"))).collect();
     let got = c.admit_batch(pb::AdmitBatchRequest { requests: otps }).await.unwrap().into_inner().responses;
     assert_eq!(got.iter().filter(|r| r.reason() == Reason::NewRecipient).count(), 25);
     assert_eq!(got[25].reason(), Reason::LimitReached);
-    let u = usage(&mut c).await;
+    let u = usage(&mut c, "acme", "").await;
     assert_eq!((u.unique_recipients, u.status()), (250, pb::SenderStatus::Restricted));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_projects_the_next_upgrade_and_says_what_blocks_it() {
     let Setup { mut c, _redis, server: _server } = setup("").await;
-    let batch: Vec<_> = (0..40).map(|i| req("n1", &format!("+1555{i:07}"), Utility, "")).collect();
+    let batch: Vec<_> = (0..40).map(|i| UTILITY.to("acme", "n1", &format!("+1555{i:07}"))).collect();
     c.admit_batch(pb::AdmitBatchRequest { requests: batch }).await.unwrap();
-    let u = usage(&mut c).await;
+    let u = usage(&mut c, "acme", "").await;
     assert_eq!((u.unique_recipients_7d, u.unique_recipients_30d), (40, 40));
     let up = u.upgrade.clone().unwrap();
     assert_eq!((up.next_tier.as_str(), up.eligible, up.period_days), ("TIER_2K", false, 30));
@@ -179,9 +150,9 @@ async fn usage_projects_the_next_upgrade_and_says_what_blocks_it() {
         tier: String::new(),
     };
     c.update_portfolio(ratings(pb::Quality::High.into())).await.unwrap();
-    assert_eq!(usage(&mut c).await.quality(), pb::Quality::High);
+    assert_eq!(usage(&mut c, "acme", "").await.quality(), pb::Quality::High);
     c.update_portfolio(ratings(pb::Quality::Medium.into())).await.unwrap();
-    let u = usage(&mut c).await;
+    let u = usage(&mut c, "acme", "").await;
     assert_eq!(u.quality(), pb::Quality::Medium);
     assert!(u.upgrade.unwrap().blockers.contains(&"quality is MEDIUM; HIGH is needed".to_string()));
 }
@@ -201,19 +172,19 @@ async fn simulation_moves_a_scope_up_when_the_rule_is_met() {
     for round in 0..2 {
         for i in 0..2 {
             assert_eq!(
-                reason(&mut c, req("n1", &format!("+1555000{round}{i}00"), Utility, "")).await,
+                reason(&mut c, UTILITY.to("acme", "n1", &format!("+1555000{round}{i}00"))).await,
                 Reason::NewRecipient
             );
         }
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     }
     // Four unique recipients in 30 days at the first tier: the next tier's limit, quality high.
-    let u = usage(&mut c).await;
+    let u = usage(&mut c, "acme", "").await;
     assert_eq!((u.tier.as_str(), u.limit), ("T4", 4), "{u:?}");
     let up = u.upgrade.unwrap();
     assert_eq!((up.next_tier.as_str(), up.eligible, up.period_days), ("T8", true, 7));
     assert_eq!(up.applies_after.unwrap().seconds, 6 * 3600, "the next step waits 6 hours");
-    assert_eq!(usage(&mut c).await.tier, "T4", "no second upgrade before the delay");
+    assert_eq!(usage(&mut c, "acme", "").await.tier, "T4", "no second upgrade before the delay");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,7 +205,7 @@ async fn unsigned_wrongly_signed_or_malformed_deliveries_apply_nothing() {
     let json = [("Content-Type", "application/json")];
     assert_eq!(http(server.admin_addr, "POST", "/webhooks/whatsapp", &json, body.as_bytes()).await.0, 401);
     assert_eq!(post_webhook(server.admin_addr, "not-the-secret", &body).await.0, 401);
-    assert_eq!(usage(&mut c).await.tier, "TIER_250", "nothing applied");
+    assert_eq!(usage(&mut c, "acme", "").await.tier, "TIER_250", "nothing applied");
     assert_eq!(post_webhook(server.admin_addr, SECRET, "{\"entry\": [").await.0, 400);
     assert_eq!(post_webhook(server.admin_addr, SECRET, "{\"object\": \"x\"}").await.0, 400);
     let (_, metrics) = server.get("/metrics").await;
@@ -247,16 +218,16 @@ async fn webhooks_set_tier_quality_templates_windows_and_alerts() {
     let admin = server.admin_addr;
 
     deliver(admin, &fixture("business_capability_update")).await;
-    let u = usage(&mut c).await;
+    let u = usage(&mut c, "acme", "").await;
     assert_eq!((u.tier.as_str(), u.limit), ("TIER_2K", 2_000));
 
     // An inbound message opens the (phone number id, user) window at its timestamp.
     deliver(admin, &fixture("messages")).await;
-    assert_eq!(reason(&mut c, req(PHONE_ID, USER, Service, "")).await, Reason::ServiceWindow);
-    assert_eq!(reason(&mut c, req("another-number", USER, Service, "")).await, Reason::OutsideServiceWindow);
+    assert_eq!(reason(&mut c, SERVICE.to("acme", PHONE_ID, USER)).await, Reason::ServiceWindow);
+    assert_eq!(reason(&mut c, SERVICE.to("acme", "another-number", USER)).await, Reason::OutsideServiceWindow);
 
     deliver(admin, &fixture("phone_number_quality_update")).await;
-    let p = portfolio(&mut c).await;
+    let p = portfolio(&mut c, "acme").await;
     let sender = p.senders.iter().find(|s| s.sender_id == PHONE_ID).expect("the number is known by its id");
     assert_eq!((sender.status(), sender.quality()), (pb::SenderStatus::Flagged, pb::Quality::Low));
     assert_eq!(sender.display_phone_number, "15550783881");
@@ -264,27 +235,36 @@ async fn webhooks_set_tier_quality_templates_windows_and_alerts() {
 
     let paused = fixture("message_template_status_update").replace("{{EVENT}}", "PAUSED");
     deliver(admin, &paused).await;
-    assert_eq!(reason(&mut c, req(PHONE_ID, "+15550000001", Marketing, "spring_sale")).await, Reason::TemplateBlocked);
-    assert_eq!(reason(&mut c, req(PHONE_ID, "+15550000001", Marketing, "welcome")).await, Reason::NewRecipient);
+    assert_eq!(
+        reason(&mut c, MARKETING.template("spring_sale").to("acme", PHONE_ID, "+15550000001")).await,
+        Reason::TemplateBlocked
+    );
+    assert_eq!(
+        reason(&mut c, MARKETING.template("welcome").to("acme", PHONE_ID, "+15550000001")).await,
+        Reason::NewRecipient
+    );
     deliver(admin, &fixture("message_template_quality_update")).await;
-    let p = portfolio(&mut c).await;
+    let p = portfolio(&mut c, "acme").await;
     let t = &p.templates[0];
     assert_eq!(
         (t.name.as_str(), t.status.as_str(), t.active, t.quality()),
         ("spring_sale", "PAUSED", false, pb::Quality::Medium)
     );
     deliver(admin, &fixture("message_template_status_update").replace("{{EVENT}}", "APPROVED")).await;
-    assert_eq!(reason(&mut c, req(PHONE_ID, "+15550000002", Marketing, "spring_sale")).await, Reason::NewRecipient);
+    assert_eq!(
+        reason(&mut c, MARKETING.template("spring_sale").to("acme", PHONE_ID, "+15550000002")).await,
+        Reason::NewRecipient
+    );
 
     deliver(admin, &fixture("account_alerts")).await;
-    let p = portfolio(&mut c).await;
+    let p = portfolio(&mut c, "acme").await;
     assert_eq!(p.alerts.len(), 1);
     assert!(p.alerts[0].key.starts_with("INCREASED_CAPABILITIES_ELIGIBILITY_DEFERRED"));
     assert!(p.alerts[0].body.contains("not yet eligible"));
 
     // Unknown fields and change types are ignored and counted, never an error.
     deliver(admin, &fixture("unknown_field")).await;
-    assert_eq!(usage(&mut c).await.tier, "TIER_10K");
+    assert_eq!(usage(&mut c, "acme", "").await.tier, "TIER_10K");
     let (_, metrics) = server.get("/metrics").await;
     assert!(metrics.contains("tiergate_webhook_changes_total{field=\"security\",outcome=\"ignored\"} 1"), "{metrics}");
 }
@@ -301,18 +281,18 @@ async fn a_delivery_applied_twice_leaves_the_same_state() {
     for body in &all {
         deliver(server.admin_addr, body).await;
     }
-    let once = portfolio(&mut c).await;
+    let once = portfolio(&mut c, "acme").await;
     for body in &all {
         deliver(server.admin_addr, body).await;
     }
-    assert_eq!(portfolio(&mut c).await, once);
+    assert_eq!(portfolio(&mut c, "acme").await, once);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_capability_updates_carry_the_limit_too() {
     let Setup { server, mut c, _redis } = setup("").await;
     deliver(server.admin_addr, &fixture("business_capability_update_legacy")).await;
-    let u = usage(&mut c).await;
+    let u = usage(&mut c, "acme", "").await;
     assert_eq!((u.tier.as_str(), u.limit), ("TIER_10K", 10_000));
 }
 
@@ -329,7 +309,7 @@ async fn a_store_outage_answers_5xx_and_loses_nothing_on_retry() {
         assert!(std::time::Instant::now() < deadline, "the retry was never applied");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(usage(&mut c).await.tier, "TIER_2K");
+    assert_eq!(usage(&mut c, "acme", "").await.tier, "TIER_2K");
 }
 
 #[tokio::test]
@@ -360,7 +340,7 @@ async fn an_unmapped_waba_is_its_own_portfolio() {
     deliver(server.admin_addr, &body).await;
     let r = pb::GetUsageRequest { portfolio_id: "777000111".into(), sender_id: String::new() };
     assert_eq!(c.get_usage(r).await.unwrap().into_inner().tier, "TIER_2K");
-    assert_eq!(usage(&mut c).await.tier, "TIER_250", "the mapped portfolio is untouched");
+    assert_eq!(usage(&mut c, "acme", "").await.tier, "TIER_250", "the mapped portfolio is untouched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,7 +355,10 @@ async fn a_late_retry_of_an_older_event_does_not_undo_a_newer_one() {
     deliver(server.admin_addr, &status("REINSTATED", 1_763_700_600)).await;
     // Meta retries the PAUSED delivery after the REINSTATED one was applied.
     deliver(server.admin_addr, &status("PAUSED", 1_763_700_000)).await;
-    assert_eq!(reason(&mut c, req(PHONE_ID, "+15550000001", Marketing, "spring_sale")).await, Reason::NewRecipient);
+    assert_eq!(
+        reason(&mut c, MARKETING.template("spring_sale").to("acme", PHONE_ID, "+15550000001")).await,
+        Reason::NewRecipient
+    );
     let capability = |tier: &str, time: u64| {
         fixture("business_capability_update")
             .replace("TIER_2K", tier)
@@ -383,7 +366,7 @@ async fn a_late_retry_of_an_older_event_does_not_undo_a_newer_one() {
     };
     deliver(server.admin_addr, &capability("TIER_10K", 1_763_700_600)).await;
     deliver(server.admin_addr, &capability("TIER_2K", 1_763_700_000)).await;
-    assert_eq!(usage(&mut c).await.tier, "TIER_10K");
+    assert_eq!(usage(&mut c, "acme", "").await.tier, "TIER_10K");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,8 +387,8 @@ async fn a_quality_event_does_not_lift_a_ban() {
         .replace("\"FLAGGED\"", "\"UNFLAGGED\"")
         .replace("\"time\": 1763700000", &format!("\"time\": {}", 4_000_000_000u64));
     deliver(server.admin_addr, &unflagged).await;
-    let p = portfolio(&mut c).await;
+    let p = portfolio(&mut c, "acme").await;
     let sender = p.senders.iter().find(|s| s.sender_id == PHONE_ID).unwrap();
     assert_eq!(sender.status(), pb::SenderStatus::Banned);
-    assert_eq!(reason(&mut c, req(PHONE_ID, USER, Utility, "")).await, Reason::SenderBlocked);
+    assert_eq!(reason(&mut c, UTILITY.to("acme", PHONE_ID, USER)).await, Reason::SenderBlocked);
 }

@@ -5,10 +5,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::calls::{admit_until_ok, usage};
 use common::redis::{RedisCluster, RedisServer, SentinelSetup};
+use common::requests::{self, UTILITY};
 use common::server::{http_get, Sidecar};
-use tiergate::pb::{self, limiter_client::LimiterClient, Decision, Reason};
-use tonic::transport::Channel;
+use common::webhooks::{fixture, post_webhook};
+use tiergate::pb::{self, Decision, Reason};
 use tonic::Code;
 
 const HASH_KEY: (&str, &str) = ("TIERGATE_STORE_HASH_KEY", "test-hash-key-0123456789");
@@ -18,42 +20,6 @@ fn config(store: &str, extra_policy: &str) -> String {
         "[store]\nbackend = \"redis\"\ntimeout = \"300ms\"\n{store}\n\n[policy]\n\
          ladder = [{{ name = \"T50\", limit = 50 }}, {{ name = \"T1K\", limit = 1000 }}, {{ name = \"UNL\" }}]\n{extra_policy}\n"
     )
-}
-
-fn req(portfolio: &str, recipient: &str) -> pb::AdmitRequest {
-    pb::AdmitRequest {
-        portfolio_id: portfolio.into(),
-        sender_id: "sender-1".into(),
-        recipient: recipient.into(),
-        category: pb::Category::Utility.into(),
-        template: String::new(),
-    }
-}
-
-async fn usage(c: &mut LimiterClient<Channel>, portfolio: &str) -> pb::Usage {
-    c.get_usage(pb::GetUsageRequest { portfolio_id: portfolio.into(), sender_id: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Retries an Admit until it succeeds or `limit` passes; returns the answer and how long it took.
-async fn admit_until_ok(
-    c: &mut LimiterClient<Channel>,
-    r: pb::AdmitRequest,
-    limit: Duration,
-) -> (pb::AdmitResponse, Duration) {
-    let started = Instant::now();
-    loop {
-        match c.admit(r.clone()).await {
-            Ok(resp) => return (resp.into_inner(), started.elapsed()),
-            Err(s) if started.elapsed() < limit => {
-                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(s) => panic!("admission did not recover within {limit:?}: {s:?}"),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,7 +33,7 @@ async fn two_sidecar_processes_on_one_redis_admit_exactly_the_limit() {
         .map(|i| {
             let mut c = if i % 2 == 0 { ca.clone() } else { cb.clone() };
             tokio::spawn(async move {
-                let r = c.admit(req("acme", &format!("+1555{i:07}"))).await.unwrap().into_inner();
+                let r = c.admit(UTILITY.to("acme", "sender-1", &format!("+1555{i:07}"))).await.unwrap().into_inner();
                 (i, r.decision() == Decision::Admitted)
             })
         })
@@ -81,25 +47,27 @@ async fn two_sidecar_processes_on_one_redis_admit_exactly_the_limit() {
     }
     assert_eq!(admitted.len(), 50, "400 concurrent Admits through two sidecars against a limit of 50");
     let (mut ca, mut cb) = (ca, cb);
-    assert_eq!(usage(&mut ca, "acme").await.unique_recipients, 50);
-    assert_eq!(usage(&mut cb, "acme").await.unique_recipients, 50);
+    assert_eq!(usage(&mut ca, "acme", "").await.unique_recipients, 50);
+    assert_eq!(usage(&mut cb, "acme", "").await.unique_recipients, 50);
 
     // Same hash key: every recipient counted through either sidecar is known to both, even
     // written differently, while the window stays full for anyone new.
     for &i in &admitted {
         let written_differently = format!("+1 555 {:03} {:04}", i / 10_000, i % 10_000);
         for c in [&mut ca, &mut cb] {
-            let r = c.admit(req("acme", &written_differently)).await.unwrap().into_inner();
+            let r = c.admit(UTILITY.to("acme", "sender-1", &written_differently)).await.unwrap().into_inner();
             assert_eq!(r.reason(), Reason::AlreadyCounted, "{written_differently}");
         }
     }
-    assert_eq!(cb.admit(req("acme", "+15559999999")).await.unwrap().into_inner().reason(), Reason::LimitReached);
+    assert_eq!(
+        cb.admit(UTILITY.to("acme", "sender-1", "+15559999999")).await.unwrap().into_inner().reason(),
+        Reason::LimitReached
+    );
 
     // A tier set through one sidecar holds for the other.
-    let set = pb::SetTierRequest { portfolio_id: "acme".into(), sender_id: String::new(), tier: "T1K".into() };
-    ca.set_tier(set).await.unwrap();
-    assert_eq!(usage(&mut cb, "acme").await.limit, 1000);
-    let more = cb.admit(req("acme", "+15559999998")).await.unwrap().into_inner();
+    ca.set_tier(requests::set_tier("acme", "", "T1K")).await.unwrap();
+    assert_eq!(usage(&mut cb, "acme", "").await.limit, 1000);
+    let more = cb.admit(UTILITY.to("acme", "sender-1", "+15559999998")).await.unwrap().into_inner();
     assert_eq!(more.reason(), Reason::NewRecipient);
 
     // Redis holds keyed hashes only: no recipient number appears in any key or member.
@@ -117,19 +85,23 @@ async fn a_redis_restart_fails_calls_fast_then_recovers_without_a_sidecar_restar
     let cfg = config(&format!("url = \"{}\"", redis.url()), "");
     let sidecar = Sidecar::spawn(&cfg, &[HASH_KEY]);
     let mut c = sidecar.client().await;
-    assert_eq!(c.admit(req("acme", "+15550000001")).await.unwrap().into_inner().reason(), Reason::NewRecipient);
+    assert_eq!(
+        c.admit(UTILITY.to("acme", "sender-1", "+15550000001")).await.unwrap().into_inner().reason(),
+        Reason::NewRecipient
+    );
     assert_eq!(http_get(sidecar.admin_addr, "/readyz").await.0, 200);
 
     redis.kill();
     let started = Instant::now();
-    let e = c.admit(req("acme", "+15550000002")).await.unwrap_err();
+    let e = c.admit(UTILITY.to("acme", "sender-1", "+15550000002")).await.unwrap_err();
     println!("Admit failed in {:?} while Redis was down", started.elapsed());
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     let (status, body) = http_get(sidecar.admin_addr, "/readyz").await;
     assert_eq!(status, 503, "{body}");
 
     redis.restart(); // A new process: data and loaded scripts are gone.
-    let (answer, took) = admit_until_ok(&mut c, req("acme", "+15550000002"), Duration::from_secs(15)).await;
+    let (answer, took) =
+        admit_until_ok(&mut c, UTILITY.to("acme", "sender-1", "+15550000002"), Duration::from_secs(15)).await;
     println!("Admission recovered {took:?} after Redis came back");
     assert_eq!(answer.reason(), Reason::NewRecipient);
     assert_eq!(http_get(sidecar.admin_addr, "/readyz").await.0, 200);
@@ -143,9 +115,9 @@ async fn on_error_allow_admits_unchecked_while_redis_is_down() {
     let cfg = config(&format!("url = \"{}\"\non_error = \"allow\"", redis.url()), "");
     let sidecar = Sidecar::spawn(&cfg, &[HASH_KEY]);
     let mut c = sidecar.client().await;
-    c.admit(req("acme", "+15550000001")).await.unwrap();
+    c.admit(UTILITY.to("acme", "sender-1", "+15550000001")).await.unwrap();
     redis.kill();
-    let r = c.admit(req("acme", "+15550000002")).await.unwrap().into_inner();
+    let r = c.admit(UTILITY.to("acme", "sender-1", "+15550000002")).await.unwrap().into_inner();
     assert_eq!((r.decision(), r.reason()), (Decision::Admitted, Reason::StoreUnavailable));
     assert!(r.lease.is_empty());
     let (_, metrics) = http_get(sidecar.admin_addr, "/metrics").await;
@@ -159,11 +131,15 @@ async fn sentinel_failover_keeps_admission_working() {
     let url = format!("url = \"redis+sentinel://127.0.0.1:{}/{}\"", setup.sentinel.port(), setup.master_name);
     let sidecar = Sidecar::spawn(&config(&url, ""), &[HASH_KEY]);
     let mut c = sidecar.client().await;
-    assert_eq!(c.admit(req("acme", "+15550000001")).await.unwrap().into_inner().reason(), Reason::NewRecipient);
+    assert_eq!(
+        c.admit(UTILITY.to("acme", "sender-1", "+15550000001")).await.unwrap().into_inner().reason(),
+        Reason::NewRecipient
+    );
     let old = setup.master_port();
     let new = setup.failover();
     assert_ne!(old, new);
-    let (answer, took) = admit_until_ok(&mut c, req("acme", "+15550000002"), Duration::from_secs(20)).await;
+    let (answer, took) =
+        admit_until_ok(&mut c, UTILITY.to("acme", "sender-1", "+15550000002"), Duration::from_secs(20)).await;
     println!("Admission worked again {took:?} after the failover to port {new}");
     assert_eq!(answer.decision(), Decision::Admitted);
     // The write went to the new master.
@@ -179,11 +155,12 @@ async fn a_sidecar_on_redis_cluster_serves_portfolios_on_every_slot() {
     let cfg = config(&format!("url = \"{}\"\ncluster = true", cluster.url()), "default_tier = \"T50\"");
     let sidecar = Sidecar::spawn(&cfg, &[HASH_KEY]);
     let mut c = sidecar.client().await;
-    let requests: Vec<_> = (0..40).map(|i| req(&format!("portfolio-{}", i % 10), &format!("+1555000{i:04}"))).collect();
+    let requests: Vec<_> =
+        (0..40).map(|i| UTILITY.to(&format!("portfolio-{}", i % 10), "sender-1", &format!("+1555000{i:04}"))).collect();
     let got = c.admit_batch(pb::AdmitBatchRequest { requests }).await.unwrap().into_inner().responses;
     assert!(got.iter().all(|r| r.reason() == Reason::NewRecipient));
     for p in 0..10 {
-        assert_eq!(usage(&mut c, &format!("portfolio-{p}")).await.unique_recipients, 4);
+        assert_eq!(usage(&mut c, &format!("portfolio-{p}"), "").await.unique_recipients, 4);
     }
     // The portfolios really are spread over the masters.
     let holding = cluster.nodes.iter().filter(|n| n.cli(&["DBSIZE"]) != "0").count();
@@ -198,7 +175,10 @@ async fn redis_credentials_work_and_never_reach_the_log() {
     let cfg = config(&format!("url = \"redis://sidecar:s3cret-pw@127.0.0.1:{}\"", redis.port()), "");
     let sidecar = Sidecar::spawn(&cfg, &[HASH_KEY]);
     let mut c = sidecar.client().await;
-    assert_eq!(c.admit(req("acme", "+15550000001")).await.unwrap().into_inner().reason(), Reason::NewRecipient);
+    assert_eq!(
+        c.admit(UTILITY.to("acme", "sender-1", "+15550000001")).await.unwrap().into_inner().reason(),
+        Reason::NewRecipient
+    );
     let log = sidecar.log();
     assert!(log.contains(&format!("127.0.0.1:{}", redis.port())), "the store is named: {log}");
     assert!(!log.contains("s3cret-pw"), "{log}");
@@ -221,7 +201,7 @@ fn sigterm_drains_and_exits_cleanly() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut c = sidecar.client().await;
-        c.admit(req("acme", "+15550000001")).await.unwrap();
+        c.admit(UTILITY.to("acme", "sender-1", "+15550000001")).await.unwrap();
     });
     let status = sidecar.terminate();
     assert!(status.success(), "{status:?}");
@@ -241,18 +221,18 @@ async fn a_signed_webhook_to_one_sidecar_raises_the_limit_on_every_sidecar() {
     let worker = Sidecar::spawn(&plain, &[HASH_KEY]);
     let mut c = worker.client().await;
     let batch = |from: usize, n: usize| pb::AdmitBatchRequest {
-        requests: (from..from + n).map(|i| req("acme", &format!("+1555{i:07}"))).collect(),
+        requests: (from..from + n).map(|i| UTILITY.to("acme", "sender-1", &format!("+1555{i:07}"))).collect(),
     };
     let got = c.admit_batch(batch(0, 251)).await.unwrap().into_inner().responses;
     assert_eq!(got.iter().filter(|r| r.decision() == Decision::Admitted).count(), 250, "TIER_250 to begin with");
     assert_eq!(got[250].reason(), Reason::LimitReached);
 
     receiver.client().await; // up and serving
-    let body = common::server::fixture("business_capability_update");
-    let (status, text) = common::server::post_webhook(receiver.admin_addr, "app-secret", &body).await;
+    let body = fixture("business_capability_update");
+    let (status, text) = post_webhook(receiver.admin_addr, "app-secret", &body).await;
     assert_eq!(status, 200, "{text}");
 
-    let got = c.admit(req("acme", "+15550000250")).await.unwrap().into_inner();
+    let got = c.admit(UTILITY.to("acme", "sender-1", "+15550000250")).await.unwrap().into_inner();
     assert_eq!(got.reason(), Reason::NewRecipient);
     let u = got.usage.unwrap();
     assert_eq!((u.tier.as_str(), u.limit, u.unique_recipients), ("TIER_2K", 2_000, 251));
@@ -260,24 +240,18 @@ async fn a_signed_webhook_to_one_sidecar_raises_the_limit_on_every_sidecar() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_stay_unique_when_the_redis_clock_goes_back() {
-    use tiergate::hashing::RecipientHasher;
-    use tiergate::policy::{Category, Lease, ScopeKey, Tier};
-    use tiergate::store::redis::{RedisOptions, RedisStore, Topology};
-    use tiergate::store::{AdmitOp, AdmitParams, Store, Windows};
+    use common::ops::{op, params, portfolio};
+    use common::stores::{redis_options, standalone};
+    use tiergate::policy::{Lease, Tier};
+    use tiergate::store::redis::RedisStore;
+    use tiergate::store::{Store, Windows};
 
     let redis = RedisServer::start();
-    let store = RedisStore::new(RedisOptions {
-        topology: Topology::Standalone { url: redis.url() },
-        windows: Windows::default(),
-        timeout: Duration::from_secs(2),
-        state_ttl: Duration::from_secs(3600),
-        key_prefix: "tg".into(),
-    })
-    .unwrap();
-    let scope = ScopeKey { portfolio: "acme".into(), sender: None };
-    let params = AdmitParams { fallback: Tier::limited("T", 10), reserve_bp: 0 };
-    let member = RecipientHasher::new(b"0123456789abcdef").unwrap().recipient("15550000001");
-    let op = AdmitOp { member: member.clone(), category: Category::Utility, ..AdmitOp::default() };
+    let store = RedisStore::new(redis_options(standalone(&redis), Windows::default(), "tg")).unwrap();
+    let scope = portfolio("acme");
+    let params = params(&Tier::limited("T", 10));
+    let op = op("15550000001");
+    let member = op.member.clone();
     // As after a failover to a node whose clock is behind: the last score is ahead of TIME.
     let ahead = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() + 60_000_000;
     redis.cli(&["HSET", "tg:{acme}:m", "seq", &ahead.to_string()]);
@@ -291,11 +265,12 @@ async fn leases_stay_unique_when_the_redis_clock_goes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daily_counts_follow_the_redis_clock_not_a_skewed_sidecar() {
+    use common::ops::{op, params, portfolio};
+    use common::stores::{redis_options, standalone};
     use std::sync::Arc;
-    use tiergate::hashing::RecipientHasher;
-    use tiergate::policy::{Category, ScopeKey, Tier};
-    use tiergate::store::redis::{RedisOptions, RedisStore, Topology};
-    use tiergate::store::{AdmitOp, AdmitParams, Clock, Store, SystemClock, Windows};
+    use tiergate::policy::Tier;
+    use tiergate::store::redis::RedisStore;
+    use tiergate::store::{Clock, Store, SystemClock, Windows};
 
     struct Skewed(i64);
     impl Clock for Skewed {
@@ -305,21 +280,13 @@ async fn daily_counts_follow_the_redis_clock_not_a_skewed_sidecar() {
     }
     let redis = RedisServer::start();
     let open = |skew: i64| {
-        let opts = RedisOptions {
-            topology: Topology::Standalone { url: redis.url() },
-            windows: Windows::default(),
-            timeout: Duration::from_secs(2),
-            state_ttl: Duration::from_secs(3600),
-            key_prefix: "tg".into(),
-        };
+        let opts = redis_options(standalone(&redis), Windows::default(), "tg");
         RedisStore::new(opts).unwrap().with_clock(Arc::new(Skewed(skew)))
     };
     const DAY_US: i64 = 86_400_000_000;
     let (ahead, behind, right) = (open(DAY_US), open(-DAY_US), open(0));
-    let scope = ScopeKey { portfolio: "acme".into(), sender: None };
-    let unlimited = AdmitParams { fallback: Tier::unlimited("UNL"), reserve_bp: 0 };
-    let h = RecipientHasher::new(b"0123456789abcdef").unwrap();
-    let op = |n: &str| AdmitOp { member: h.recipient(n), category: Category::Utility, ..AdmitOp::default() };
+    let scope = portfolio("acme");
+    let unlimited = params(&Tier::unlimited("UNL"));
     ahead.admit(&scope, &unlimited, &[op("15550000001")]).await.unwrap();
     let again = behind.admit(&scope, &unlimited, &[op("15550000001")]).await.unwrap();
     assert_eq!(again[0].reason, tiergate::policy::Reason::AlreadyCounted, "both wrote to the Redis clock's day");

@@ -8,12 +8,15 @@
 //!
 //! Only `std` + `tempfile` are used; readiness checks speak a minimal RESP `PING` over `std::net::TcpStream`
 //! and everything else goes through `redis-cli`.
-#![allow(dead_code)]
+//!
+//! Ports come from [`super::ports`]. A server counts as started only once the process answering on its
+//! port reports the pid of the process started here: a `PONG` alone may come from another server that
+//! got the port first, while ours is about to exit with "Address already in use".
 
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
@@ -21,6 +24,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+use super::ports::free_port;
 
 /// Sleep between polls of any readiness condition.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -74,12 +79,6 @@ pub fn require_redis() {
              These tests never skip silently."
         );
     }
-}
-
-/// Returns a currently free TCP port on 127.0.0.1 (bind to port 0, read it, drop the listener).
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0 to find a free port");
-    listener.local_addr().expect("local_addr of ephemeral listener").port()
 }
 
 /// Sends a RESP `PING` to 127.0.0.1:`port` and returns true iff it answered `+PONG`.
@@ -211,6 +210,20 @@ fn info_field<'a>(info: &'a str, key: &str) -> Option<&'a str> {
     info.lines().find_map(|l| l.trim().strip_prefix(key)?.strip_prefix(':')).map(str::trim)
 }
 
+/// The pid of the redis-server (or sentinel) answering on `port`, from `INFO server`.
+fn answering_pid(port: u16) -> Option<u32> {
+    let info = try_cli(port, &["INFO", "server"]).ok()?;
+    info_field(&info, "process_id")?.parse().ok()
+}
+
+/// Why a redis-server process could not be started.
+enum LaunchError {
+    /// Another process has the port: ours could not bind it, or someone else answers on it.
+    PortTaken(String),
+    /// Anything else; retrying on another port would not help.
+    Failed(String),
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // RedisServer
 // ---------------------------------------------------------------------------------------------------------
@@ -277,7 +290,7 @@ impl RedisServer {
     }
 
     /// Allocates a tempdir + free port, builds argv with `make_args(dir, port)` and starts the process,
-    /// retrying on a new port if the chosen one got taken in the meantime ("Address already in use").
+    /// retrying on a new port if the chosen one got taken in the meantime.
     fn spawn_fresh(what: &str, mut make_args: impl FnMut(&Path, u16) -> Vec<String>) -> RedisServer {
         require_redis();
         let mut last_err = String::new();
@@ -289,24 +302,26 @@ impl RedisServer {
             let mut server = RedisServer { port, args, child: None, dir };
             match server.launch() {
                 Ok(()) => return server,
-                Err(e) if e.contains("Address already in use") => last_err = e,
-                Err(e) => panic!("failed to start {what}: {e}"),
+                Err(LaunchError::PortTaken(e)) => last_err = e,
+                Err(LaunchError::Failed(e)) => panic!("failed to start {what}: {e}"),
             }
         }
         panic!("failed to start {what} after {PORT_RETRIES} attempts (ports kept being taken): {last_err}");
     }
 
-    /// Spawns the process with `self.args` and waits until it answers PING. On failure the process is
-    /// killed and reaped, and the error contains the log tails.
-    fn launch(&mut self) -> Result<(), String> {
+    /// Spawns the process with `self.args` and waits until it answers PING and reports its own pid,
+    /// so that a server another test started on the same port is never mistaken for ours. On failure
+    /// the process is killed and reaped, and the error contains the log tails.
+    fn launch(&mut self) -> Result<(), LaunchError> {
         assert!(self.child.is_none(), "launch() while a process is still running");
+        let failed = LaunchError::Failed;
         let stdio_path = self.dir.path().join(STDIO_FILE);
         let stdio = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&stdio_path)
-            .map_err(|e| format!("open {}: {e}", stdio_path.display()))?;
-        let stdio_err = stdio.try_clone().map_err(|e| format!("clone stdio log handle: {e}"))?;
+            .map_err(|e| failed(format!("open {}: {e}", stdio_path.display())))?;
+        let stdio_err = stdio.try_clone().map_err(|e| failed(format!("clone stdio log handle: {e}")))?;
         let child = Command::new("redis-server")
             .args(&self.args)
             .current_dir(self.dir.path())
@@ -314,7 +329,8 @@ impl RedisServer {
             .stdout(Stdio::from(stdio))
             .stderr(Stdio::from(stdio_err))
             .spawn()
-            .map_err(|e| format!("spawn redis-server {:?}: {e}", self.args))?;
+            .map_err(|e| failed(format!("spawn redis-server {:?}: {e}", self.args)))?;
+        let pid = child.id();
         self.child = Some(child);
 
         let started = Instant::now();
@@ -323,28 +339,41 @@ impl RedisServer {
             match child.try_wait() {
                 Ok(Some(status)) => {
                     self.child = None;
-                    return Err(format!(
-                        "redis-server on port {} exited early with {status}\n{}",
-                        self.port,
-                        self.log_tail()
-                    ));
+                    let e =
+                        format!("redis-server on port {} exited early with {status}\n{}", self.port, self.log_tail());
+                    return Err(if e.contains("Address already in use") {
+                        LaunchError::PortTaken(e)
+                    } else {
+                        LaunchError::Failed(e)
+                    });
                 }
                 Ok(None) => {}
                 Err(e) => {
                     self.kill();
-                    return Err(format!("try_wait on redis-server (port {}) failed: {e}", self.port));
+                    return Err(failed(format!("try_wait on redis-server (port {}) failed: {e}", self.port)));
                 }
             }
             if ping(self.port) {
-                return Ok(());
+                match answering_pid(self.port) {
+                    Some(answering) if answering == pid => return Ok(()),
+                    Some(answering) => {
+                        self.kill();
+                        return Err(LaunchError::PortTaken(format!(
+                            "port {} is answered by pid {answering}, not by the redis-server started here (pid {pid})",
+                            self.port
+                        )));
+                    }
+                    // Gone between PING and INFO: look again.
+                    None => {}
+                }
             }
             if started.elapsed() >= START_TIMEOUT {
                 self.kill();
-                return Err(format!(
+                return Err(failed(format!(
                     "redis-server on port {} did not answer PING within {START_TIMEOUT:?}\n{}",
                     self.port,
                     self.log_tail()
-                ));
+                )));
             }
             thread::sleep(POLL_INTERVAL);
         }
@@ -399,15 +428,17 @@ impl RedisServer {
     /// process, so all data (no persistence) and loaded scripts are gone. Waits until PING answers.
     pub fn restart(&mut self) {
         self.kill();
-        // The port could (rarely) be grabbed by someone else in the meantime: retry for a bounded time.
+        // The port could (rarely) be taken by another process in the meantime: retry for a bounded time.
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             match self.launch() {
                 Ok(()) => return,
-                Err(e) if e.contains("Address already in use") && Instant::now() < deadline => {
+                Err(LaunchError::PortTaken(_)) if Instant::now() < deadline => {
                     thread::sleep(Duration::from_millis(200));
                 }
-                Err(e) => panic!("failed to restart redis-server on port {}: {e}", self.port),
+                Err(LaunchError::PortTaken(e) | LaunchError::Failed(e)) => {
+                    panic!("failed to restart redis-server on port {}: {e}", self.port)
+                }
             }
         }
     }
@@ -481,8 +512,9 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     /// Starts 3 cluster-enabled nodes, runs `redis-cli --cluster create ... --cluster-replicas 0
-    /// --cluster-yes`, then waits until every node reports `cluster_state:ok` and knows all 3 nodes
-    /// (panics after ~20s).
+    /// --cluster-yes`, then waits until every node reports `cluster_state:ok` and every node sees the
+    /// same map: these 3 nodes, all masters, all connected, each owning the same slots in every view
+    /// (panics after ~20s). A client seeded from any node therefore gets the whole map at once.
     ///
     /// Each node gets an explicit `--cluster-port` (another free port), because `port + 10000` overflows
     /// for ports from the upper part of the ephemeral range.
@@ -529,8 +561,11 @@ impl RedisCluster {
             Err(e) => panic!("`redis-cli --cluster create` failed: {e}\n{}", dump_logs(&nodes)),
         }
 
+        let mut ports: Vec<u16> = nodes.iter().map(RedisServer::port).collect();
+        ports.sort_unstable();
         let mut last = String::new();
         let ok = poll_until(CLUSTER_TIMEOUT, || {
+            let mut first: Option<Vec<ClusterNode>> = None;
             for n in &nodes {
                 let info = n.try_cli(&["CLUSTER", "INFO"]).unwrap_or_else(|e| e);
                 let ok = info_field(&info, "cluster_state") == Some("ok")
@@ -540,13 +575,22 @@ impl RedisCluster {
                     last = format!("node {}: {info}", n.port);
                     return None;
                 }
+                let text = n.try_cli(&["CLUSTER", "NODES"]).unwrap_or_else(|e| e);
+                let view = cluster_view(&text);
+                let healthy = view.iter().map(|v| v.port).eq(ports.iter().copied())
+                    && view.iter().all(|v| v.flags == "master" && v.link == "connected" && !v.slots.is_empty());
+                if !healthy || first.as_ref().is_some_and(|f| *f != view) {
+                    last = format!("node {} sees:\n{text}", n.port);
+                    return None;
+                }
+                first.get_or_insert(view);
             }
             Some(())
         });
         if ok.is_none() {
             panic!(
-                "redis cluster did not reach cluster_state:ok on all nodes within {CLUSTER_TIMEOUT:?}\n\
-                 last CLUSTER INFO: {last}\n{}",
+                "redis cluster did not reach one agreed map of 3 connected masters on all nodes within \
+                 {CLUSTER_TIMEOUT:?}\nlast: {last}\n{}",
                 dump_logs(&nodes)
             );
         }
@@ -562,6 +606,35 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
+}
+
+/// One line of `CLUSTER NODES`, as every node should agree on it.
+#[derive(Debug, PartialEq, Eq)]
+struct ClusterNode {
+    port: u16,
+    /// Flags without `myself`, which differs from view to view.
+    flags: String,
+    link: String,
+    slots: Vec<String>,
+}
+
+/// The nodes a `CLUSTER NODES` reply lists, sorted by port.
+/// Line format: `<id> <ip:port@cport> <flags> <master> <ping-sent> <pong-recv> <epoch> <link> <slot>...`.
+fn cluster_view(text: &str) -> Vec<ClusterNode> {
+    let mut view: Vec<ClusterNode> = text
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let addr = f.get(1)?.split(['@', ',']).next()?;
+            let port = addr.rsplit_once(':')?.1.parse().ok()?;
+            let flags = f.get(2)?.split(',').filter(|&x| x != "myself").collect::<Vec<_>>().join(",");
+            let link = f.get(7)?.to_string();
+            let slots = f.iter().skip(8).map(|x| x.to_string()).collect();
+            Some(ClusterNode { port, flags, link, slots })
+        })
+        .collect();
+    view.sort_by_key(|n| n.port);
+    view
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 //! Starting the real sidecar for tests: in this process through `server::run` on real sockets,
-//! or as the real `tiergate` binary in its own process.
-#![allow(dead_code)]
+//! or as the real `tiergate` binary in its own process. Both listen on ports from
+//! [`super::ports`], and HTTP helpers talk to the admin server.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -13,7 +13,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
-/// A sidecar running `server::run` in this process on 127.0.0.1 ports chosen by the OS.
+use super::ports;
+
+/// How many times a sidecar process is started on new ports when another process took one first.
+const PORT_RETRIES: usize = 5;
+/// How long a sidecar process gets to start serving (or to exit).
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A sidecar running `server::run` in this process on 127.0.0.1, on ports from [`ports::listener`].
 pub struct TestServer {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -25,8 +32,8 @@ impl TestServer {
     /// Starts a sidecar with this TOML configuration (without the environment).
     pub async fn start(config_toml: &str) -> TestServer {
         let settings = Config::from_toml(config_toml).unwrap().validate().unwrap();
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = listener();
+        let admin = listener();
         let (grpc_addr, admin_addr) = (grpc.local_addr().unwrap(), admin.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(tiergate::server::run(settings, grpc, admin, async {
@@ -55,6 +62,13 @@ impl TestServer {
     pub async fn get(&self, path: &str) -> (u16, String) {
         http_get(self.admin_addr, path).await
     }
+}
+
+/// A tokio listener on a port from [`ports::listener`].
+fn listener() -> TcpListener {
+    let std = ports::listener();
+    std.set_nonblocking(true).unwrap();
+    TcpListener::from_std(std).unwrap()
 }
 
 /// Connects a Limiter client, retrying for a few seconds while the server comes up.
@@ -93,32 +107,6 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
     (status, body)
 }
 
-/// `X-Hub-Signature-256` of a body under a Meta app secret.
-pub fn meta_signature(secret: &str, body: &[u8]) -> String {
-    use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-/// POSTs a webhook delivery signed with `secret` to the admin server: (status, body).
-pub async fn post_webhook(admin: SocketAddr, secret: &str, body: &str) -> (u16, String) {
-    let signature = meta_signature(secret, body.as_bytes());
-    let headers = [("Content-Type", "application/json"), ("X-Hub-Signature-256", signature.as_str())];
-    http(admin, "POST", "/webhooks/whatsapp", &headers, body.as_bytes()).await
-}
-
-/// A webhook fixture from `tests/fixtures/webhooks`, with `{{NOW}}` set to the current second.
-pub fn fixture(name: &str) -> String {
-    let path = format!("{}/tests/fixtures/webhooks/{name}.json", env!("CARGO_MANIFEST_DIR"));
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    std::fs::read_to_string(path).unwrap().replace("{{NOW}}", &now.to_string())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// The real `tiergate serve` binary in its own process; killed on drop.
 pub struct Sidecar {
     pub grpc_addr: SocketAddr,
@@ -128,13 +116,44 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Starts `tiergate serve --config <file>` with `config_toml` and extra environment.
+    /// Starts `tiergate serve --config <file>` with `config_toml` and extra environment, and waits
+    /// until it serves or exits (a sidecar that refuses its configuration exits, and the test can
+    /// read why from [`Sidecar::log`]). Starts again on new ports if another process took one.
     pub fn spawn(config_toml: &str, env: &[(&str, &str)]) -> Sidecar {
+        let mut last_log = String::new();
+        for _ in 0..PORT_RETRIES {
+            let mut sidecar = Sidecar::start(config_toml, env);
+            let deadline = Instant::now() + START_TIMEOUT;
+            loop {
+                if sidecar.serving() {
+                    return sidecar;
+                }
+                if sidecar.child.try_wait().unwrap().is_some() {
+                    // Read the log only now: the process is gone, so it has written everything.
+                    if !sidecar.serving() && sidecar.log().contains("Address already in use") {
+                        last_log = sidecar.log();
+                        break;
+                    }
+                    return sidecar;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "sidecar neither serving nor exited after {START_TIMEOUT:?}: {}",
+                    sidecar.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("sidecar could not listen after {PORT_RETRIES} attempts (ports kept being taken): {last_log}");
+    }
+
+    /// Spawns the process on new ports without waiting.
+    fn start(config_toml: &str, env: &[(&str, &str)]) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiergate.toml");
         std::fs::File::create(&path).unwrap().write_all(config_toml.as_bytes()).unwrap();
-        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", ports::free_port()).parse().unwrap();
+        let admin_addr: SocketAddr = format!("127.0.0.1:{}", ports::free_port()).parse().unwrap();
         let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
             .arg("serve")
@@ -151,6 +170,16 @@ impl Sidecar {
             .spawn()
             .unwrap();
         Sidecar { grpc_addr, admin_addr, child, _dir: dir }
+    }
+
+    /// Whether the process logged that it serves on both of its addresses, i.e. it bound them
+    /// itself (so whoever answers on them is this process, not another that took a port first).
+    fn serving(&self) -> bool {
+        let (grpc, admin) = (self.grpc_addr.to_string(), self.admin_addr.to_string());
+        let names = |token: &str, addr: &str| token == addr || token.ends_with(&format!("={addr}"));
+        self.log().lines().any(|line| {
+            line.split_whitespace().any(|t| names(t, &grpc)) && line.split_whitespace().any(|t| names(t, &admin))
+        })
     }
 
     /// A client, once the sidecar accepts connections.
