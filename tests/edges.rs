@@ -6,7 +6,8 @@
 mod common;
 
 use common::redis::RedisServer;
-use common::server::{fixture, post_webhook, TestServer};
+use common::server::TestServer;
+use common::webhooks::{fixture, post_webhook};
 use tiergate::pb::{self, limiter_client::LimiterClient};
 use tonic::transport::Channel;
 use tonic::Code;

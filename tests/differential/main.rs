@@ -27,10 +27,10 @@ use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunne
 use tiergate::hashing::RecipientHasher;
 use tiergate::policy::{Category, Lease, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
 use tiergate::store::memory::MemoryStore;
-use tiergate::store::redis::{RedisOptions, RedisStore, Topology};
+use tiergate::store::redis::{RedisStore, Topology};
 use tiergate::store::{AdmitOp, AdmitParams, Change, Clock, Store, SystemClock, Windows};
 
-use common::redis::{RedisCluster, RedisServer};
+use common::stores;
 use model::Model;
 
 // ---------------------------------------------------------------------------------------------------------
@@ -287,15 +287,9 @@ fn memory() -> Subject {
 /// Short windows, so sequences see contacts and service windows expire in real time.
 const REDIS_WINDOWS: Windows = Windows { window: Duration::from_millis(60), service_window: Duration::from_millis(90) };
 
-fn redis_store(topology: Topology, case: u64) -> Subject {
-    let opts = RedisOptions {
-        topology,
-        windows: REDIS_WINDOWS,
-        timeout: Duration::from_secs(5),
-        state_ttl: DAY * 35,
-        // Every case starts from an empty store.
-        key_prefix: format!("diff{case}"),
-    };
+/// A store on `topology` under a key prefix of its own, so every case starts empty.
+fn redis_subject(topology: Topology) -> Subject {
+    let opts = stores::redis_options(topology, REDIS_WINDOWS, &stores::unique_prefix("diff"));
     Subject { store: Arc::new(RedisStore::new(opts).expect("valid options")), windows: REDIS_WINDOWS, clock: None }
 }
 
@@ -506,13 +500,14 @@ fn regressions() -> Vec<(&'static str, Vec<Step>)> {
 
 /// Plays the regression sequences, then `cases` random ones, on fresh stores from `make`, and
 /// panics with the shrunk sequence that makes a store and the model disagree.
-fn differential(name: &str, default_cases: u32, make: impl Fn(u64) -> Subject) {
+fn differential(name: &str, default_cases: u32, make: impl Fn() -> Subject) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     // Redis stores spawn their connection tasks on the current runtime.
     let _entered = runtime.enter();
     let case = AtomicU64::new(0);
     for (what, steps) in regressions() {
-        let subject = make(case.fetch_add(1, Ordering::SeqCst));
+        case.fetch_add(1, Ordering::SeqCst);
+        let subject = make();
         if let Err(why) = runtime.block_on(play(subject, &steps, &Seen::default())) {
             panic!("{name}: regression \"{what}\" is back: {why}");
         }
@@ -528,7 +523,8 @@ fn differential(name: &str, default_cases: u32, make: impl Fn(u64) -> Subject) {
     let runner_cases = config.cases;
     let mut runner = TestRunner::new(config);
     let result = runner.run(&steps(), |steps| {
-        let subject = make(case.fetch_add(1, Ordering::SeqCst));
+        case.fetch_add(1, Ordering::SeqCst);
+        let subject = make();
         runtime.block_on(play(subject, &steps, &seen)).map_err(TestCaseError::fail)
     });
     match result {
@@ -568,17 +564,17 @@ fn differential(name: &str, default_cases: u32, make: impl Fn(u64) -> Subject) {
 
 #[test]
 fn the_memory_store_agrees_with_the_model() {
-    differential("memory", 1_000, |_| memory());
+    differential("memory", 1_000, memory);
 }
 
 #[test]
 fn redis_agrees_with_the_model() {
-    let server = RedisServer::start();
-    differential("redis", 256, |case| redis_store(Topology::Standalone { url: server.url() }, case));
+    let server = stores::shared_redis();
+    differential("redis", 256, || redis_subject(stores::standalone(&server)));
 }
 
 #[test]
 fn redis_cluster_agrees_with_the_model() {
-    let cluster = RedisCluster::start();
-    differential("redis cluster", 128, |case| redis_store(Topology::Cluster { nodes: vec![cluster.url()] }, case));
+    let cluster = stores::shared_cluster();
+    differential("redis cluster", 128, || redis_subject(stores::cluster_of(&cluster)));
 }
