@@ -403,8 +403,6 @@ pub struct Snapshot {
     pub already_counted: bool,
     /// Recipients counted in the rolling window.
     pub counted: u64,
-    /// Last-contact time of the oldest counted recipient.
-    pub oldest: Option<Micros>,
 }
 
 /// The limit of a scope and the part of it marketing may use.
@@ -452,8 +450,8 @@ pub enum Effect {
 pub struct Outcome {
     pub reason: Reason,
     pub effect: Effect,
-    /// For [`Reason::LimitReached`] and [`Reason::HeadroomReserved`]: how long until the oldest
-    /// counted recipient leaves the window.
+    /// For [`Reason::LimitReached`] and [`Reason::HeadroomReserved`]: how long until enough
+    /// counted recipients have left the window for this message to be admitted.
     pub retry_after: Option<Duration>,
 }
 
@@ -472,11 +470,27 @@ pub const MIN_RETRY_AFTER: Duration = Duration::from_millis(1);
 /// 6. A recipient already counted is admitted; its last contact moves to now.
 /// 7. Marketing to a new recipient stops at the marketing cap (the reserve is for the rest).
 /// 8. An unlimited tier, or a window with room, admits and counts the recipient.
-/// 9. Otherwise it is denied until the oldest counted recipient leaves the window.
-pub fn decide(s: &Snapshot, category: Category, limits: Limits, now: Micros, window: Duration) -> Outcome {
+/// 9. Otherwise it is denied until the window has room.
+///
+/// A denial at step 7 or 9 waits until the count drops below the cap or limit it hit: with
+/// `counted` recipients and a threshold of `t`, that is when the contact at rank `counted − t`
+/// (0 = the oldest) leaves the window. The count can be above the threshold (after a downgrade,
+/// or between the marketing cap and the limit), so it is not always the oldest that frees room.
+/// `nth_oldest(k)` gives the last-contact score of the counted recipient at rank `k`; it is asked
+/// only for such a denial.
+pub fn decide(
+    s: &Snapshot,
+    category: Category,
+    limits: Limits,
+    now: Micros,
+    window: Duration,
+    nth_oldest: impl FnOnce(u64) -> Option<Micros>,
+) -> Outcome {
     let outcome = |reason, effect| Outcome { reason, effect, retry_after: None };
-    let full =
-        |reason| Outcome { reason, effect: Effect::Nothing, retry_after: Some(retry_after(s.oldest, now, window)) };
+    let full = |reason, threshold: u64| {
+        let leaving = nth_oldest(s.counted.saturating_sub(threshold));
+        Outcome { reason, effect: Effect::Nothing, retry_after: Some(retry_after(leaving, now, window)) }
+    };
     if s.sender_blocked {
         return outcome(Reason::SenderBlocked, Effect::Nothing);
     }
@@ -495,17 +509,13 @@ pub fn decide(s: &Snapshot, category: Category, limits: Limits, now: Micros, win
     if s.already_counted {
         return outcome(Reason::AlreadyCounted, Effect::Touch);
     }
-    if category.may_be_marketing() && limits.marketing_cap.is_some_and(|cap| s.counted >= cap) {
-        return full(Reason::HeadroomReserved);
+    if let Some(cap) = limits.marketing_cap.filter(|cap| category.may_be_marketing() && s.counted >= *cap) {
+        return full(Reason::HeadroomReserved, cap);
     }
-    let has_room = match limits.limit {
-        Limit::Unlimited => true,
-        Limit::Limited(n) => s.counted < n,
-    };
-    if has_room {
-        return outcome(Reason::NewRecipient, Effect::Count);
+    match limits.limit {
+        Limit::Limited(n) if s.counted >= n => full(Reason::LimitReached, n),
+        _ => outcome(Reason::NewRecipient, Effect::Count),
     }
-    full(Reason::LimitReached)
 }
 
 /// Template statuses that may be sent: approved or reinstated, and FLAGGED, which Meta sends when
@@ -519,10 +529,11 @@ pub fn template_active(status: Option<&str>) -> bool {
     status.is_none_or(|s| ACTIVE_TEMPLATE_STATUSES.contains(&s))
 }
 
-/// How long until the oldest counted contact leaves the window; never less than
-/// [`MIN_RETRY_AFTER`], since the caller only asks while the window is full.
-pub fn retry_after(oldest: Option<Micros>, now: Micros, window: Duration) -> Duration {
-    let leaves_at = oldest.unwrap_or(now).saturating_add(micros(window));
+/// How long until a contact made at `score` leaves the window (a whole window when there is no
+/// such contact: nothing counted will free room); never less than [`MIN_RETRY_AFTER`], since the
+/// caller only asks while the window is full.
+pub fn retry_after(score: Option<Micros>, now: Micros, window: Duration) -> Duration {
+    let leaves_at = score.unwrap_or(now).saturating_add(micros(window));
     Duration::from_micros(leaves_at.saturating_sub(now)).max(MIN_RETRY_AFTER)
 }
 
@@ -878,44 +889,40 @@ mod tests {
     const DAY: Duration = Duration::from_secs(24 * 3600);
     const NOW: Micros = 1_800_000_000_000_000;
 
-    fn snap(open: bool, counted_already: bool, counted: u64, oldest: Option<Micros>) -> Snapshot {
-        Snapshot { service_window_open: open, already_counted: counted_already, counted, oldest, ..Snapshot::default() }
+    fn snap(open: bool, counted_already: bool, counted: u64) -> Snapshot {
+        Snapshot { service_window_open: open, already_counted: counted_already, counted, ..Snapshot::default() }
+    }
+
+    /// Scores of counted contacts, oldest first, one hour apart, the newest an hour ago.
+    fn hourly(counted: u64) -> impl Fn(u64) -> Option<Micros> {
+        move |rank| (rank < counted).then(|| NOW - micros(H) * (counted - rank))
     }
 
     #[test]
     fn open_service_window_admits_without_counting_even_when_full() {
-        let o = decide(
-            &snap(true, false, 250, Some(NOW - 1)),
-            Category::Utility,
-            Limits::new(Limit::Limited(250), 0),
-            NOW,
-            DAY,
-        );
+        let o =
+            decide(&snap(true, false, 250), Category::Utility, Limits::new(Limit::Limited(250), 0), NOW, DAY, |_| {
+                Some(NOW - 1)
+            });
         assert_eq!((o.reason, o.effect), (Reason::ServiceWindow, Effect::Nothing));
         assert_eq!(o.reason.decision(), Decision::Admitted);
     }
 
     #[test]
     fn counted_recipient_is_free_and_touched_even_when_full() {
-        let o = decide(
-            &snap(false, true, 250, Some(NOW - 1)),
-            Category::Utility,
-            Limits::new(Limit::Limited(250), 0),
-            NOW,
-            DAY,
-        );
+        let o =
+            decide(&snap(false, true, 250), Category::Utility, Limits::new(Limit::Limited(250), 0), NOW, DAY, |_| {
+                Some(NOW - 1)
+            });
         assert_eq!((o.reason, o.effect), (Reason::AlreadyCounted, Effect::Touch));
     }
 
     #[test]
     fn new_recipient_is_counted_while_there_is_room() {
-        let o = decide(
-            &snap(false, false, 249, Some(NOW - 1)),
-            Category::Utility,
-            Limits::new(Limit::Limited(250), 0),
-            NOW,
-            DAY,
-        );
+        let o =
+            decide(&snap(false, false, 249), Category::Utility, Limits::new(Limit::Limited(250), 0), NOW, DAY, |_| {
+                Some(NOW - 1)
+            });
         assert_eq!((o.reason, o.effect), (Reason::NewRecipient, Effect::Count));
         assert_eq!(o.retry_after, None);
     }
@@ -923,13 +930,10 @@ mod tests {
     #[test]
     fn new_recipient_is_denied_at_the_limit_until_the_oldest_leaves() {
         let oldest = NOW - micros(H);
-        let o = decide(
-            &snap(false, false, 250, Some(oldest)),
-            Category::Utility,
-            Limits::new(Limit::Limited(250), 0),
-            NOW,
-            DAY,
-        );
+        let o =
+            decide(&snap(false, false, 250), Category::Utility, Limits::new(Limit::Limited(250), 0), NOW, DAY, |_| {
+                Some(oldest)
+            });
         assert_eq!((o.reason, o.effect), (Reason::LimitReached, Effect::Nothing));
         assert_eq!(o.reason.decision(), Decision::Denied);
         assert_eq!(o.retry_after, Some(DAY - H));
@@ -938,17 +942,18 @@ mod tests {
     #[test]
     fn unlimited_tier_always_counts_new_recipients() {
         let o = decide(
-            &snap(false, false, 5_000_000, Some(NOW)),
+            &snap(false, false, 5_000_000),
             Category::Utility,
             Limits::new(Limit::Unlimited, 0),
             NOW,
             DAY,
+            |_| Some(NOW),
         );
         assert_eq!((o.reason, o.effect), (Reason::NewRecipient, Effect::Count));
     }
 
     fn check(s: Snapshot, category: Category, limits: Limits) -> Reason {
-        decide(&s, category, limits, NOW, DAY).reason
+        decide(&s, category, limits, NOW, DAY, hourly(s.counted)).reason
     }
 
     const L250: Limits = Limits { limit: Limit::Limited(250), marketing_cap: None };
@@ -987,7 +992,7 @@ mod tests {
 
     #[test]
     fn free_form_messages_need_an_open_window_and_take_no_slot() {
-        let o = decide(&Snapshot::default(), Category::Service, L250, NOW, DAY);
+        let o = decide(&Snapshot::default(), Category::Service, L250, NOW, DAY, |_| None);
         assert_eq!((o.reason, o.effect), (Reason::OutsideServiceWindow, Effect::Nothing));
         let open = Snapshot { service_window_open: true, ..Snapshot::default() };
         assert_eq!(check(open, Category::Service, L250), Reason::ServiceWindow);
@@ -997,8 +1002,8 @@ mod tests {
     fn marketing_stops_at_the_reserve_while_otps_use_the_rest() {
         let limits = Limits::new(Limit::Limited(250), 1_000);
         assert_eq!(limits.marketing_cap, Some(225));
-        let at_cap = Snapshot { counted: 225, oldest: Some(NOW - micros(H)), ..Snapshot::default() };
-        let o = decide(&at_cap, Category::Marketing, limits, NOW, DAY);
+        let at_cap = Snapshot { counted: 225, ..Snapshot::default() };
+        let o = decide(&at_cap, Category::Marketing, limits, NOW, DAY, |rank| (rank == 0).then_some(NOW - micros(H)));
         assert_eq!((o.reason, o.retry_after), (Reason::HeadroomReserved, Some(DAY - H)));
         assert_eq!(check(Snapshot { counted: 224, ..at_cap }, Category::Marketing, limits), Reason::NewRecipient);
         assert_eq!(check(at_cap, Category::Authentication, limits), Reason::NewRecipient);
@@ -1008,6 +1013,39 @@ mod tests {
         // Marketing to someone already counted costs nothing, so the reserve does not apply.
         let counted = Snapshot { already_counted: true, ..at_cap };
         assert_eq!(check(counted, Category::Marketing, limits), Reason::AlreadyCounted);
+    }
+
+    /// Contacts one minute apart, the oldest 23 hours ago.
+    fn minutely(rank: u64) -> Option<Micros> {
+        Some(NOW - micros(23 * H) + rank * 60_000_000)
+    }
+
+    #[test]
+    fn above_the_marketing_cap_marketing_waits_until_the_count_drops_below_it() {
+        // 240 counted, cap 225: 16 contacts must leave, so the 16th oldest (rank 15) is the one.
+        let limits = Limits::new(Limit::Limited(250), 1_000);
+        let s = Snapshot { counted: 240, ..Snapshot::default() };
+        let o = decide(&s, Category::Marketing, limits, NOW, DAY, minutely);
+        assert_eq!(o.reason, Reason::HeadroomReserved);
+        assert_eq!(o.retry_after, Some(H + Duration::from_secs(15 * 60)));
+    }
+
+    #[test]
+    fn after_a_downgrade_new_recipients_wait_until_the_count_drops_below_the_new_limit() {
+        // 300 counted under a limit of 250: the contact at rank 50 must leave.
+        let s = Snapshot { counted: 300, ..Snapshot::default() };
+        let o = decide(&s, Category::Utility, Limits::new(Limit::Limited(250), 0), NOW, DAY, minutely);
+        assert_eq!(o.reason, Reason::LimitReached);
+        assert_eq!(o.retry_after, Some(H + Duration::from_secs(50 * 60)));
+    }
+
+    #[test]
+    fn with_nothing_counted_a_zero_limit_waits_a_whole_window() {
+        let s = Snapshot::default();
+        let o = decide(&s, Category::Utility, Limits::new(Limit::Limited(0), 0), NOW, DAY, |_| None);
+        assert_eq!((o.reason, o.retry_after), (Reason::LimitReached, Some(DAY)));
+        let o = decide(&s, Category::Marketing, Limits::new(Limit::Limited(3), 10_000), NOW, DAY, |_| None);
+        assert_eq!((o.reason, o.retry_after), (Reason::HeadroomReserved, Some(DAY)));
     }
 
     #[test]

@@ -182,9 +182,9 @@ impl Store for MemoryStore {
                     s.contacts.contains_key(&op.member)
                 },
                 counted: if unlimited { day.map_or(0, HashSet::len) as u64 } else { s.contacts.len() as u64 },
-                oldest: s.by_score.first().map(|(score, _)| *score),
             };
-            let outcome = policy::decide(&snapshot, op.category, limits, now, self.windows.window);
+            let nth_oldest = |rank| s.by_score.iter().nth(usize::try_from(rank).ok()?).map(|(score, _)| *score);
+            let outcome = policy::decide(&snapshot, op.category, limits, now, self.windows.window, nth_oldest);
             if outcome.effect != Effect::Nothing {
                 s.days.entry(today).or_default().insert(op.member.clone());
             }

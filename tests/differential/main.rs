@@ -495,6 +495,16 @@ fn regressions() -> Vec<(&'static str, Vec<Step>)> {
                 Step::Release { lease: 0 },
             ],
         ),
+        (
+            // Above a lowered limit, room comes back when the count drops below it, not when
+            // the oldest contact leaves: Redis pointed at the oldest.
+            "after a downgrade new recipients wait until the count drops below the new limit",
+            vec![
+                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![one(0), one(1)] },
+                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![one(0)] },
+                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![one(2)] },
+            ],
+        ),
     ]
 }
 

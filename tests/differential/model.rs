@@ -128,9 +128,11 @@ impl Model {
                     Limit::Unlimited => reached_today.map_or(0, |d| d.len() as u64),
                     Limit::Limited(_) => s.contacts.len() as u64,
                 },
-                oldest: s.oldest(),
             };
-            let outcome = policy::decide(&snapshot, op.category, limits, now, windows.window);
+            let mut scores: Vec<Micros> = s.contacts.values().copied().collect();
+            scores.sort_unstable();
+            let nth_oldest = |rank: u64| scores.get(usize::try_from(rank).ok()?).copied();
+            let outcome = policy::decide(&snapshot, op.category, limits, now, windows.window, nth_oldest);
             let mut lease_score = None;
             if outcome.effect != Effect::Nothing {
                 s.days.entry(today).or_default().insert(op.member.clone());

@@ -54,7 +54,8 @@ for i = 8, #ARGV, 6 do
     local closes = redis.call('ZSCORE', KEYS[4], service)
     open = closes ~= false and tonumber(closes) > now
   end
-  local reason, lease, retry = 0, 0, 0
+  -- For a denial that waits for the window: the count it must drop below.
+  local reason, lease, retry, threshold = 0, 0, 0, nil
   if blocked == '1' or (sender ~= '' and tg_sender_banned(KEYS[6], sender)) then
     reason = REASON_SENDER_BLOCKED
   elseif template ~= '' and not tg_template_active(KEYS[6], template) then
@@ -75,11 +76,11 @@ for i = 8, #ARGV, 6 do
     if counted_already then
       reason = REASON_ALREADY_COUNTED
     elseif MAY_BE_MARKETING[category] and cap >= 0 and count >= cap then
-      reason = REASON_HEADROOM_RESERVED
+      reason, threshold = REASON_HEADROOM_RESERVED, cap
     elseif count < limit then
       reason = REASON_NEW_RECIPIENT
     else
-      reason = REASON_LIMIT_REACHED
+      reason, threshold = REASON_LIMIT_REACHED, limit
     end
     if reason == REASON_NEW_RECIPIENT or reason == REASON_ALREADY_COUNTED then
       seq = math.max(now, seq + 1)
@@ -99,10 +100,17 @@ for i = 8, #ARGV, 6 do
     if oldest[2] then
       next_slot = tonumber(oldest[2]) + window
     end
-    if reason == REASON_LIMIT_REACHED or reason == REASON_HEADROOM_RESERVED then
-      -- Until the oldest contact leaves; with none (a cap or limit of 0), a whole window.
-      if oldest[2] then
-        retry = math.max(next_slot - now, MIN_RETRY_AFTER)
+    if threshold then
+      -- Until the count drops below the threshold: the contact at rank count - threshold
+      -- leaves (the oldest only when the count is at the threshold). With none (a cap or
+      -- limit of 0 and nothing counted), a whole window.
+      local rank = count - threshold
+      local leaving = oldest
+      if rank > 0 then
+        leaving = redis.call('ZRANGE', KEYS[1], rank, rank, 'WITHSCORES')
+      end
+      if leaving[2] then
+        retry = math.max(tonumber(leaving[2]) + window - now, MIN_RETRY_AFTER)
       else
         retry = math.max(window, MIN_RETRY_AFTER)
       end
