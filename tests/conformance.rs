@@ -53,6 +53,7 @@ conformance!(
     inbound_times_never_shorten_a_window_nor_stretch_it_past_now,
     changes_older_than_the_last_applied_are_skipped,
     unique_recipients_over_7_and_30_days_are_counted,
+    a_denial_lifts_exactly_when_its_retry_after_has_passed,
 );
 
 async fn new_recipients_are_counted_until_the_limit_then_denied<F: Fn(Windows) -> Fixture>(make: F) {
@@ -424,4 +425,38 @@ async fn changes_older_than_the_last_applied_are_skipped<F: Fn(Windows) -> Fixtu
     f.store.apply("acme", &newer[2..]).await.unwrap();
     let state = f.store.portfolio("acme").await.unwrap();
     assert_eq!(state.templates["promo"].status.as_deref(), Some("DISABLED"));
+}
+
+async fn a_denial_lifts_exactly_when_its_retry_after_has_passed<F: Fn(Windows) -> Fixture>(make: F) {
+    let w = Duration::from_millis(900);
+    let f = make(windows(w, w));
+    let p = portfolio("acme");
+    // A limit of 4 with half kept from marketing: marketing to new recipients stops at 2.
+    let params = AdmitParams { fallback: limited(4), reserve_bp: 5_000 };
+    let utility = |r| with(op(r), Category::Utility, None);
+    let marketing = with(op("14155550104"), Category::Marketing, None);
+    f.store.admit(&p, &params, &[utility("14155550101")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    f.store.admit(&p, &params, &[utility("14155550102"), utility("14155550103")]).await.unwrap();
+    let denied = f.store.admit(&p, &params, std::slice::from_ref(&marketing)).await.unwrap().remove(0);
+    assert_eq!(denied.reason, Reason::HeadroomReserved);
+    // Three counted, cap two: room comes back when the second oldest leaves, not the oldest
+    // (which leaves 300 ms earlier and still leaves two counted).
+    let retry = denied.retry_after.unwrap();
+    assert!(retry > w - Duration::from_millis(100), "{retry:?} points at the oldest contact");
+    let deadline = denied.now + retry.as_micros() as u64;
+    // Just before and just after the deadline, by the store's own clock (the clock each answer
+    // carries, so a late wake-up here cannot make the check wrong).
+    for at in [retry - Duration::from_millis(15), retry + Duration::from_millis(5)] {
+        let wake = denied.now + at.as_micros() as u64;
+        tokio::time::sleep(Duration::from_micros(wake.saturating_sub(now_us()))).await;
+        let again = f.store.admit(&p, &params, std::slice::from_ref(&marketing)).await.unwrap().remove(0);
+        if again.now < deadline {
+            assert_eq!(again.reason, Reason::HeadroomReserved, "{}us before retry_after", deadline - again.now);
+        } else {
+            assert_eq!(again.reason, Reason::NewRecipient, "{}us after retry_after", again.now - deadline);
+            return;
+        }
+    }
+    panic!("the store clock never passed retry_after");
 }
