@@ -94,8 +94,8 @@ async fn main() {
     let reported_new = fill(&*redis, &scope("unlimited"), &unlimited).await;
     let today = day_of(SystemClock.now());
     let hll: u64 = server.cli(&["MEMORY", "USAGE", &format!("tg:{{unlimited}}:d:{today}")]).parse().unwrap();
-    let estimate = redis.usage(&scope("unlimited"), &unlimited).await.unwrap().usage.counted;
-    println!("redis unlimited tier: {RECIPIENTS} recipients in a {hll}-byte HyperLogLog, estimated as {estimate}");
+    let counted = redis.usage(&scope("unlimited"), &unlimited).await.unwrap().usage.counted;
+    println!("redis unlimited tier: {RECIPIENTS} recipients counted as {counted}; the day's HyperLogLog (7/30-day counts) is {hll} bytes");
     println!(
         "redis unlimited tier: {reported_new} of {RECIPIENTS} distinct recipients reported NEW_RECIPIENT ({:.1}% as ALREADY_COUNTED)",
         100.0 * (RECIPIENTS - reported_new) as f64 / RECIPIENTS as f64

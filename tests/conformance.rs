@@ -40,7 +40,8 @@ conformance!(
     an_old_lease_cannot_release_a_recount_of_the_same_recipient,
     a_batch_is_decided_in_order,
     persisted_tier_overrides_the_fallback,
-    unlimited_tier_admits_everyone_and_estimates_usage,
+    unlimited_tiers_count_exactly_with_leases,
+    a_scope_moving_down_from_unlimited_keeps_its_window,
     scopes_and_portfolios_are_independent,
     usage_of_an_unknown_scope_is_empty,
     concurrent_admits_never_exceed_the_limit,
@@ -188,15 +189,43 @@ async fn persisted_tier_overrides_the_fallback<F: Fn(Windows) -> Fixture>(make: 
     assert_eq!(usage(&*f.store, &portfolio("other"), &fallback).await.tier, fallback);
 }
 
-async fn unlimited_tier_admits_everyone_and_estimates_usage<F: Fn(Windows) -> Fixture>(make: F) {
+async fn unlimited_tiers_count_exactly_with_leases<F: Fn(Windows) -> Fixture>(make: F) {
     let f = make(Windows::default());
     let (p, t) = (portfolio("big"), Tier::unlimited("UNL"));
     let got = admit(&*f.store, &p, &t, &[op("1111111"), op("2222222"), op("3333333"), op("1111111")]).await;
     let reasons: Vec<_> = got.iter().map(|a| a.reason).collect();
     assert_eq!(reasons, [Reason::NewRecipient, Reason::NewRecipient, Reason::NewRecipient, Reason::AlreadyCounted]);
-    assert!(got.iter().all(|a| a.lease_score.is_none() && a.retry_after.is_none()));
+    assert!(got[..3].iter().all(|a| a.lease_score.is_some()), "new recipients get a lease on every tier");
+    assert!(got.iter().all(|a| a.retry_after.is_none()));
     let u = usage(&*f.store, &p, &t).await;
     assert_eq!((u.counted, u.tier.limit, u.remaining()), (3, Limit::Unlimited, None));
+    assert!(u.next_slot_at.is_some());
+    let lease = Lease { scope: p.clone(), member: op("2222222").member, score: got[1].lease_score.unwrap() };
+    assert!(f.store.release(&lease).await.unwrap());
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 2);
+    // Thousands of distinct recipients are each new, exactly (a HyperLogLog register that did
+    // not move is no proof a recipient was seen before).
+    let recipients: Vec<String> = (0..2_000).map(|i| format!("4915{i:09}")).collect();
+    for chunk in recipients.chunks(500) {
+        let ops: Vec<_> = chunk.iter().map(|r| op(r)).collect();
+        let got = admit(&*f.store, &p, &t, &ops).await;
+        let repeated = got.iter().filter(|a| a.reason != Reason::NewRecipient).count();
+        assert_eq!(repeated, 0, "{repeated} of {} distinct recipients were not reported new", ops.len());
+    }
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 2_002);
+}
+
+async fn a_scope_moving_down_from_unlimited_keeps_its_window<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let p = portfolio("big");
+    let recipients = ["1111111", "2222222", "3333333"];
+    reasons(&*f.store, &p, &Tier::unlimited("UNL"), &recipients).await;
+    // Down to a limit of 3: the three reached under the unlimited tier still fill it.
+    let t = limited(3);
+    set_tier(&*f.store, &p, &t).await;
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 3);
+    assert_eq!(admit_one(&*f.store, &p, &t, op("4444444")).await.reason, Reason::LimitReached);
+    assert_eq!(admit_one(&*f.store, &p, &t, op("2222222")).await.reason, Reason::AlreadyCounted);
 }
 
 async fn scopes_and_portfolios_are_independent<F: Fn(Windows) -> Fixture>(make: F) {

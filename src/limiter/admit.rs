@@ -38,7 +38,7 @@ pub struct AdmitInput {
 pub struct AdmitAnswer {
     /// Why it was admitted or denied.
     pub reason: Reason,
-    /// Set when a new recipient was counted on a limited tier.
+    /// Set when a new recipient was counted (on every tier, unlimited ones too).
     pub lease: Option<String>,
     /// When the limit is reached: how long until a slot frees.
     pub retry_after: Option<Duration>,

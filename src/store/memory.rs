@@ -11,7 +11,7 @@ use super::{
     UsageSnapshot, Windows,
 };
 pub use super::{Clock, SystemClock};
-use crate::policy::{self, Effect, Lease, Limit, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
+use crate::policy::{self, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
 
 /// Days of daily unique-recipient sets kept for projections.
 const DAYS_KEPT: u64 = 30;
@@ -48,19 +48,11 @@ impl ScopeState {
         self.days.retain(|day, _| *day >= oldest_day);
     }
 
-    fn today(&self, now: Micros) -> usize {
-        self.days.get(&day_of(now)).map_or(0, HashSet::len)
-    }
-
-    fn usage(&self, fallback: &Tier, windows: &Windows, now: Micros) -> UsageSnapshot {
-        let tier = self.tier.clone().unwrap_or_else(|| fallback.clone());
-        match tier.limit {
-            Limit::Unlimited => UsageSnapshot { tier, counted: self.today(now) as u64, next_slot_at: None },
-            Limit::Limited(_) => UsageSnapshot {
-                tier,
-                counted: self.contacts.len() as u64,
-                next_slot_at: self.by_score.first().map(|(s, _)| s + policy::micros(windows.window)),
-            },
+    fn usage(&self, fallback: &Tier, windows: &Windows) -> UsageSnapshot {
+        UsageSnapshot {
+            tier: self.tier.clone().unwrap_or_else(|| fallback.clone()),
+            counted: self.contacts.len() as u64,
+            next_slot_at: self.by_score.first().map(|(s, _)| s + policy::micros(windows.window)),
         }
     }
 
@@ -164,43 +156,37 @@ impl Store for MemoryStore {
         s.expire(now, &self.windows);
         let limit = s.tier.as_ref().unwrap_or(&params.fallback).limit;
         let limits = Limits::new(limit, params.reserve_bp);
-        let unlimited = limit == Limit::Unlimited;
         let today = day_of(now);
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             let service_window_open =
                 op.service_member.as_ref().and_then(|m| portfolio?.service.get(m)).is_some_and(|closes| *closes > now);
-            let day = s.days.get(&today);
             let snapshot = Snapshot {
                 sender_blocked: op.sender_blocked || sender_banned(portfolio, op.sender.as_ref()),
                 template_blocked: template_blocked(portfolio, op.template.as_ref()),
                 opted_out: portfolio.is_some_and(|p| p.opted_out.contains(&op.member)),
                 service_window_open,
-                already_counted: if unlimited {
-                    day.is_some_and(|d| d.contains(&op.member))
-                } else {
-                    s.contacts.contains_key(&op.member)
-                },
-                counted: if unlimited { day.map_or(0, HashSet::len) as u64 } else { s.contacts.len() as u64 },
+                already_counted: s.contacts.contains_key(&op.member),
+                counted: s.contacts.len() as u64,
             };
             let nth_oldest = |rank| s.by_score.iter().nth(usize::try_from(rank).ok()?).map(|(score, _)| *score);
             let outcome = policy::decide(&snapshot, op.category, limits, now, self.windows.window, nth_oldest);
             if outcome.effect != Effect::Nothing {
                 s.days.entry(today).or_default().insert(op.member.clone());
             }
-            let lease_score = match (outcome.effect, unlimited) {
-                (Effect::Count, false) => Some(s.touch(&op.member, now)),
-                (Effect::Touch, false) => {
+            let lease_score = match outcome.effect {
+                Effect::Count => Some(s.touch(&op.member, now)),
+                Effect::Touch => {
                     s.touch(&op.member, now);
                     None
                 }
-                _ => None,
+                Effect::Nothing => None,
             };
             out.push(Admission {
                 reason: outcome.reason,
                 lease_score,
                 retry_after: outcome.retry_after,
-                usage: s.usage(&params.fallback, &self.windows, now),
+                usage: s.usage(&params.fallback, &self.windows),
                 now,
             });
         }
@@ -299,7 +285,7 @@ impl Store for MemoryStore {
         s.expire(now, &self.windows);
         let today = day_of(now);
         Ok(ScopeReport {
-            usage: s.usage(fallback, &self.windows, now),
+            usage: s.usage(fallback, &self.windows),
             unique_7d: s.unique_since(today.saturating_sub(6)),
             unique_30d: s.unique_since(today.saturating_sub(DAYS_KEPT - 1)),
             tier_since: s.tier_since,

@@ -86,7 +86,7 @@ pub fn day_of(t: Micros) -> u64 {
 pub struct UsageSnapshot {
     /// The tier in force: persisted by `set_tier`, or the fallback passed in.
     pub tier: Tier,
-    /// Recipients counted in the rolling window (for unlimited tiers: estimated, since 00:00 UTC).
+    /// Recipients counted in the rolling window (on every tier, unlimited ones too).
     pub counted: u64,
     /// When the oldest counted recipient leaves the window.
     pub next_slot_at: Option<Micros>,

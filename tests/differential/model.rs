@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tiergate::policy::{self, Effect, Lease, Limit, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
+use tiergate::policy::{self, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
 use tiergate::store::{
     day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, UsageSnapshot, Windows,
 };
@@ -42,25 +42,16 @@ impl Scope {
         self.contacts.values().min().copied()
     }
 
-    fn today(&self, now: Micros) -> u64 {
-        self.days.get(&day_of(now)).map_or(0, |d| d.len() as u64)
-    }
-
     fn unique_since(&self, first_day: u64) -> u64 {
         let all: BTreeSet<&Member> = self.days.range(first_day..).flat_map(|(_, d)| d).collect();
         all.len() as u64
     }
 
-    fn usage(&self, fallback: &Tier, now: Micros, windows: &Windows) -> UsageSnapshot {
-        let tier = self.tier.clone().unwrap_or_else(|| fallback.clone());
-        match tier.limit {
-            // Unlimited tiers report today's reach instead of a window.
-            Limit::Unlimited => UsageSnapshot { tier, counted: self.today(now), next_slot_at: None },
-            Limit::Limited(_) => UsageSnapshot {
-                tier,
-                counted: self.contacts.len() as u64,
-                next_slot_at: self.oldest().map(|o| o + policy::micros(windows.window)),
-            },
+    fn usage(&self, fallback: &Tier, windows: &Windows) -> UsageSnapshot {
+        UsageSnapshot {
+            tier: self.tier.clone().unwrap_or_else(|| fallback.clone()),
+            counted: self.contacts.len() as u64,
+            next_slot_at: self.oldest().map(|o| o + policy::micros(windows.window)),
         }
     }
 }
@@ -114,20 +105,13 @@ impl Model {
             let template_status =
                 |name: &String| portfolio.and_then(|p| p.state.templates.get(name)?.status.as_deref());
             let window_open = |m: &Member| portfolio.and_then(|p| p.service.get(m)).is_some_and(|c| *c > now);
-            let reached_today = s.days.get(&today);
             let snapshot = Snapshot {
                 sender_blocked: op.sender_blocked || op.sender.as_ref().and_then(status) == Some(SenderStatus::Banned),
                 template_blocked: op.template.as_ref().is_some_and(|t| !policy::template_active(template_status(t))),
                 opted_out: portfolio.is_some_and(|p| p.opted_out.contains(&op.member)),
                 service_window_open: op.service_member.as_ref().is_some_and(window_open),
-                already_counted: match limit {
-                    Limit::Unlimited => reached_today.is_some_and(|d| d.contains(&op.member)),
-                    Limit::Limited(_) => s.contacts.contains_key(&op.member),
-                },
-                counted: match limit {
-                    Limit::Unlimited => reached_today.map_or(0, |d| d.len() as u64),
-                    Limit::Limited(_) => s.contacts.len() as u64,
-                },
+                already_counted: s.contacts.contains_key(&op.member),
+                counted: s.contacts.len() as u64,
             };
             let mut scores: Vec<Micros> = s.contacts.values().copied().collect();
             scores.sort_unstable();
@@ -136,20 +120,19 @@ impl Model {
             let mut lease_score = None;
             if outcome.effect != Effect::Nothing {
                 s.days.entry(today).or_default().insert(op.member.clone());
-                if limit != Limit::Unlimited {
-                    let score = policy::next_score(now, s.last_score);
-                    s.last_score = score;
-                    s.contacts.insert(op.member.clone(), score);
-                    if outcome.effect == Effect::Count {
-                        lease_score = Some(score);
-                    }
+                // Every tier keeps the window, unlimited ones too.
+                let score = policy::next_score(now, s.last_score);
+                s.last_score = score;
+                s.contacts.insert(op.member.clone(), score);
+                if outcome.effect == Effect::Count {
+                    lease_score = Some(score);
                 }
             }
             out.push(Admission {
                 reason: outcome.reason,
                 lease_score,
                 retry_after: outcome.retry_after,
-                usage: s.usage(&params.fallback, now, &windows),
+                usage: s.usage(&params.fallback, &windows),
                 now,
             });
         }
@@ -238,7 +221,7 @@ impl Model {
         s.forget_old(now, &windows);
         let today = day_of(now);
         ScopeReport {
-            usage: s.usage(fallback, now, &windows),
+            usage: s.usage(fallback, &windows),
             unique_7d: s.unique_since(today.saturating_sub(6)),
             unique_30d: s.unique_since(today.saturating_sub(DAYS - 1)),
             tier_since: s.tier_since,

@@ -38,13 +38,8 @@ if limit >= 0 and reserve > 0 then
 end
 local out = {}
 
--- Trimmed on every tier, so a lease whose contact left the window cannot give back a slot
--- after the tier became unlimited (and the window is right when the tier comes down again).
 tg_expire(KEYS[1], now, window)
-local count = 0
-if limit >= 0 then
-  count = redis.call('ZCARD', KEYS[1])
-end
+local count = redis.call('ZCARD', KEYS[1])
 
 for i = 8, #ARGV, 6 do
   local member, service, category = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
@@ -66,18 +61,15 @@ for i = 8, #ARGV, 6 do
     reason = REASON_SERVICE_WINDOW
   elseif category == CATEGORY_SERVICE then
     reason = REASON_OUTSIDE_SERVICE_WINDOW
-  elseif limit < 0 then
-    reason = REASON_ALREADY_COUNTED
-    if redis.call('PFADD', today, member) == 1 then
-      reason = REASON_NEW_RECIPIENT
-    end
   else
+    -- Unlimited tiers (limit -1) keep the window too: exact reasons and leases, and a window
+    -- that is already there when the tier comes down.
     local counted_already = redis.call('ZSCORE', KEYS[1], member)
     if counted_already then
       reason = REASON_ALREADY_COUNTED
     elseif MAY_BE_MARKETING[category] and cap >= 0 and count >= cap then
       reason, threshold = REASON_HEADROOM_RESERVED, cap
-    elseif count < limit then
+    elseif limit < 0 or count < limit then
       reason = REASON_NEW_RECIPIENT
     else
       reason, threshold = REASON_LIMIT_REACHED, limit
@@ -92,39 +84,33 @@ for i = 8, #ARGV, 6 do
     end
   end
   -- The usage after this message: the count is kept here; only the oldest contact is read.
-  local counted, next_slot = count, 0
-  if limit < 0 then
-    counted = redis.call('PFCOUNT', today)
-  else
-    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-    if oldest[2] then
-      next_slot = tonumber(oldest[2]) + window
+  local next_slot = 0
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if oldest[2] then
+    next_slot = tonumber(oldest[2]) + window
+  end
+  if threshold then
+    -- Until the count drops below the threshold: the contact at rank count - threshold
+    -- leaves (the oldest only when the count is at the threshold). With none (a cap or
+    -- limit of 0 and nothing counted), a whole window.
+    local rank = count - threshold
+    local leaving = oldest
+    if rank > 0 then
+      leaving = redis.call('ZRANGE', KEYS[1], rank, rank, 'WITHSCORES')
     end
-    if threshold then
-      -- Until the count drops below the threshold: the contact at rank count - threshold
-      -- leaves (the oldest only when the count is at the threshold). With none (a cap or
-      -- limit of 0 and nothing counted), a whole window.
-      local rank = count - threshold
-      local leaving = oldest
-      if rank > 0 then
-        leaving = redis.call('ZRANGE', KEYS[1], rank, rank, 'WITHSCORES')
-      end
-      if leaving[2] then
-        retry = math.max(tonumber(leaving[2]) + window - now, MIN_RETRY_AFTER)
-      else
-        retry = math.max(window, MIN_RETRY_AFTER)
-      end
+    if leaving[2] then
+      retry = math.max(tonumber(leaving[2]) + window - now, MIN_RETRY_AFTER)
+    else
+      retry = math.max(window, MIN_RETRY_AFTER)
     end
   end
-  for _, v in ipairs({reason, lease, retry, counted, next_slot}) do
+  for _, v in ipairs({reason, lease, retry, count, next_slot}) do
     out[#out + 1] = v
   end
 end
 
-if limit >= 0 then
-  redis.call('HSET', KEYS[2], FIELD_SEQ, tg_fmt(seq))
-  redis.call('PEXPIRE', KEYS[1], math.floor(window / 1000) + 1000)
-end
+redis.call('HSET', KEYS[2], FIELD_SEQ, tg_fmt(seq))
+redis.call('PEXPIRE', KEYS[1], math.floor(window / 1000) + 1000)
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', today, ARGV[5])
 redis.call('PEXPIRE', KEYS[5], ARGV[4])

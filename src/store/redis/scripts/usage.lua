@@ -11,12 +11,8 @@
 -- tier since, eligible since, flagged since, now}; absent times are 0. `usage.rs` encodes the
 -- arguments and decodes the reply.
 
--- Counted recipients and when the oldest leaves the window (0: none). Unlimited tiers keep no
--- window: they report today's HyperLogLog estimate instead.
-local function window_usage(limit, window_key, today_key, window)
-  if limit < 0 then
-    return redis.call('PFCOUNT', today_key), 0
-  end
+-- Counted recipients and when the oldest leaves the window (0: none), on every tier.
+local function window_usage(window_key, window)
   local oldest = redis.call('ZRANGE', window_key, 0, 0, 'WITHSCORES')
   local next_slot = 0
   if oldest[2] then
@@ -33,7 +29,7 @@ local first = 4 + tonumber(ARGV[4]) - math.floor(now / DAY_US)
 if first < 3 or first + 29 > #KEYS then
   first = 4
 end
-local counted, next_slot = window_usage(limit, KEYS[1], KEYS[first], window)
+local counted, next_slot = window_usage(KEYS[1], window)
 local week = {}
 for i = first, first + 6 do
   week[#week + 1] = KEYS[i]
