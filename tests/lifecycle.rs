@@ -392,3 +392,16 @@ async fn a_quality_event_does_not_lift_a_ban() {
     assert_eq!(sender.status(), pb::SenderStatus::Banned);
     assert_eq!(reason(&mut c, UTILITY.to("acme", PHONE_ID, USER)).await, Reason::SenderBlocked);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_international_00_prefix_is_the_same_user_as_plus() {
+    let Setup { mut c, _redis, server: _server } = setup("").await;
+    let opt = pb::SetOptOutRequest { portfolio_id: "acme".into(), recipient: "00447700900123".into(), opted_out: true };
+    c.set_opt_out(opt).await.unwrap();
+    assert_eq!(reason(&mut c, UTILITY.to("acme", "n1", "+447700900123")).await, Reason::OptedOut);
+    assert_eq!(reason(&mut c, UTILITY.to("acme", "n1", "00 44 7700 900123")).await, Reason::OptedOut);
+    let opt = pb::SetOptOutRequest { portfolio_id: "acme".into(), recipient: "+4915112345678".into(), opted_out: true };
+    c.set_opt_out(opt).await.unwrap();
+    assert_eq!(reason(&mut c, UTILITY.to("acme", "n1", "004915112345678")).await, Reason::OptedOut);
+    assert_eq!(portfolio(&mut c, "acme").await.opted_out_recipients, 2);
+}
