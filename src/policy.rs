@@ -795,7 +795,8 @@ pub enum SimStep {
     /// The scope is no longer eligible: forget when it became so.
     ClearEligible,
     Upgrade(Tier),
-    /// Legacy: flagged for 7 days; also restarts the flagged clock.
+    /// Legacy: flagged for 7 days. The number then returns to CONNECTED at the lower limit, so
+    /// the flagged clock stops until Meta flags it again.
     Downgrade(Tier),
 }
 
