@@ -640,6 +640,13 @@ impl SenderStatus {
     }
 }
 
+/// A phone number's throughput (messages per second, in and out) until Meta upgrades it. It is
+/// not a messaging limit: Meta's `current_limit` now carries it for some numbers.
+pub const DEFAULT_THROUGHPUT_MPS: u32 = 80;
+
+/// A phone number's throughput after Meta's automatic `THROUGHPUT_UPGRADE`.
+pub const UPGRADED_THROUGHPUT_MPS: u32 = 1_000;
+
 /// Meta's tier names and limits, for webhooks that name a tier outside the configured ladder.
 const META_TIERS: [(&str, Limit); 7] = [
     ("TIER_50", Limit::Limited(50)),
