@@ -405,3 +405,15 @@ async fn an_international_00_prefix_is_the_same_user_as_plus() {
     assert_eq!(reason(&mut c, UTILITY.to("acme", "n1", "004915112345678")).await, Reason::OptedOut);
     assert_eq!(portfolio(&mut c, "acme").await.opted_out_recipients, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_message_opens_the_window_for_the_number_and_the_user_id() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    deliver(server.admin_addr, &fixture("messages_user_id")).await;
+    assert_eq!(reason(&mut c, SERVICE.to("acme", PHONE_ID, USER)).await, Reason::ServiceWindow);
+    assert_eq!(reason(&mut c, SERVICE.to("acme", PHONE_ID, "US.13491208655302741918")).await, Reason::ServiceWindow);
+    assert_eq!(
+        reason(&mut c, SERVICE.to("acme", "another-number", "US.13491208655302741918")).await,
+        Reason::OutsideServiceWindow
+    );
+}

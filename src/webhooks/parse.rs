@@ -62,11 +62,13 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
             let number = metadata.and_then(|m| m.get("phone_number_id")).and_then(text)?;
             let number = SenderId::parse(&number, FieldPath::TOP).ok()?;
             let display = metadata.and_then(|m| m.get("display_phone_number")).and_then(text).and_then(|d| digits(&d));
-            let inbound = v.get("messages").and_then(Value::as_array).into_iter().flatten().filter_map(|m| {
-                let from = m.get("from").and_then(text).or_else(|| m.get("from_user_id").and_then(text))?;
+            let contacts = v.get("contacts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+            let inbound = v.get("messages").and_then(Value::as_array).into_iter().flatten().flat_map(|m| {
+                let at = m.get("timestamp").and_then(seconds_to_micros);
                 // A sender we cannot parse is skipped, not logged: it may be a number.
-                let from = Recipient::parse(&from, FieldPath::TOP).ok()?;
-                Some(Inbound { from, at: m.get("timestamp").and_then(seconds_to_micros) })
+                user_forms(m, contacts)
+                    .into_iter()
+                    .filter_map(move |from| Some(Inbound { from: Recipient::parse(&from, FieldPath::TOP).ok()?, at }))
             });
             Some(Event::Messages { number, display, inbound: inbound.collect() })
         }
@@ -78,6 +80,24 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
         }
         _ => None,
     }
+}
+
+/// Every form of the user who sent message `m`: its phone number (`from`) and business-scoped
+/// user id (`from_user_id`), and the other form from the `contacts[]` entry (`wa_id`, `user_id`)
+/// that shares one of them, so a reply to either form is inside the window the message opened.
+fn user_forms(m: &Value, contacts: &[Value]) -> Vec<String> {
+    let mut forms: Vec<String> = ["from", "from_user_id"].iter().filter_map(|f| m.get(*f).and_then(text)).collect();
+    for contact in contacts {
+        let ids: Vec<String> = ["wa_id", "user_id"].iter().filter_map(|f| contact.get(*f).and_then(text)).collect();
+        if ids.iter().any(|id| forms.contains(id)) {
+            for id in ids {
+                if !forms.contains(&id) {
+                    forms.push(id);
+                }
+            }
+        }
+    }
+    forms
 }
 
 /// A string or a number, as text (Meta sends ids both ways).
@@ -152,5 +172,25 @@ mod tests {
         assert_eq!(inbound[0].at, Some(1_700_000_000_000_000));
         assert_eq!(event("messages", &json!({"metadata": {"phone_number_id": "not an id"}})), None);
         assert_eq!(event("security", &json!({})), None);
+    }
+
+    #[test]
+    fn a_contact_with_a_number_and_a_user_id_opens_both_windows() {
+        let v = json!({"metadata": {"phone_number_id": "106540352242922"},
+                       "contacts": [{"wa_id": "16505551234", "user_id": "US.13491208655302741918"},
+                                    {"wa_id": "447700900123", "user_id": "GB.99"}],
+                       "messages": [{"from": "16505551234", "timestamp": "1700000000"},
+                                    {"from_user_id": "GB.99", "timestamp": "1700000001"}]});
+        let Some(Event::Messages { inbound, .. }) = event("messages", &v) else { panic!("messages") };
+        let users: Vec<(&str, Option<Micros>)> = inbound.iter().map(|m| (m.from.as_str(), m.at)).collect();
+        assert_eq!(
+            users,
+            [
+                ("16505551234", Some(1_700_000_000_000_000)),
+                ("US.13491208655302741918", Some(1_700_000_000_000_000)),
+                ("GB.99", Some(1_700_000_001_000_000)),
+                ("447700900123", Some(1_700_000_001_000_000)),
+            ]
+        );
     }
 }
