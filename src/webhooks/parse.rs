@@ -39,15 +39,28 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
         number: v.get(number).and_then(tier_value),
     };
     match field {
-        "phone_number_quality_update" => Some(Event::NumberQuality {
-            display: v.get("display_phone_number").and_then(text).and_then(|d| digits(&d)),
-            event: match v.get("event").and_then(Value::as_str) {
+        "phone_number_quality_update" => {
+            let event = match v.get("event").and_then(Value::as_str) {
                 Some("FLAGGED") => Some(NumberEvent::Flagged),
                 Some("UNFLAGGED") => Some(NumberEvent::Unflagged),
+                Some("THROUGHPUT_UPGRADE") => {
+                    Some(NumberEvent::Throughput { mps: Some(policy::UPGRADED_THROUGHPUT_MPS) })
+                }
+                Some(e) if e.contains("THROUGHPUT") => Some(NumberEvent::Throughput { mps: None }),
                 _ => None,
-            },
-            limits: limits("current_limit"),
-        }),
+            };
+            // A throughput event's `current_limit` is the number's throughput level, not a
+            // messaging limit, so a throughput event carries no limit at all.
+            let throughput = matches!(event, Some(NumberEvent::Throughput { .. }));
+            Some(Event::NumberQuality {
+                display: v.get("display_phone_number").and_then(text).and_then(|d| digits(&d)),
+                event,
+                limits: if throughput { Limits::default() } else { limits("current_limit") },
+                quality: ["quality_rating", "new_quality_score", "quality_score"]
+                    .iter()
+                    .find_map(|f| v.get(*f).and_then(Value::as_str).and_then(Quality::parse)),
+            })
+        }
         "business_capability_update" => Some(Event::Capability { limits: limits("max_daily_conversation_per_phone") }),
         "message_template_status_update" => Some(Event::TemplateStatus {
             name: v.get("message_template_name").and_then(text)?,
@@ -154,7 +167,7 @@ mod tests {
     fn quality_updates_carry_both_limits_and_only_flag_events() {
         let v = json!({"display_phone_number": "+1 555 000 1111", "event": "ONBOARDING", "current_limit": "TIER_1K",
                        "max_daily_conversations_per_business": 2000});
-        let Some(Event::NumberQuality { display, event, limits }) = event("phone_number_quality_update", &v) else {
+        let Some(Event::NumberQuality { display, event, limits, .. }) = event("phone_number_quality_update", &v) else {
             panic!("a quality update")
         };
         assert_eq!((display.as_deref(), event), (Some("15550001111"), None));
@@ -192,5 +205,27 @@ mod tests {
                 ("447700900123", Some(1_700_000_001_000_000)),
             ]
         );
+    }
+
+    #[test]
+    fn a_throughput_upgrade_carries_a_throughput_level_and_no_limit() {
+        let v = json!({"display_phone_number": "15550783881", "event": "THROUGHPUT_UPGRADE",
+                       "current_limit": "TIER_UNLIMITED", "max_daily_conversations_per_business": "TIER_UNLIMITED"});
+        let Some(Event::NumberQuality { event: e, limits, .. }) = event("phone_number_quality_update", &v) else {
+            panic!("a quality update")
+        };
+        assert_eq!(e, Some(NumberEvent::Throughput { mps: Some(1_000) }));
+        assert_eq!(limits, Limits::default());
+    }
+
+    #[test]
+    fn an_unflagged_number_carries_the_quality_of_the_payload_when_there_is_one() {
+        let quality = |v: Value| match event("phone_number_quality_update", &v) {
+            Some(Event::NumberQuality { event: Some(NumberEvent::Unflagged), quality, .. }) => quality,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(quality(json!({"event": "UNFLAGGED", "quality_rating": "GREEN"})), Some(Quality::High));
+        assert_eq!(quality(json!({"event": "UNFLAGGED", "new_quality_score": "YELLOW"})), Some(Quality::Medium));
+        assert_eq!(quality(json!({"event": "UNFLAGGED"})), None);
     }
 }
