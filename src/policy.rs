@@ -350,7 +350,8 @@ pub fn validate_id(value: &str) -> Result<(), String> {
 }
 
 /// Normalises a recipient to the form that is hashed: a phone number becomes its 7–15 digits
-/// (`+`, spaces, dashes and parentheses allowed around them); a business-scoped user id
+/// (`+` or the international prefix `00`, spaces, dashes and parentheses allowed around them),
+/// so every way of writing one number opts out and counts as one user; a business-scoped user id
 /// (`CC.digits`, e.g. `US.13491208655302741918`) keeps its upper-case country code.
 ///
 /// The error message never repeats the input, so it is safe to return to a client or log.
@@ -381,6 +382,9 @@ pub fn normalize_recipient(raw: &str) -> Result<String, String> {
             }
         }
     }
+    // `00` is the international call prefix, written where `+` would be: `00447700900123` is
+    // `+447700900123`. No country code starts with 0, so a leading `00` is never the number's.
+    let digits = digits.strip_prefix("00").map(str::to_owned).unwrap_or(digits);
     if !(7..=15).contains(&digits.len()) {
         return Err(format!("has {} digits; a phone number has 7 to 15", digits.len()));
     }
@@ -636,6 +640,13 @@ impl SenderStatus {
     }
 }
 
+/// A phone number's throughput (messages per second, in and out) until Meta upgrades it. It is
+/// not a messaging limit: Meta's `current_limit` now carries it for some numbers.
+pub const DEFAULT_THROUGHPUT_MPS: u32 = 80;
+
+/// A phone number's throughput after Meta's automatic `THROUGHPUT_UPGRADE`.
+pub const UPGRADED_THROUGHPUT_MPS: u32 = 1_000;
+
 /// Meta's tier names and limits, for webhooks that name a tier outside the configured ladder.
 const META_TIERS: [(&str, Limit); 7] = [
     ("TIER_50", Limit::Limited(50)),
@@ -791,7 +802,8 @@ pub enum SimStep {
     /// The scope is no longer eligible: forget when it became so.
     ClearEligible,
     Upgrade(Tier),
-    /// Legacy: flagged for 7 days; also restarts the flagged clock.
+    /// Legacy: flagged for 7 days. The number then returns to CONNECTED at the lower limit, so
+    /// the flagged clock stops until Meta flags it again.
     Downgrade(Tier),
 }
 
@@ -1277,5 +1289,16 @@ mod tests {
         assert!(Lease::decode("").is_err());
         assert!(Lease::decode("not a lease").is_err());
         assert!(Lease::decode("MQpwCgp6ego1").is_err());
+    }
+
+    #[test]
+    fn the_00_international_prefix_is_the_same_as_plus() {
+        assert_eq!(normalize_recipient("00447700900123").unwrap(), "447700900123");
+        assert_eq!(normalize_recipient("00 44 7700 900123").unwrap(), normalize_recipient("+447700900123").unwrap());
+        assert_eq!(normalize_recipient("(00) 1 415 555 0100").unwrap(), "14155550100");
+        // The prefix is not a digit of the number: what is left must still be 7 to 15 digits.
+        assert!(normalize_recipient("00123456").is_err());
+        assert_eq!(normalize_recipient("001234567").unwrap(), "1234567");
+        assert_eq!(normalize_recipient("0041234567890123").unwrap(), "41234567890123");
     }
 }

@@ -58,3 +58,19 @@ fn every_command_explains_itself() {
     let out = tiergate(&["serve", "--help"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("TIERGATE_<SECTION>_<KEY>"));
 }
+
+#[test]
+fn check_config_rejects_settings_that_cannot_be_meant_naming_the_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiergate.toml");
+    for (toml, keys) in [
+        ("[policy]\nscope = \"phone_number\"\n", ["policy.scope", "policy.ladder"]),
+        ("[policy.reserve]\nmarketing = 0.99999\n", ["policy.reserve.marketing", "policy.ladder"]),
+    ] {
+        std::fs::write(&file, toml).unwrap();
+        let out = tiergate(&["check-config", file.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{toml}");
+        assert!(keys.iter().all(|k| err.contains(k)), "{err}");
+    }
+}

@@ -55,6 +55,7 @@ conformance!(
     changes_older_than_the_last_applied_are_skipped,
     unique_recipients_over_7_and_30_days_are_counted,
     a_denial_lifts_exactly_when_its_retry_after_has_passed,
+    a_numbers_throughput_is_kept_apart_from_its_status_and_tier,
 );
 
 async fn new_recipients_are_counted_until_the_limit_then_denied<F: Fn(Windows) -> Fixture>(make: F) {
@@ -488,4 +489,26 @@ async fn a_denial_lifts_exactly_when_its_retry_after_has_passed<F: Fn(Windows) -
         }
     }
     panic!("the store clock never passed retry_after");
+}
+
+async fn a_numbers_throughput_is_kept_apart_from_its_status_and_tier<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let p = portfolio("acme");
+    let flagged = Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Flagged, at: None };
+    f.store.apply("acme", &[flagged]).await.unwrap();
+    assert_eq!(f.store.portfolio("acme").await.unwrap().senders["s1"].throughput_mps, None, "not reported yet");
+    let upgrade = [Change::Throughput { sender: "s1".into(), mps: 1_000 }];
+    f.store.apply("acme", &upgrade).await.unwrap();
+    f.store.apply("acme", &upgrade).await.unwrap();
+    let state = f.store.portfolio("acme").await.unwrap();
+    let s1 = &state.senders["s1"];
+    assert_eq!(
+        (s1.throughput_mps, s1.status, s1.quality),
+        (Some(1_000), Some(SenderStatus::Flagged), Quality::Unknown)
+    );
+    assert_eq!(usage(&*f.store, &p, &limited(3)).await.tier, limited(3), "a throughput level is not a tier");
+    // A number known only by its throughput is listed, with nothing else set.
+    f.store.apply("acme", &[Change::Throughput { sender: "s2".into(), mps: 80 }]).await.unwrap();
+    let s2 = &f.store.portfolio("acme").await.unwrap().senders["s2"];
+    assert_eq!((s2.throughput_mps, s2.status, s2.since), (Some(80), None, None));
 }

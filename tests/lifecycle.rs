@@ -392,3 +392,93 @@ async fn a_quality_event_does_not_lift_a_ban() {
     assert_eq!(sender.status(), pb::SenderStatus::Banned);
     assert_eq!(reason(&mut c, UTILITY.to("acme", PHONE_ID, USER)).await, Reason::SenderBlocked);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throughput_upgrade_records_throughput_and_leaves_the_tier() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    deliver(server.admin_addr, &fixture("messages")).await;
+    deliver(server.admin_addr, &fixture("business_capability_update")).await;
+    // THROUGHPUT_UPGRADE's current_limit is the number's throughput level, not a messaging limit.
+    deliver(server.admin_addr, &fixture("phone_number_quality_update_throughput")).await;
+    let p = portfolio(&mut c, "acme").await;
+    assert_eq!((p.usage[0].tier.as_str(), p.usage[0].limit), ("TIER_2K", 2_000), "the tier is untouched");
+    let sender = p.senders.iter().find(|s| s.sender_id == PHONE_ID).expect("the number is known by its id");
+    assert_eq!(sender.throughput_mps, 1_000);
+    assert_eq!((sender.status(), sender.quality()), (pb::SenderStatus::Connected, pb::Quality::Unknown));
+    let other = pb::UpdatePortfolioRequest {
+        portfolio_id: "acme".into(),
+        senders: vec![pb::SenderUpdate {
+            sender_id: "n2".into(),
+            status: pb::SenderStatus::Connected.into(),
+            quality: 0,
+        }],
+        ..Default::default()
+    };
+    let p = c.update_portfolio(other).await.unwrap().into_inner();
+    assert_eq!(p.senders.iter().find(|s| s.sender_id == "n2").unwrap().throughput_mps, 80, "Meta's default");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_per_number_scope_a_business_wide_limit_goes_to_the_portfolio_not_to_each_number() {
+    let Setup { server, mut c, _redis } = setup("scope = \"phone_number\"\nladder = \"legacy\"").await;
+    deliver(server.admin_addr, &fixture("messages")).await;
+    deliver(server.admin_addr, &fixture("business_capability_update_business_only")).await;
+    let u = usage(&mut c, "acme", PHONE_ID).await;
+    assert_eq!((u.tier.as_str(), u.limit), ("TIER_1K", 1_000), "the number keeps its own limit");
+    let p = portfolio(&mut c, "acme").await;
+    let whole = p.usage.iter().find(|u| u.sender_id.is_empty()).expect("the portfolio-wide limit is shown");
+    assert_eq!((whole.tier.as_str(), whole.limit), ("TIER_2K", 2_000));
+    // A payload that still names the number's limit sets the number's.
+    deliver(server.admin_addr, &fixture("business_capability_update_legacy")).await;
+    assert_eq!(usage(&mut c, "acme", PHONE_ID).await.tier, "TIER_10K");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unflagged_numbers_take_the_quality_reported_else_unknown_which_does_not_block() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    let high = pb::UpdatePortfolioRequest {
+        portfolio_id: "acme".into(),
+        quality: pb::Quality::High.into(),
+        ..Default::default()
+    };
+    c.update_portfolio(high).await.unwrap();
+    deliver(server.admin_addr, &fixture("messages")).await;
+    deliver(server.admin_addr, &fixture("phone_number_quality_update")).await;
+    let number = |p: &pb::Portfolio| {
+        let s = p.senders.iter().find(|s| s.sender_id == PHONE_ID).unwrap();
+        (s.status(), s.quality())
+    };
+    assert_eq!(number(&portfolio(&mut c, "acme").await), (pb::SenderStatus::Flagged, pb::Quality::Low));
+    deliver(server.admin_addr, &fixture("phone_number_quality_update_unflagged")).await;
+    assert_eq!(number(&portfolio(&mut c, "acme").await), (pb::SenderStatus::Connected, pb::Quality::Unknown));
+    let u = usage(&mut c, "acme", "").await;
+    assert_eq!(u.quality(), pb::Quality::High, "an unknown rating does not hold the portfolio back");
+    assert!(!u.upgrade.unwrap().blockers.iter().any(|b| b.starts_with("quality")));
+    deliver(server.admin_addr, &fixture("phone_number_quality_update_unflagged_quality")).await;
+    assert_eq!(number(&portfolio(&mut c, "acme").await), (pb::SenderStatus::Connected, pb::Quality::High));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_international_00_prefix_is_the_same_user_as_plus() {
+    let Setup { mut c, _redis, server: _server } = setup("").await;
+    let opt = pb::SetOptOutRequest { portfolio_id: "acme".into(), recipient: "00447700900123".into(), opted_out: true };
+    c.set_opt_out(opt).await.unwrap();
+    assert_eq!(reason(&mut c, UTILITY.to("acme", "n1", "+447700900123")).await, Reason::OptedOut);
+    assert_eq!(reason(&mut c, UTILITY.to("acme", "n1", "00 44 7700 900123")).await, Reason::OptedOut);
+    let opt = pb::SetOptOutRequest { portfolio_id: "acme".into(), recipient: "+4915112345678".into(), opted_out: true };
+    c.set_opt_out(opt).await.unwrap();
+    assert_eq!(reason(&mut c, UTILITY.to("acme", "n1", "004915112345678")).await, Reason::OptedOut);
+    assert_eq!(portfolio(&mut c, "acme").await.opted_out_recipients, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_message_opens_the_window_for_the_number_and_the_user_id() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    deliver(server.admin_addr, &fixture("messages_user_id")).await;
+    assert_eq!(reason(&mut c, SERVICE.to("acme", PHONE_ID, USER)).await, Reason::ServiceWindow);
+    assert_eq!(reason(&mut c, SERVICE.to("acme", PHONE_ID, "US.13491208655302741918")).await, Reason::ServiceWindow);
+    assert_eq!(
+        reason(&mut c, SERVICE.to("acme", "another-number", "US.13491208655302741918")).await,
+        Reason::OutsideServiceWindow
+    );
+}

@@ -225,6 +225,7 @@ impl From<PortfolioView> for pb::Portfolio {
                 blocked: v.blocked_senders.contains(id),
                 status_since: s.since.map(timestamp),
                 display_phone_number: displays.get(id).map(|d| d.to_string()).unwrap_or_default(),
+                throughput_mps: s.throughput_mps.unwrap_or(policy::DEFAULT_THROUGHPUT_MPS),
             })
             .collect();
         let templates = v

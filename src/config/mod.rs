@@ -417,6 +417,28 @@ impl Config {
         if p.simulate_interval.is_zero() {
             return Err(err("policy.simulate_interval", "must be longer than zero"));
         }
+        // Today's ladder is Meta's portfolio-wide one: per number, each number would be given the
+        // whole portfolio's limit, and together they would overshoot it.
+        if p.scope == ScopeMode::PhoneNumber && ladder == Ladder::meta_2025() {
+            return Err(err(
+                "policy.scope",
+                "\"phone_number\" gives each number its own limit, but policy.ladder \"meta-2025\" holds today's \
+                 limits, which are shared by the whole portfolio; use scope = \"portfolio\", or the \"legacy\" \
+                 (or a custom) ladder for per-number limits",
+            ));
+        }
+        let reserve_bp = (reserve * 10_000.0).round() as u32;
+        let smallest = ladder.tiers().iter().filter(|t| t.limit != Limit::Unlimited).min_by_key(|t| t.limit.to_i64());
+        if let Some(t) = smallest.filter(|t| policy::marketing_cap(t.limit, reserve_bp) == Some(0)) {
+            return Err(err(
+                "policy.reserve.marketing",
+                format!(
+                    "{reserve} leaves marketing a cap of 0 new recipients on {} (the smallest tier of policy.ladder), \
+                     so no campaign could ever start; keep it clearly below 1",
+                    t.name
+                ),
+            ));
+        }
         let ruleset = match &p.ladder {
             LadderConfig::Preset(name) if name == "legacy" => Ruleset::Legacy { threshold_ratio: p.legacy_threshold },
             _ => Ruleset::Meta2025,
@@ -478,7 +500,7 @@ impl Config {
             portfolio_tiers,
             store,
             on_error: s.on_error,
-            reserve_bp: (reserve * 10_000.0).round() as u32,
+            reserve_bp,
             tier_source: p.tier_source,
             ruleset,
             simulate_interval: p.simulate_interval,
@@ -642,5 +664,25 @@ mod tests {
         assert_eq!(topo("sentinels = [\"s1:26379\"]").unwrap_err().key, "store.master_name");
         assert_eq!(topo("").unwrap_err().key, "store.url");
         assert_eq!(topo("url = \"http://h\"").unwrap_err().key, "store.url");
+    }
+
+    #[test]
+    fn settings_that_cannot_be_meant_are_rejected_naming_the_keys() {
+        let e = Config::from_toml("[policy]\nscope = \"phone_number\"").unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "policy.scope");
+        assert!(e.to_string().contains("policy.ladder") && e.to_string().contains("meta-2025"), "{e}");
+        let e = Config::from_toml("[policy]\nscope = \"phone_number\"\nladder = \"meta-2025\"").unwrap().validate();
+        assert_eq!(e.unwrap_err().key, "policy.scope");
+        assert!(Config::from_toml("[policy]\nscope = \"phone_number\"\nladder = \"legacy\"")
+            .unwrap()
+            .validate()
+            .is_ok());
+        let custom = "[policy]\nscope = \"phone_number\"\nladder = [{name=\"T5\", limit=5}]";
+        assert!(Config::from_toml(custom).unwrap().validate().is_ok());
+        // A reserve so close to 1 that marketing to new recipients could never be sent.
+        let e = Config::from_toml("[policy.reserve]\nmarketing = 0.99999").unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "policy.reserve.marketing");
+        assert!(e.to_string().contains("TIER_250") && e.to_string().contains("policy.ladder"), "{e}");
+        assert!(Config::from_toml("[policy.reserve]\nmarketing = 0.99").unwrap().validate().is_ok());
     }
 }

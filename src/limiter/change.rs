@@ -8,12 +8,15 @@ use std::collections::BTreeMap;
 
 use crate::error::Error;
 use crate::metrics;
-use crate::policy::{self, Micros, Quality, ScopeMode, SenderStatus, Tier, TierValue};
+use crate::policy::{self, Micros, Quality, ScopeKey, ScopeMode, SenderStatus, Tier, TierValue};
 use crate::store::{Change, PortfolioState};
 
 use super::input::{FieldPath, PortfolioId, Recipient, SenderId, TemplateName};
 use super::read::{PortfolioView, Usage};
 use super::Limiter;
+
+/// The most portfolios remembered as logged for a webhook without a per-number limit.
+const MAX_LOGGED_PORTFOLIOS: usize = 10_000;
 
 /// A change to a portfolio asked for through UpdatePortfolio: every field is optional.
 #[derive(Debug, Clone, Default)]
@@ -42,8 +45,8 @@ pub struct Reported {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// `phone_number_quality_update`: a number, by the digits of its display number, with its
-    /// quality event and the limits the update carries.
-    NumberQuality { display: Option<String>, event: Option<NumberEvent>, limits: Limits },
+    /// quality event, the limits the update carries, and the quality rating it carries, if any.
+    NumberQuality { display: Option<String>, event: Option<NumberEvent>, limits: Limits, quality: Option<Quality> },
     /// `business_capability_update`: the limits the update carries.
     Capability { limits: Limits },
     /// `message_template_status_update`: a template's status event (APPROVED, PAUSED, …).
@@ -73,6 +76,9 @@ pub enum NumberEvent {
     Flagged,
     /// Out of the red.
     Unflagged,
+    /// The number's throughput changed (`THROUGHPUT_UPGRADE`): messages per second, when known.
+    /// It is not a messaging limit and never changes a tier.
+    Throughput { mps: Option<u32> },
 }
 
 /// A message a user sent to a number, which opens that pair's service window.
@@ -189,12 +195,14 @@ impl Limiter {
     fn event_changes(&self, portfolio: &str, reported: &Reported, known: &mut Known<'_>, out: &mut Vec<Change>) {
         let at = reported.at;
         match &reported.event {
-            Event::NumberQuality { display, event, limits } => {
+            Event::NumberQuality { display, event, limits, quality } => {
                 let sender = display.as_ref().map(|d| known.aliases.get(d).unwrap_or(d).clone());
-                if let Some(tier) = self.reported_tier(limits) {
-                    out.extend(self.tier_changes(portfolio, sender.as_deref(), &tier, at));
-                }
+                out.extend(self.reported_tier_changes(portfolio, sender.as_deref(), limits, at));
                 let Some(sender) = sender else { return };
+                if let Some(NumberEvent::Throughput { mps }) = event {
+                    out.extend(mps.map(|mps| Change::Throughput { sender, mps }));
+                    return;
+                }
                 // A quality event never lifts a ban, nor flags a banned number.
                 if known.state.senders.get(&sender).and_then(|s| s.status) == Some(SenderStatus::Banned) {
                     return;
@@ -203,16 +211,19 @@ impl Limiter {
                     Some(NumberEvent::Flagged) => {
                         out.extend(sender_changes(&sender, Some(SenderStatus::Flagged), Some(Quality::Low), at))
                     }
-                    Some(NumberEvent::Unflagged) => {
-                        out.extend(sender_changes(&sender, Some(SenderStatus::Connected), Some(Quality::Medium), at))
-                    }
-                    None => {}
+                    // Out of the red says only that quality is no longer low: the rating is the one
+                    // the payload carries, else unknown (which holds no upgrade back).
+                    Some(NumberEvent::Unflagged) => out.extend(sender_changes(
+                        &sender,
+                        Some(SenderStatus::Connected),
+                        Some(quality.unwrap_or(Quality::Unknown)),
+                        at,
+                    )),
+                    Some(NumberEvent::Throughput { .. }) | None => {}
                 }
             }
             Event::Capability { limits } => {
-                if let Some(tier) = self.reported_tier(limits) {
-                    out.extend(self.tier_changes(portfolio, known.senders.iter().map(String::as_str), &tier, at));
-                }
+                out.extend(self.reported_tier_changes(portfolio, known.senders.iter().map(String::as_str), limits, at))
             }
             Event::TemplateStatus { name, status } => out.extend(template_changes(name, Some(status), None, at)),
             Event::TemplateQuality { name, quality } => out.extend(template_changes(name, None, Some(*quality), at)),
@@ -233,14 +244,42 @@ impl Limiter {
         }
     }
 
-    /// The tier a webhook's limits mean for this sidecar's scopes: the business's in portfolio
-    /// scope, the number's in per-number scope, else the other one when only it is sent.
-    fn reported_tier(&self, limits: &Limits) -> Option<Tier> {
-        let (first, second) = match self.scope_mode {
-            ScopeMode::Portfolio => (&limits.business, &limits.number),
-            ScopeMode::PhoneNumber => (&limits.number, &limits.business),
-        };
-        first.as_ref().or(second.as_ref()).and_then(|t| self.ladder.resolve(t))
+    /// The tier changes a webhook's limits make. In portfolio scope: the business's limit, else
+    /// the number's when only it is sent. In per-number scope: the number's limit for the named
+    /// numbers. Meta stops sending a per-number limit in February 2026; a business-wide limit
+    /// alone is then the portfolio's, not each number's (together they would reach it many times
+    /// over), so it is recorded on the portfolio's own scope, and that is logged once.
+    fn reported_tier_changes<'s>(
+        &self,
+        portfolio: &str,
+        senders: impl IntoIterator<Item = &'s str>,
+        limits: &Limits,
+        at: Option<Micros>,
+    ) -> Vec<Change> {
+        let resolve = |t: &Option<TierValue>| t.as_ref().and_then(|t| self.ladder.resolve(t));
+        match self.scope_mode {
+            ScopeMode::Portfolio => match resolve(&limits.business).or_else(|| resolve(&limits.number)) {
+                Some(tier) => self.tier_changes(portfolio, senders, &tier, at),
+                None => Vec::new(),
+            },
+            ScopeMode::PhoneNumber => {
+                if let Some(tier) = resolve(&limits.number) {
+                    return self.tier_changes(portfolio, senders, &tier, at);
+                }
+                let Some(tier) = resolve(&limits.business) else { return Vec::new() };
+                let mut logged = self.no_number_limit_logged.lock().unwrap_or_else(|e| e.into_inner());
+                if logged.len() < MAX_LOGGED_PORTFOLIOS && logged.insert(portfolio.to_owned()) {
+                    tracing::warn!(
+                        portfolio,
+                        tier = %tier.name,
+                        "A webhook carries a business-wide limit but no per-number limit; recorded as the \
+                         portfolio's, and each number keeps its own."
+                    );
+                }
+                let scope = ScopeKey { portfolio: portfolio.to_owned(), sender: None };
+                vec![Change::Tier { scope, tier, at }]
+            }
+        }
     }
 
     /// A tier for a portfolio: one change in portfolio scope, where the tier is the business's;

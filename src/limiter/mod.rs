@@ -51,6 +51,8 @@ pub struct Limiter {
     service_window: Duration,
     /// Scopes a simulating sidecar has seen, to re-evaluate periodically.
     seen: Mutex<HashSet<ScopeKey>>,
+    /// Portfolios already logged for a webhook limit that was business-wide only (per-number scope).
+    no_number_limit_logged: Mutex<HashSet<String>>,
 }
 
 impl Limiter {
@@ -70,6 +72,7 @@ impl Limiter {
             tier_source: settings.tier_source,
             service_window: settings.windows.service_window,
             seen: Mutex::new(HashSet::new()),
+            no_number_limit_logged: Mutex::new(HashSet::new()),
         }
     }
 

@@ -62,7 +62,8 @@ pub struct PortfolioView {
     pub state: PortfolioState,
     /// Senders blocked by configuration.
     pub blocked_senders: BTreeSet<String>,
-    /// The portfolio's scope, or one per known number in per-number scope.
+    /// The portfolio's scope, or one per known number in per-number scope (then the portfolio's
+    /// own, when Meta reported a business-wide limit).
     pub usage: Vec<Usage>,
 }
 
@@ -97,6 +98,15 @@ impl Limiter {
         let mut usage = Vec::with_capacity(scopes.len());
         for scope in &scopes {
             usage.push(self.scope_usage(scope, &state).await?);
+        }
+        if self.scope_mode == ScopeMode::PhoneNumber {
+            // A business-wide limit that Meta reported without a per-number one (see
+            // `reported_tier_changes`) is shown as the portfolio's own, last.
+            let whole = ScopeKey { portfolio: portfolio.to_owned(), sender: None };
+            let report = self.report(&whole).await?;
+            if report.tier_since.is_some() {
+                usage.push(Usage { scope: whole, snapshot: report.usage, detail: None });
+            }
         }
         metrics::portfolio(portfolio, &state);
         Ok(PortfolioView {

@@ -75,9 +75,68 @@ impl Limiter {
             SimStep::Downgrade(tier) => {
                 tracing::info!(scope = %scope, from = %report.usage.tier.name, to = %tier.name, "Simulated downgrade after 7 days flagged.");
                 list.push(Change::Tier { scope: scope.clone(), tier, at: None });
-                list.push(Change::Flagged { scope: scope.clone(), since: Some(report.now) });
+                // Seed 003: a number not out of the red within 7 days "will still return to a
+                // Connected status but with a lower messaging limit". Connected, it is no longer
+                // counted as flagged, so it drops once, not once every 7 days.
+                let connected =
+                    senders.iter().filter(|(_, s)| s.status == Some(SenderStatus::Flagged)).map(|(id, _)| {
+                        Change::SenderStatus { sender: (*id).clone(), status: SenderStatus::Connected, at: None }
+                    });
+                list.extend(connected);
+                list.push(Change::Flagged { scope: scope.clone(), since: None });
             }
         }
         (!list.is_empty()).then_some(list)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use crate::config::Config;
+    use crate::limiter::{Limiter, PortfolioUpdate};
+    use crate::policy::{self, Micros, SenderStatus, FLAGGED_DOWNGRADE_AFTER};
+    use crate::store::memory::MemoryStore;
+    use crate::store::Clock;
+
+    struct ManualClock(AtomicU64);
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Micros {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_7_day_flagged_downgrade_the_number_is_connected_and_drops_no_further() {
+        let settings =
+            Config::from_toml("[policy]\nladder = \"legacy\"\ntier_source = \"simulate\"").unwrap().validate().unwrap();
+        let clock = Arc::new(ManualClock(AtomicU64::new(1_800_000_000_000_000)));
+        let store = Arc::new(MemoryStore::with_clock(settings.windows, clock.clone()));
+        let limiter = Limiter::new(&settings, store);
+        let week_and_a_minute = policy::micros(FLAGGED_DOWNGRADE_AFTER) + 60_000_000;
+        limiter.set_tier("acme", "", "TIER_100K").await.unwrap();
+        let flag = PortfolioUpdate {
+            senders: vec![("n1".into(), Some(SenderStatus::Flagged), None)],
+            ..PortfolioUpdate::default()
+        };
+        limiter.update_portfolio("acme", &flag).await.unwrap();
+        assert_eq!(limiter.usage("acme", "").await.unwrap().snapshot.tier.name, "TIER_100K");
+
+        clock.0.fetch_add(week_and_a_minute, Ordering::SeqCst);
+        assert_eq!(limiter.usage("acme", "").await.unwrap().snapshot.tier.name, "TIER_10K");
+        let view = limiter.portfolio("acme").await.unwrap();
+        assert_eq!(view.state.senders["n1"].status, Some(SenderStatus::Connected), "back to CONNECTED");
+
+        clock.0.fetch_add(week_and_a_minute, Ordering::SeqCst);
+        assert_eq!(limiter.usage("acme", "").await.unwrap().snapshot.tier.name, "TIER_10K", "one drop, not one a week");
+
+        // Flagged again by Meta, it can drop again after another 7 days.
+        limiter.update_portfolio("acme", &flag).await.unwrap();
+        limiter.usage("acme", "").await.unwrap();
+        clock.0.fetch_add(week_and_a_minute, Ordering::SeqCst);
+        assert_eq!(limiter.usage("acme", "").await.unwrap().snapshot.tier.name, "TIER_1K");
     }
 }

@@ -273,6 +273,9 @@ impl Store for MemoryStore {
                         p.service.retain(|_, c| *c > now);
                     }
                 }
+                Change::Throughput { sender, mps } => {
+                    p.state.senders.entry(sender.clone()).or_default().throughput_mps = Some(*mps);
+                }
             }
         }
         Ok(now)

@@ -127,6 +127,8 @@ pub struct SenderState {
     pub quality: Quality,
     /// When the status last changed.
     pub since: Option<Micros>,
+    /// Messages per second Meta allows the number, when reported (`None`: Meta's default).
+    pub throughput_mps: Option<u32>,
 }
 
 /// What is known of one template.
@@ -211,6 +213,11 @@ pub enum Change {
     Inbound {
         service_member: Member,
         at: Option<Micros>,
+    },
+    /// A number's throughput level (messages per second), which is not a messaging limit.
+    Throughput {
+        sender: String,
+        mps: u32,
     },
 }
 

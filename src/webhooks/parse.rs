@@ -39,15 +39,28 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
         number: v.get(number).and_then(tier_value),
     };
     match field {
-        "phone_number_quality_update" => Some(Event::NumberQuality {
-            display: v.get("display_phone_number").and_then(text).and_then(|d| digits(&d)),
-            event: match v.get("event").and_then(Value::as_str) {
+        "phone_number_quality_update" => {
+            let event = match v.get("event").and_then(Value::as_str) {
                 Some("FLAGGED") => Some(NumberEvent::Flagged),
                 Some("UNFLAGGED") => Some(NumberEvent::Unflagged),
+                Some("THROUGHPUT_UPGRADE") => {
+                    Some(NumberEvent::Throughput { mps: Some(policy::UPGRADED_THROUGHPUT_MPS) })
+                }
+                Some(e) if e.contains("THROUGHPUT") => Some(NumberEvent::Throughput { mps: None }),
                 _ => None,
-            },
-            limits: limits("current_limit"),
-        }),
+            };
+            // A throughput event's `current_limit` is the number's throughput level, not a
+            // messaging limit, so a throughput event carries no limit at all.
+            let throughput = matches!(event, Some(NumberEvent::Throughput { .. }));
+            Some(Event::NumberQuality {
+                display: v.get("display_phone_number").and_then(text).and_then(|d| digits(&d)),
+                event,
+                limits: if throughput { Limits::default() } else { limits("current_limit") },
+                quality: ["quality_rating", "new_quality_score", "quality_score"]
+                    .iter()
+                    .find_map(|f| v.get(*f).and_then(Value::as_str).and_then(Quality::parse)),
+            })
+        }
         "business_capability_update" => Some(Event::Capability { limits: limits("max_daily_conversation_per_phone") }),
         "message_template_status_update" => Some(Event::TemplateStatus {
             name: v.get("message_template_name").and_then(text)?,
@@ -62,11 +75,13 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
             let number = metadata.and_then(|m| m.get("phone_number_id")).and_then(text)?;
             let number = SenderId::parse(&number, FieldPath::TOP).ok()?;
             let display = metadata.and_then(|m| m.get("display_phone_number")).and_then(text).and_then(|d| digits(&d));
-            let inbound = v.get("messages").and_then(Value::as_array).into_iter().flatten().filter_map(|m| {
-                let from = m.get("from").and_then(text).or_else(|| m.get("from_user_id").and_then(text))?;
+            let contacts = v.get("contacts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+            let inbound = v.get("messages").and_then(Value::as_array).into_iter().flatten().flat_map(|m| {
+                let at = m.get("timestamp").and_then(seconds_to_micros);
                 // A sender we cannot parse is skipped, not logged: it may be a number.
-                let from = Recipient::parse(&from, FieldPath::TOP).ok()?;
-                Some(Inbound { from, at: m.get("timestamp").and_then(seconds_to_micros) })
+                user_forms(m, contacts)
+                    .into_iter()
+                    .filter_map(move |from| Some(Inbound { from: Recipient::parse(&from, FieldPath::TOP).ok()?, at }))
             });
             Some(Event::Messages { number, display, inbound: inbound.collect() })
         }
@@ -78,6 +93,24 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
         }
         _ => None,
     }
+}
+
+/// Every form of the user who sent message `m`: its phone number (`from`) and business-scoped
+/// user id (`from_user_id`), and the other form from the `contacts[]` entry (`wa_id`, `user_id`)
+/// that shares one of them, so a reply to either form is inside the window the message opened.
+fn user_forms(m: &Value, contacts: &[Value]) -> Vec<String> {
+    let mut forms: Vec<String> = ["from", "from_user_id"].iter().filter_map(|f| m.get(*f).and_then(text)).collect();
+    for contact in contacts {
+        let ids: Vec<String> = ["wa_id", "user_id"].iter().filter_map(|f| contact.get(*f).and_then(text)).collect();
+        if ids.iter().any(|id| forms.contains(id)) {
+            for id in ids {
+                if !forms.contains(&id) {
+                    forms.push(id);
+                }
+            }
+        }
+    }
+    forms
 }
 
 /// A string or a number, as text (Meta sends ids both ways).
@@ -134,7 +167,7 @@ mod tests {
     fn quality_updates_carry_both_limits_and_only_flag_events() {
         let v = json!({"display_phone_number": "+1 555 000 1111", "event": "ONBOARDING", "current_limit": "TIER_1K",
                        "max_daily_conversations_per_business": 2000});
-        let Some(Event::NumberQuality { display, event, limits }) = event("phone_number_quality_update", &v) else {
+        let Some(Event::NumberQuality { display, event, limits, .. }) = event("phone_number_quality_update", &v) else {
             panic!("a quality update")
         };
         assert_eq!((display.as_deref(), event), (Some("15550001111"), None));
@@ -152,5 +185,47 @@ mod tests {
         assert_eq!(inbound[0].at, Some(1_700_000_000_000_000));
         assert_eq!(event("messages", &json!({"metadata": {"phone_number_id": "not an id"}})), None);
         assert_eq!(event("security", &json!({})), None);
+    }
+
+    #[test]
+    fn a_contact_with_a_number_and_a_user_id_opens_both_windows() {
+        let v = json!({"metadata": {"phone_number_id": "106540352242922"},
+                       "contacts": [{"wa_id": "16505551234", "user_id": "US.13491208655302741918"},
+                                    {"wa_id": "447700900123", "user_id": "GB.99"}],
+                       "messages": [{"from": "16505551234", "timestamp": "1700000000"},
+                                    {"from_user_id": "GB.99", "timestamp": "1700000001"}]});
+        let Some(Event::Messages { inbound, .. }) = event("messages", &v) else { panic!("messages") };
+        let users: Vec<(&str, Option<Micros>)> = inbound.iter().map(|m| (m.from.as_str(), m.at)).collect();
+        assert_eq!(
+            users,
+            [
+                ("16505551234", Some(1_700_000_000_000_000)),
+                ("US.13491208655302741918", Some(1_700_000_000_000_000)),
+                ("GB.99", Some(1_700_000_001_000_000)),
+                ("447700900123", Some(1_700_000_001_000_000)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_throughput_upgrade_carries_a_throughput_level_and_no_limit() {
+        let v = json!({"display_phone_number": "15550783881", "event": "THROUGHPUT_UPGRADE",
+                       "current_limit": "TIER_UNLIMITED", "max_daily_conversations_per_business": "TIER_UNLIMITED"});
+        let Some(Event::NumberQuality { event: e, limits, .. }) = event("phone_number_quality_update", &v) else {
+            panic!("a quality update")
+        };
+        assert_eq!(e, Some(NumberEvent::Throughput { mps: Some(1_000) }));
+        assert_eq!(limits, Limits::default());
+    }
+
+    #[test]
+    fn an_unflagged_number_carries_the_quality_of_the_payload_when_there_is_one() {
+        let quality = |v: Value| match event("phone_number_quality_update", &v) {
+            Some(Event::NumberQuality { event: Some(NumberEvent::Unflagged), quality, .. }) => quality,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(quality(json!({"event": "UNFLAGGED", "quality_rating": "GREEN"})), Some(Quality::High));
+        assert_eq!(quality(json!({"event": "UNFLAGGED", "new_quality_score": "YELLOW"})), Some(Quality::Medium));
+        assert_eq!(quality(json!({"event": "UNFLAGGED"})), None);
     }
 }

@@ -121,6 +121,7 @@ enum Chg {
     Alert { key: u8, body: u8 },
     Alias { display: u8, id: u8 },
     Inbound { sender: u8, recipient: u8, at: When },
+    Throughput { sender: u8, level: u8 },
 }
 
 #[derive(Debug, Clone)]
@@ -200,6 +201,7 @@ fn chg() -> impl Strategy<Value = Chg> {
         1 => (0..2u8, 0..2u8).prop_map(|(key, body)| Chg::Alert { key, body }),
         1 => (0..2u8, 0..3u8).prop_map(|(display, id)| Chg::Alias { display, id }),
         5 => (0..3u8, 0..5u8, when()).prop_map(|(sender, recipient, at)| Chg::Inbound { sender, recipient, at }),
+        1 => (0..3u8, 0..3u8).prop_map(|(sender, level)| Chg::Throughput { sender, level }),
     ]
 }
 
@@ -362,6 +364,9 @@ fn change(subject: &Subject, h: &RecipientHasher, portfolio: u8, c: &Chg) -> Cha
         Chg::Alias { display, id } => Change::Alias { display: format!("+1 555 000{display}"), id: format!("id{id}") },
         Chg::Inbound { sender: s, recipient: r, at } => {
             Change::Inbound { service_member: h.service_window(&sender(s), recipient(r)), at: subject.at(at) }
+        }
+        Chg::Throughput { sender: s, level } => {
+            Change::Throughput { sender: sender(s), mps: [80, 1_000, 20][usize::from(level) % 3] }
         }
     }
 }

@@ -210,6 +210,9 @@ impl Model {
                     let c = p.service.entry(service_member.clone()).or_default();
                     *c = (*c).max(closes);
                 }
+                Change::Throughput { sender, mps } => {
+                    p.state.senders.entry(sender.clone()).or_default().throughput_mps = Some(*mps)
+                }
             }
         }
     }

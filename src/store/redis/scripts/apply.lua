@@ -4,6 +4,7 @@
 --            q                  the portfolio's quality
 --            s:<sender>:status  number status; s:<sender>:since when it last changed (us)
 --            s:<sender>:quality number quality
+--            s:<sender>:mps     number throughput level (messages per second)
 --            t:<name>:status    template status event; t:<name>:quality template quality
 --            a:<key>            account alert body
 --            n:<display number> phone number id
@@ -21,6 +22,7 @@
 --   tst <template> <status> <at>    tq <template> <quality>
 --   opt <recipient hash> <1 or 0>    alert <key> <body>    alias <display> <id>
 --   in <service-window hash> <us or ''>   opens the window until min(then, now) + service window
+--   tp <sender> <messages per second>     the number's throughput level
 --
 -- Returns the server's time (us). `apply.rs` encodes the arguments and decodes the reply.
 
@@ -116,6 +118,9 @@ while i <= #ARGV do
     redis.call('ZADD', KEYS[3], 'GT', tg_fmt(at + service_window), ARGV[i + 1])
     redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tg_fmt(now))
     redis.call('PEXPIRE', KEYS[3], math.floor(service_window / 1000) + 1000)
+    i = i + 3
+  elseif op == OP_THROUGHPUT then
+    redis.call('HSET', KEYS[1], tg_field(FIELD_SENDER, ARGV[i + 1], FIELD_THROUGHPUT), ARGV[i + 2])
     i = i + 3
   else
     return redis.error_reply('unknown change ' .. tostring(op))

@@ -97,6 +97,9 @@ impl Call for ApplyArgs<'_> {
                 Change::Inbound { service_member, at } => {
                     push(&[op::INBOUND.as_bytes(), service_member, time_arg(*at).as_bytes()])
                 }
+                Change::Throughput { sender, mps } => {
+                    push(&[op::THROUGHPUT.as_bytes(), sender.as_bytes(), mps.to_string().as_bytes()])
+                }
             }
         }
         inv.key(&keys[..]).arg(args);

@@ -82,6 +82,8 @@ pub mod field {
         ITEM_QUALITY = "quality";
         /// Attribute: when the last applied status event happened (us).
         AT = "at";
+        /// Attribute: a sender's throughput level (messages per second).
+        THROUGHPUT = "mps";
     }
 }
 
@@ -112,6 +114,8 @@ pub mod op {
         ALIAS = "alias";
         /// `in <service-window hash> <us or ''>`.
         INBOUND = "in";
+        /// `tp <sender> <messages per second>`.
+        THROUGHPUT = "tp";
     }
 }
 

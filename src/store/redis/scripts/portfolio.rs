@@ -60,6 +60,7 @@ fn portfolio_state(fields: Vec<(String, String)>, opted_out: u64) -> PortfolioSt
                 field::STATUS => s.status = SenderStatus::parse(&value),
                 field::ITEM_QUALITY => s.quality = Quality::parse(&value).unwrap_or_default(),
                 field::SINCE => s.since = value.parse().ok(),
+                field::THROUGHPUT => s.throughput_mps = value.parse().ok(),
                 _ => {}
             }
         } else if let Some(rest) = strip(&name, field::TEMPLATE) {
