@@ -541,6 +541,39 @@ pub fn retry_after(score: Option<Micros>, now: Micros, window: Duration) -> Dura
     Duration::from_micros(leaves_at.saturating_sub(now)).max(MIN_RETRY_AFTER)
 }
 
+/// What Meta reported of a message (`statuses[].status` of a `messages` webhook); `sent` changes
+/// nothing, so it has no variant.
+///
+/// Only delivered messages count:
+/// - `delivered` (or `read`) confirms the recipient. A recipient counted in the window (reached
+///   outside a service window) and confirmed enters the day's unique count, so the 7- and 30-day
+///   counts behind the upgrade projection hold only recipients Meta delivered to.
+/// - `failed` gives the recipient's slot back (see [`failure_gives_back`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Delivery {
+    Delivered,
+    Failed,
+}
+
+/// Whether a `failed` status reported at `failed_at` gives back the slot of a recipient whose
+/// last counted contact is `contact` (`None`: not counted) and who was last confirmed delivered
+/// at `delivered` (`None`: never), at `now`. It does unless the recipient is not counted, a
+/// message to them was delivered inside the current window (the slot is rightly spent), or a
+/// later Admit counted them again (its message may still be delivered). Applying the same
+/// failure twice gives nothing back the second time: the contact is gone.
+pub fn failure_gives_back(
+    contact: Option<Micros>,
+    delivered: Option<Micros>,
+    failed_at: Micros,
+    now: Micros,
+    window: Duration,
+) -> bool {
+    let start = window_start(now, window);
+    let counted = contact.is_some_and(|c| c > start && c <= failed_at);
+    let delivered_in_window = delivered.is_some_and(|d| d > start);
+    counted && !delivered_in_window
+}
+
 /// The score a store gives a contact made at `now`: strictly greater than every score handed out
 /// before in the same scope (`last`), so a lease names exactly one Admit even when two fall in
 /// the same microsecond.

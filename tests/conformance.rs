@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use tiergate::policy::{Category, Lease, Limit, Quality, Reason, ScopeKey, SenderStatus, Tier};
+use tiergate::policy::{Category, Delivery, Lease, Limit, Quality, Reason, ScopeKey, SenderStatus, Tier};
 use tiergate::store::{AdmitOp, AdmitParams, Change, Windows};
 
 use common::ops::{
@@ -53,7 +53,8 @@ conformance!(
     applied_changes_persist_and_applying_twice_changes_nothing,
     inbound_times_never_shorten_a_window_nor_stretch_it_past_now,
     changes_older_than_the_last_applied_are_skipped,
-    unique_recipients_over_7_and_30_days_are_counted,
+    unique_recipients_over_7_and_30_days_count_delivered_ones,
+    a_failed_delivery_gives_back_its_slot_unless_delivered_or_counted_again,
     a_denial_lifts_exactly_when_its_retry_after_has_passed,
     a_numbers_throughput_is_kept_apart_from_its_status_and_tier,
 );
@@ -418,15 +419,49 @@ async fn inbound_times_never_shorten_a_window_nor_stretch_it_past_now<F: Fn(Wind
     assert_eq!(admit_one(&*f.store, &p, &t, op_from("s1", "2222222")).await.reason, Reason::NewRecipient);
 }
 
-async fn unique_recipients_over_7_and_30_days_are_counted<F: Fn(Windows) -> Fixture>(make: F) {
+async fn unique_recipients_over_7_and_30_days_count_delivered_ones<F: Fn(Windows) -> Fixture>(make: F) {
     let f = make(Windows::default());
     let (p, t) = (portfolio("acme"), limited(10));
-    let ops = [op("1111111"), op("2222222"), op("1111111"), op("3333333")];
+    let ops = [op("1111111"), op("2222222"), op("1111111"), op("3333333"), op("5555555")];
     admit(&*f.store, &p, &t, &ops).await;
     inbound(&*f.store, "acme", "s1", "4444444").await;
     admit_one(&*f.store, &p, &t, op_from("s1", "4444444")).await;
+    let status = |r, status| Change::Delivery { scope: p.clone(), member: op(r).member, status, at: None };
+    let reported = [
+        status("1111111", Delivery::Delivered),
+        status("2222222", Delivery::Delivered),
+        status("3333333", Delivery::Failed),
+        // A reply inside a service window: delivered, but never counted.
+        status("4444444", Delivery::Delivered),
+    ];
+    f.store.apply("acme", &reported).await.unwrap();
+    // 5555555 is counted but not (yet) delivered.
     let report = f.store.usage(&p, &t).await.unwrap();
-    assert_eq!((report.unique_7d, report.unique_30d), (3, 3), "replies in a service window are not counted");
+    assert_eq!((report.unique_7d, report.unique_30d), (2, 2), "only delivered recipients reached outside a window");
+    assert_eq!(report.usage.counted, 3, "the failed one gave its slot back");
+}
+
+async fn a_failed_delivery_gives_back_its_slot_unless_delivered_or_counted_again<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let (p, t) = (portfolio("acme"), limited(2));
+    let status = |r, status, at| Change::Delivery { scope: p.clone(), member: op(r).member, status, at };
+    let before = now_us();
+    assert_eq!(reasons(&*f.store, &p, &t, &["1111111", "2222222"]).await, [Reason::NewRecipient; 2]);
+    assert_eq!(admit_one(&*f.store, &p, &t, op("3333333")).await.reason, Reason::LimitReached);
+    // 1111111 was delivered: a later failure (of another message) does not free its slot.
+    f.store.apply("acme", &[status("1111111", Delivery::Delivered, None)]).await.unwrap();
+    f.store.apply("acme", &[status("1111111", Delivery::Failed, None)]).await.unwrap();
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 2);
+    // A failure reported before 2222222's latest Admit is of an older message: nothing back.
+    f.store.apply("acme", &[status("2222222", Delivery::Failed, Some(before))]).await.unwrap();
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 2);
+    // Its own failure gives the slot back, once: applying it twice changes nothing more.
+    let failed = [status("2222222", Delivery::Failed, None)];
+    f.store.apply("acme", &failed).await.unwrap();
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 1);
+    f.store.apply("acme", &failed).await.unwrap();
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 1);
+    assert_eq!(admit_one(&*f.store, &p, &t, op("3333333")).await.reason, Reason::NewRecipient);
 }
 
 async fn changes_older_than_the_last_applied_are_skipped<F: Fn(Windows) -> Fixture>(make: F) {

@@ -10,7 +10,7 @@ use common::calls::{inbound, portfolio, reason, usage, Client};
 use common::redis::RedisServer;
 use common::requests::{AUTHENTICATION, MARKETING, SERVICE, UTILITY};
 use common::server::{http, http_get, TestServer};
-use common::webhooks::{fixture, post_webhook};
+use common::webhooks::{fixture, post_webhook, statuses};
 use tiergate::pb::{self, Decision, Reason};
 use tonic::Code;
 
@@ -130,9 +130,14 @@ async fn marketing_is_held_back_by_the_reserve_while_otps_use_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_projects_the_next_upgrade_and_says_what_blocks_it() {
-    let Setup { mut c, _redis, server: _server } = setup("").await;
-    let batch: Vec<_> = (0..40).map(|i| UTILITY.to("acme", "n1", &format!("+1555{i:07}"))).collect();
+    let Setup { mut c, _redis, server } = setup("").await;
+    let recipients: Vec<String> = (0..41).map(|i| format!("1555{i:07}")).collect();
+    let batch: Vec<_> = recipients.iter().map(|r| UTILITY.to("acme", "n1", r)).collect();
     c.admit_batch(pb::AdmitBatchRequest { requests: batch }).await.unwrap();
+    // Only delivered recipients count toward an upgrade: 40 delivered, one still only sent.
+    let mut reported: Vec<(&str, &str)> = recipients[..40].iter().map(|r| (r.as_str(), "delivered")).collect();
+    reported.push((recipients[40].as_str(), "sent"));
+    deliver(server.admin_addr, &statuses(WABA, "n1", &reported)).await;
     let u = usage(&mut c, "acme", "").await;
     assert_eq!((u.unique_recipients_7d, u.unique_recipients_30d), (40, 40));
     let up = u.upgrade.clone().unwrap();
@@ -162,7 +167,7 @@ async fn simulation_moves_a_scope_up_when_the_rule_is_met() {
     let policy =
         "ladder = [{ name = \"T2\", limit = 2 }, { name = \"T4\", limit = 4 }, { name = \"T8\", limit = 8 }]\n\
                   window = \"1s\"\ntier_source = \"simulate\"";
-    let Setup { mut c, _redis, server: _server } = setup(policy).await;
+    let Setup { mut c, _redis, server } = setup(policy).await;
     let high = pb::UpdatePortfolioRequest {
         portfolio_id: "acme".into(),
         quality: pb::Quality::High.into(),
@@ -170,12 +175,12 @@ async fn simulation_moves_a_scope_up_when_the_rule_is_met() {
     };
     c.update_portfolio(high).await.unwrap();
     for round in 0..2 {
-        for i in 0..2 {
-            assert_eq!(
-                reason(&mut c, UTILITY.to("acme", "n1", &format!("+1555000{round}{i}00"))).await,
-                Reason::NewRecipient
-            );
+        let recipients: Vec<String> = (0..2).map(|i| format!("1555000{round}{i}00")).collect();
+        for r in &recipients {
+            assert_eq!(reason(&mut c, UTILITY.to("acme", "n1", r)).await, Reason::NewRecipient);
         }
+        let delivered: Vec<(&str, &str)> = recipients.iter().map(|r| (r.as_str(), "delivered")).collect();
+        deliver(server.admin_addr, &statuses(WABA, "n1", &delivered)).await;
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     }
     // Four unique recipients in 30 days at the first tier: the next tier's limit, quality high.
@@ -481,4 +486,28 @@ async fn an_inbound_message_opens_the_window_for_the_number_and_the_user_id() {
         reason(&mut c, SERVICE.to("acme", "another-number", "US.13491208655302741918")).await,
         Reason::OutsideServiceWindow
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_status_gives_the_slot_back_and_only_delivered_recipients_count() {
+    let Setup { mut c, _redis, server } = setup("").await;
+    let users = ["16505551001", "16505551002", "16505551003", "16505551004"];
+    for u in users {
+        assert_eq!(reason(&mut c, UTILITY.to("acme", PHONE_ID, u)).await, Reason::NewRecipient);
+    }
+    // 1001 delivered (its later failure changes nothing), 1002 read, 1003 failed, 1004 only sent.
+    let body = fixture("messages_statuses");
+    deliver(server.admin_addr, &body).await;
+    let u = usage(&mut c, "acme", "").await;
+    assert_eq!((u.unique_recipients, u.unique_recipients_7d), (3, 2), "{u:?}");
+    // The same delivery again changes nothing.
+    deliver(server.admin_addr, &body).await;
+    let u = usage(&mut c, "acme", "").await;
+    assert_eq!((u.unique_recipients, u.unique_recipients_7d), (3, 2), "{u:?}");
+    // The failed recipient's slot is free again; once counted anew (in a later second than the
+    // status's, Meta's timestamps being whole seconds), the old failure cannot take it back.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    assert_eq!(reason(&mut c, UTILITY.to("acme", PHONE_ID, users[2])).await, Reason::NewRecipient);
+    deliver(server.admin_addr, &body).await;
+    assert_eq!(usage(&mut c, "acme", "").await.unique_recipients, 4);
 }

@@ -268,9 +268,10 @@ async fn daily_counts_follow_the_redis_clock_not_a_skewed_sidecar() {
     use common::ops::{op, params, portfolio};
     use common::stores::{redis_options, standalone};
     use std::sync::Arc;
+    use tiergate::policy::Delivery;
     use tiergate::policy::Tier;
     use tiergate::store::redis::RedisStore;
-    use tiergate::store::{Clock, Store, SystemClock, Windows};
+    use tiergate::store::{Change, Clock, Store, SystemClock, Windows};
 
     struct Skewed(i64);
     impl Clock for Skewed {
@@ -289,7 +290,17 @@ async fn daily_counts_follow_the_redis_clock_not_a_skewed_sidecar() {
     let unlimited = params(&Tier::unlimited("UNL"));
     ahead.admit(&scope, &unlimited, &[op("15550000001")]).await.unwrap();
     let again = behind.admit(&scope, &unlimited, &[op("15550000001")]).await.unwrap();
-    assert_eq!(again[0].reason, tiergate::policy::Reason::AlreadyCounted, "both wrote to the Redis clock's day");
+    assert_eq!(again[0].reason, tiergate::policy::Reason::AlreadyCounted);
+    // Each skewed sidecar confirms the delivery: both write to the Redis clock's day.
+    for store in [&ahead, &behind] {
+        let delivered = Change::Delivery {
+            scope: scope.clone(),
+            member: op("15550000001").member,
+            status: Delivery::Delivered,
+            at: None,
+        };
+        store.apply("acme", &[delivered]).await.unwrap();
+    }
     for store in [&ahead, &behind, &right] {
         let report = store.usage(&scope, &unlimited.fallback).await.unwrap();
         assert_eq!((report.usage.counted, report.unique_7d), (1, 1));

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use crate::error::Error;
 use crate::metrics;
-use crate::policy::{self, Micros, Quality, ScopeKey, ScopeMode, SenderStatus, Tier, TierValue};
+use crate::policy::{self, Delivery, Micros, Quality, ScopeKey, ScopeMode, SenderStatus, Tier, TierValue};
 use crate::store::{Change, PortfolioState};
 
 use super::input::{FieldPath, PortfolioId, Recipient, SenderId, TemplateName};
@@ -53,9 +53,9 @@ pub enum Event {
     TemplateStatus { name: String, status: String },
     /// `message_template_quality_update`.
     TemplateQuality { name: String, quality: Quality },
-    /// `messages`: a number, by its phone number id, the digits of its display number, and the
-    /// users who wrote to it.
-    Messages { number: SenderId, display: Option<String>, inbound: Vec<Inbound> },
+    /// `messages`: a number, by its phone number id, the digits of its display number, the
+    /// users who wrote to it, and the delivery statuses of its messages.
+    Messages { number: SenderId, display: Option<String>, inbound: Vec<Inbound>, statuses: Vec<Status> },
     /// `account_alerts`: an alert by its identity, with its contents.
     Alert { key: String, body: String },
 }
@@ -79,6 +79,17 @@ pub enum NumberEvent {
     /// The number's throughput changed (`THROUGHPUT_UPGRADE`): messages per second, when known.
     /// It is not a messaging limit and never changes a tier.
     Throughput { mps: Option<u32> },
+}
+
+/// A delivery status Meta reported for a message from a number (`sent` is not kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// The recipient of the message.
+    pub recipient: Recipient,
+    /// Delivered (or read), or failed.
+    pub delivery: Delivery,
+    /// When Meta reported it.
+    pub at: Option<Micros>,
 }
 
 /// A message a user sent to a number, which opens that pair's service window.
@@ -227,7 +238,7 @@ impl Limiter {
             }
             Event::TemplateStatus { name, status } => out.extend(template_changes(name, Some(status), None, at)),
             Event::TemplateQuality { name, quality } => out.extend(template_changes(name, None, Some(*quality), at)),
-            Event::Messages { number, display, inbound } => {
+            Event::Messages { number, display, inbound, statuses } => {
                 let id = number.as_str();
                 if let Some(display) = display {
                     if known.aliases.get(display).map(String::as_str) != Some(id) {
@@ -239,6 +250,15 @@ impl Limiter {
                     known.senders.push(id.to_owned());
                 }
                 out.extend(inbound.iter().map(|m| self.inbound(number, &m.from, m.at)));
+                // A status belongs to the limit scope the message was counted in: the number's
+                // own in per-number scope, else the portfolio's.
+                let scope = self.scope_of(portfolio, id);
+                out.extend(statuses.iter().map(|s| Change::Delivery {
+                    scope: scope.clone(),
+                    member: self.hasher.recipient(s.recipient.as_str()),
+                    status: s.delivery,
+                    at: s.at,
+                }));
             }
             Event::Alert { key, body } => out.push(Change::Alert { key: key.clone(), body: body.clone() }),
         }

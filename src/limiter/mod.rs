@@ -31,7 +31,7 @@ use crate::store::{Change, PortfolioState, ScopeReport, Store};
 
 pub use crate::error::Error;
 pub use admit::{AdmitAnswer, AdmitInput, MAX_BATCH};
-pub use change::{Event, Inbound, Limits, NumberEvent, PortfolioUpdate, Reported};
+pub use change::{Event, Inbound, Limits, NumberEvent, PortfolioUpdate, Reported, Status};
 pub use input::{FieldPath, PortfolioId, Recipient, SenderId, TemplateName};
 pub use read::{PortfolioView, Usage, UsageDetail};
 

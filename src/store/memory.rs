@@ -11,7 +11,7 @@ use super::{
     UsageSnapshot, Windows,
 };
 pub use super::{Clock, SystemClock};
-use crate::policy::{self, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
+use crate::policy::{self, Delivery, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
 
 /// Days of daily unique-recipient sets kept for projections.
 const DAYS_KEPT: u64 = 30;
@@ -30,8 +30,10 @@ struct ScopeState {
     tier_at: Micros,
     eligible_since: Option<Micros>,
     flagged_since: Option<Micros>,
-    /// Recipients reached outside service windows, by day.
+    /// Counted recipients confirmed delivered, by day.
     days: BTreeMap<u64, HashSet<Member>>,
+    /// When each recipient was last confirmed delivered (kept for one window).
+    delivered: HashMap<Member, Micros>,
 }
 
 impl ScopeState {
@@ -44,8 +46,15 @@ impl ScopeState {
             let (_, member) = self.by_score.pop_first().expect("first exists");
             self.contacts.remove(&member);
         }
+        self.delivered.retain(|_, at| *at > start);
         let oldest_day = day_of(now).saturating_sub(DAYS_KEPT - 1);
         self.days.retain(|day, _| *day >= oldest_day);
+    }
+
+    fn forget(&mut self, member: &Member) {
+        if let Some(score) = self.contacts.remove(member) {
+            self.by_score.remove(&(score, member.clone()));
+        }
     }
 
     fn usage(&self, fallback: &Tier, windows: &Windows) -> UsageSnapshot {
@@ -156,7 +165,6 @@ impl Store for MemoryStore {
         s.expire(now, &self.windows);
         let limit = s.tier.as_ref().unwrap_or(&params.fallback).limit;
         let limits = Limits::new(limit, params.reserve_bp);
-        let today = day_of(now);
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             let service_window_open =
@@ -171,9 +179,6 @@ impl Store for MemoryStore {
             };
             let nth_oldest = |rank| s.by_score.iter().nth(usize::try_from(rank).ok()?).map(|(score, _)| *score);
             let outcome = policy::decide(&snapshot, op.category, limits, now, self.windows.window, nth_oldest);
-            if outcome.effect != Effect::Nothing {
-                s.days.entry(today).or_default().insert(op.member.clone());
-            }
             let lease_score = match outcome.effect {
                 Effect::Count => Some(s.touch(&op.member, now)),
                 Effect::Touch => {
@@ -275,6 +280,27 @@ impl Store for MemoryStore {
                 }
                 Change::Throughput { sender, mps } => {
                     p.state.senders.entry(sender.clone()).or_default().throughput_mps = Some(*mps);
+                }
+                Change::Delivery { scope, member, status, at } => {
+                    let s = state.scopes.entry(scope.clone()).or_default();
+                    s.expire(now, &self.windows);
+                    let at = at.unwrap_or(now).min(now);
+                    match status {
+                        Delivery::Delivered => {
+                            let last = s.delivered.entry(member.clone()).or_insert(at);
+                            *last = (*last).max(at);
+                            if s.contacts.contains_key(member) {
+                                s.days.entry(day_of(at)).or_default().insert(member.clone());
+                            }
+                        }
+                        Delivery::Failed => {
+                            let contact = s.contacts.get(member).copied();
+                            let delivered = s.delivered.get(member).copied();
+                            if policy::failure_gives_back(contact, delivered, at, now, self.windows.window) {
+                                s.forget(member);
+                            }
+                        }
+                    }
                 }
             }
         }

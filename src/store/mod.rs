@@ -14,7 +14,7 @@ use async_trait::async_trait;
 
 use std::collections::BTreeMap;
 
-use crate::policy::{Category, Lease, Limit, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
+use crate::policy::{Category, Delivery, Lease, Limit, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
 
 /// A source of "now" for stores that keep their own time; tests inject a manual one.
 pub trait Clock: Send + Sync + 'static {
@@ -106,8 +106,8 @@ impl UsageSnapshot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScopeReport {
     pub usage: UsageSnapshot,
-    /// Unique recipients reached outside service windows over the last 7 and 30 days
-    /// (HyperLogLog estimates on Redis).
+    /// Unique recipients reached outside service windows and confirmed delivered over the last
+    /// 7 and 30 days (HyperLogLog estimates on Redis).
     pub unique_7d: u64,
     pub unique_30d: u64,
     /// When the persisted tier last changed.
@@ -218,6 +218,15 @@ pub enum Change {
     Throughput {
         sender: String,
         mps: u32,
+    },
+    /// Meta's delivery status of a message to a recipient of a scope, reported at `at` (now when
+    /// `None`; never later than now). See [`policy::Delivery`](crate::policy::Delivery) for what
+    /// each status does to the window and to the 7- and 30-day counts.
+    Delivery {
+        scope: ScopeKey,
+        member: Member,
+        status: Delivery,
+        at: Option<Micros>,
     },
 }
 

@@ -4,7 +4,8 @@
 
 use serde_json::Value;
 
-use crate::limiter::{Event, FieldPath, Inbound, Limits, NumberEvent, Recipient, SenderId};
+use crate::limiter::{Event, FieldPath, Inbound, Limits, NumberEvent, Recipient, SenderId, Status};
+use crate::policy::Delivery;
 use crate::policy::{self, Micros, Quality, TierValue};
 
 /// One entry of a delivery: a WABA's changes, all made at the entry's time.
@@ -83,7 +84,20 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
                     .into_iter()
                     .filter_map(move |from| Some(Inbound { from: Recipient::parse(&from, FieldPath::TOP).ok()?, at }))
             });
-            Some(Event::Messages { number, display, inbound: inbound.collect() })
+            let statuses = v.get("statuses").and_then(Value::as_array).into_iter().flatten().filter_map(|s| {
+                let delivery = match s.get("status").and_then(Value::as_str)? {
+                    "delivered" | "read" => Delivery::Delivered,
+                    "failed" => Delivery::Failed,
+                    // `sent` (and anything new) changes nothing.
+                    _ => return None,
+                };
+                let recipient = Recipient::parse(&s.get("recipient_id").and_then(text)?, FieldPath::TOP).ok()?;
+                // Meta's timestamps are whole seconds: a status is taken at the end of its second,
+                // so the Admit of the message it reports (sent before it) is never seen as later.
+                let at = s.get("timestamp").and_then(seconds_to_micros).map(|t| t + 999_999);
+                Some(Status { recipient, delivery, at })
+            });
+            Some(Event::Messages { number, display, inbound: inbound.collect(), statuses: statuses.collect() })
         }
         "account_alerts" => {
             let info = v.get("alert_info");

@@ -24,3 +24,24 @@ pub fn fixture(name: &str) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     std::fs::read_to_string(path).unwrap().replace("{{NOW}}", &now.to_string())
 }
+
+/// A Meta `messages` delivery from `phone_number_id` of `waba` carrying one status per
+/// (recipient, status), timestamped now.
+pub fn statuses(waba: &str, phone_number_id: &str, statuses: &[(&str, &str)]) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs().to_string();
+    let statuses: Vec<_> = statuses
+        .iter()
+        .enumerate()
+        .map(|(i, (recipient, status))| {
+            serde_json::json!({"id": format!("wamid.{i}"), "status": status, "timestamp": now, "recipient_id": recipient})
+        })
+        .collect();
+    let value = serde_json::json!({
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550783881", "phone_number_id": phone_number_id},
+        "statuses": statuses,
+    });
+    serde_json::json!({"object": "whatsapp_business_account",
+        "entry": [{"id": waba, "changes": [{"field": "messages", "value": value}]}]})
+    .to_string()
+}

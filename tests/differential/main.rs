@@ -25,7 +25,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
 
 use tiergate::hashing::RecipientHasher;
-use tiergate::policy::{Category, Lease, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
+use tiergate::policy::{Category, Delivery, Lease, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
 use tiergate::store::memory::MemoryStore;
 use tiergate::store::redis::{RedisStore, Topology};
 use tiergate::store::{AdmitOp, AdmitParams, Change, Clock, Store, SystemClock, Windows};
@@ -109,19 +109,66 @@ enum When {
 
 #[derive(Debug, Clone, Copy)]
 enum Chg {
-    Tier { number: Option<u8>, tier: u8, at: When },
-    Eligible { number: Option<u8>, since: Option<u8> },
-    Flagged { number: Option<u8>, since: Option<u8> },
+    Tier {
+        number: Option<u8>,
+        tier: u8,
+        at: When,
+    },
+    Eligible {
+        number: Option<u8>,
+        since: Option<u8>,
+    },
+    Flagged {
+        number: Option<u8>,
+        since: Option<u8>,
+    },
     Quality(u8),
-    SenderStatus { sender: u8, status: u8, at: When },
-    SenderQuality { sender: u8, quality: u8 },
-    TemplateStatus { template: u8, status: u8, at: When },
-    TemplateQuality { template: u8, quality: u8 },
-    OptOut { recipient: u8, opted_out: bool },
-    Alert { key: u8, body: u8 },
-    Alias { display: u8, id: u8 },
-    Inbound { sender: u8, recipient: u8, at: When },
-    Throughput { sender: u8, level: u8 },
+    SenderStatus {
+        sender: u8,
+        status: u8,
+        at: When,
+    },
+    SenderQuality {
+        sender: u8,
+        quality: u8,
+    },
+    TemplateStatus {
+        template: u8,
+        status: u8,
+        at: When,
+    },
+    TemplateQuality {
+        template: u8,
+        quality: u8,
+    },
+    OptOut {
+        recipient: u8,
+        opted_out: bool,
+    },
+    Alert {
+        key: u8,
+        body: u8,
+    },
+    Alias {
+        display: u8,
+        id: u8,
+    },
+    Inbound {
+        sender: u8,
+        recipient: u8,
+        at: When,
+    },
+    Throughput {
+        sender: u8,
+        level: u8,
+    },
+    /// A delivery status of a message to a recipient in a scope of this portfolio.
+    Delivery {
+        number: Option<u8>,
+        recipient: u8,
+        failed: bool,
+        at: When,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -202,6 +249,8 @@ fn chg() -> impl Strategy<Value = Chg> {
         1 => (0..2u8, 0..3u8).prop_map(|(display, id)| Chg::Alias { display, id }),
         5 => (0..3u8, 0..5u8, when()).prop_map(|(sender, recipient, at)| Chg::Inbound { sender, recipient, at }),
         1 => (0..3u8, 0..3u8).prop_map(|(sender, level)| Chg::Throughput { sender, level }),
+        6 => (proptest::option::weighted(0.3, 0..3u8), 0..5u8, any::<bool>(), when())
+            .prop_map(|(number, recipient, failed, at)| Chg::Delivery { number, recipient, failed, at }),
     ]
 }
 
@@ -368,6 +417,12 @@ fn change(subject: &Subject, h: &RecipientHasher, portfolio: u8, c: &Chg) -> Cha
         Chg::Throughput { sender: s, level } => {
             Change::Throughput { sender: sender(s), mps: [80, 1_000, 20][usize::from(level) % 3] }
         }
+        Chg::Delivery { number, recipient: r, failed, at } => Change::Delivery {
+            scope: scope_of(number),
+            member: h.recipient(recipient(r)),
+            status: if failed { Delivery::Failed } else { Delivery::Delivered },
+            at: subject.at(at),
+        },
     }
 }
 

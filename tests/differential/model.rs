@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tiergate::policy::{self, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
+use tiergate::policy::{self, Delivery, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
 use tiergate::store::{
     day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, UsageSnapshot, Windows,
 };
@@ -26,14 +26,17 @@ struct Scope {
     tier_at: Micros,
     eligible_since: Option<Micros>,
     flagged_since: Option<Micros>,
-    /// Day → recipients reached outside service windows that day.
+    /// Day → counted recipients confirmed delivered that day.
     days: BTreeMap<u64, BTreeSet<Member>>,
+    /// Recipient → when it was last confirmed delivered.
+    delivered: BTreeMap<Member, Micros>,
 }
 
 impl Scope {
     fn forget_old(&mut self, now: Micros, windows: &Windows) {
         let start = policy::window_start(now, windows.window);
         self.contacts.retain(|_, score| *score > start);
+        self.delivered.retain(|_, at| *at > start);
         let first_day = day_of(now).saturating_sub(DAYS - 1);
         self.days.retain(|day, _| *day >= first_day);
     }
@@ -98,7 +101,6 @@ impl Model {
         s.forget_old(now, &windows);
         let limit = s.tier.as_ref().unwrap_or(&params.fallback).limit;
         let limits = Limits::new(limit, params.reserve_bp);
-        let today = day_of(now);
         let mut out = Vec::new();
         for op in ops {
             let status = |sender: &String| portfolio?.state.senders.get(sender)?.status;
@@ -119,7 +121,6 @@ impl Model {
             let outcome = policy::decide(&snapshot, op.category, limits, now, windows.window, nth_oldest);
             let mut lease_score = None;
             if outcome.effect != Effect::Nothing {
-                s.days.entry(today).or_default().insert(op.member.clone());
                 // Every tier keeps the window, unlimited ones too.
                 let score = policy::next_score(now, s.last_score);
                 s.last_score = score;
@@ -212,6 +213,28 @@ impl Model {
                 }
                 Change::Throughput { sender, mps } => {
                     p.state.senders.entry(sender.clone()).or_default().throughput_mps = Some(*mps)
+                }
+                Change::Delivery { scope, member, status, at } => {
+                    let s = self.scopes.entry(scope.clone()).or_default();
+                    s.forget_old(now, &self.windows);
+                    let at = at.unwrap_or(now).min(now);
+                    match status {
+                        Delivery::Delivered => {
+                            let last = s.delivered.entry(member.clone()).or_insert(at);
+                            *last = (*last).max(at);
+                            // Only a recipient reached outside a service window counts.
+                            if s.contacts.contains_key(member) {
+                                s.days.entry(day_of(at)).or_default().insert(member.clone());
+                            }
+                        }
+                        Delivery::Failed => {
+                            let (contact, delivered) = (s.contacts.get(member), s.delivered.get(member));
+                            let window = self.windows.window;
+                            if policy::failure_gives_back(contact.copied(), delivered.copied(), at, now, window) {
+                                s.contacts.remove(member);
+                            }
+                        }
+                    }
                 }
             }
         }

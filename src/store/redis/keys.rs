@@ -50,6 +50,12 @@ impl KeySpace {
         format!("{}:d{}:{day}", self.tag(&scope.portfolio), Self::sub(scope))
     }
 
+    /// When each recipient of the scope was last confirmed delivered (sorted set, kept for one
+    /// window).
+    pub fn delivered(&self, scope: &ScopeKey) -> String {
+        format!("{}:dv{}", self.tag(&scope.portfolio), Self::sub(scope))
+    }
+
     /// The portfolio's own keys.
     pub fn portfolio(&self, portfolio: &str) -> PortfolioKeys {
         let tag = self.tag(portfolio);

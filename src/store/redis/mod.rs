@@ -8,7 +8,8 @@
 //! |----------------------------------|-------------|----------------------------------------------|-----|
 //! | `<p>:{portfolio}:w<scope>`       | sorted set  | recipient hash → last counted contact (µs)   | window |
 //! | `<p>:{portfolio}:m<scope>`       | hash        | tier, limit, since, last score, simulation   | `store.state_ttl` |
-//! | `<p>:{portfolio}:d<scope>:<day>` | HyperLogLog | recipients reached that UTC day             | 31 days |
+//! | `<p>:{portfolio}:d<scope>:<day>` | HyperLogLog | counted recipients delivered that UTC day   | 31 days |
+//! | `<p>:{portfolio}:dv<scope>`      | sorted set  | recipient hash → last confirmed delivered (µs) | window |
 //! | `<p>:{portfolio}:sw`             | sorted set  | (sender, recipient) hash → window closes (µs)| service window |
 //! | `<p>:{portfolio}:pf`             | hash        | quality, numbers, templates, alerts          | `store.state_ttl` |
 //! | `<p>:{portfolio}:opt`            | set         | opted-out recipient hashes                   | `store.state_ttl` |
@@ -267,6 +268,9 @@ impl Store for RedisStore {
             portfolio: self.keys.portfolio(portfolio),
             state_ttl_ms: self.state_ttl_ms(),
             service_window_us: policy::micros(self.opts.windows.service_window),
+            window_us: self.window_us(),
+            day_ttl_ms: (DAYS + 1) * 86_400_000,
+            now: self.clock.now(),
             changes,
         })
         .await

@@ -77,7 +77,6 @@ for i = 8, #ARGV, 6 do
     if reason == REASON_NEW_RECIPIENT or reason == REASON_ALREADY_COUNTED then
       seq = math.max(now, seq + 1)
       redis.call('ZADD', KEYS[1], tg_fmt(seq), member)
-      redis.call('PFADD', today, member)
       if reason == REASON_NEW_RECIPIENT then
         lease, count = seq, count + 1
       end
@@ -112,7 +111,6 @@ end
 redis.call('HSET', KEYS[2], FIELD_SEQ, tg_fmt(seq))
 redis.call('PEXPIRE', KEYS[1], math.floor(window / 1000) + 1000)
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PEXPIRE', today, ARGV[5])
 redis.call('PEXPIRE', KEYS[5], ARGV[4])
 redis.call('PEXPIRE', KEYS[6], ARGV[4])
 

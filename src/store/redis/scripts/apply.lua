@@ -11,8 +11,10 @@
 -- KEYS[2]  opted-out recipients: set of recipient hashes
 -- KEYS[3]  service windows: sorted set, member = (sender, recipient) hash, score = closing time
 -- KEYS[4..] scope state hashes that tier/elig/flag changes name by index (see admit.lua)
--- ARGV[1]  state TTL (ms), ARGV[2] service window (us)
--- ARGV[3..] changes, each an op name (OP_* in the prelude) and its arguments:
+-- KEYS[4..] also the windows, delivered sets and daily HyperLogLogs that deliveries name by index
+-- ARGV[1]  state TTL (ms), ARGV[2] service window (us), ARGV[3] rolling window (us),
+-- ARGV[4]  TTL of a daily HyperLogLog (ms)
+-- ARGV[5..] changes, each an op name (OP_* in the prelude) and its arguments:
 --   tier <key index> <name> <limit> <at>  sets the tier; `since` moves to now when the name changes
 --   (for tier, sst and tst, <at> is when the event happened, '' = now; an event older than the
 --   last one applied to the same item is skipped: its time is kept in `tat`, s:<sender>:at or
@@ -23,12 +25,18 @@
 --   opt <recipient hash> <1 or 0>    alert <key> <body>    alias <display> <id>
 --   in <service-window hash> <us or ''>   opens the window until min(then, now) + service window
 --   tp <sender> <messages per second>     the number's throughput level
+--   dlv <window> <delivered> <day-1> <day> <day+1> <day number> <recipient hash> <d|f> <at>
+--     a delivery status (`policy::Delivery`): the first five are key indices (the scope's
+--     window, its delivered set, and the daily HyperLogLogs around the caller's day); `d`
+--     confirms the recipient (into that day's count when counted in the window), `f` gives its
+--     slot back as `policy::failure_gives_back` says
 --
 -- Returns the server's time (us). `apply.rs` encodes the arguments and decodes the reply.
 
 local now = tg_now()
 local ttl = ARGV[1]
 local service_window = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
 local touched = {}
 
 -- Whether an event at `at` ('' = now) is not older than the last applied to this item; if so,
@@ -53,7 +61,7 @@ local function set_or_clear(key, field, value)
   end
 end
 
-local i = 3
+local i = 5
 while i <= #ARGV do
   local op = ARGV[i]
   if op == OP_TIER then
@@ -119,6 +127,38 @@ while i <= #ARGV do
     redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tg_fmt(now))
     redis.call('PEXPIRE', KEYS[3], math.floor(service_window / 1000) + 1000)
     i = i + 3
+  elseif op == OP_DELIVERY then
+    local window_key, delivered_key = KEYS[tonumber(ARGV[i + 1])], KEYS[tonumber(ARGV[i + 2])]
+    local member, status = ARGV[i + 7], ARGV[i + 8]
+    local at = now
+    if ARGV[i + 9] ~= '' then
+      at = math.min(tonumber(ARGV[i + 9]), now)
+    end
+    local start = now - window
+    tg_expire(window_key, now, window)
+    redis.call('ZREMRANGEBYSCORE', delivered_key, '-inf', tg_fmt(start))
+    local contact = tonumber(redis.call('ZSCORE', window_key, member))
+    if status == 'd' then
+      redis.call('ZADD', delivered_key, 'GT', tg_fmt(at), member)
+      redis.call('PEXPIRE', delivered_key, math.floor(window / 1000) + 1000)
+      if contact then
+        -- The day of the delivery by this clock, among the three keys around the caller's.
+        local offset = math.floor(at / DAY_US) - tonumber(ARGV[i + 6])
+        local day = KEYS[tonumber(ARGV[i + 4])]
+        if offset >= -1 and offset <= 1 then
+          day = KEYS[tonumber(ARGV[i + 4 + offset])]
+        end
+        redis.call('PFADD', day, member)
+        redis.call('PEXPIRE', day, ARGV[4])
+      end
+    else
+      local delivered = tonumber(redis.call('ZSCORE', delivered_key, member))
+      local delivered_in_window = delivered and delivered > start
+      if contact and contact <= at and not delivered_in_window then
+        redis.call('ZREM', window_key, member)
+      end
+    end
+    i = i + 10
   elseif op == OP_THROUGHPUT then
     redis.call('HSET', KEYS[1], tg_field(FIELD_SENDER, ARGV[i + 1], FIELD_THROUGHPUT), ARGV[i + 2])
     i = i + 3

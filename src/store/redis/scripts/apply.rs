@@ -5,9 +5,9 @@ use std::sync::LazyLock;
 use redis::{Script, ScriptInvocation, Value};
 
 use super::{bad_reply, op, time_arg, with_prelude, Call};
-use crate::policy::{Micros, ScopeKey};
+use crate::policy::{Delivery, Micros};
 use crate::store::redis::keys::{KeySpace, PortfolioKeys};
-use crate::store::{Change, StoreError};
+use crate::store::{day_of, Change, StoreError};
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("apply.lua")));
 
@@ -22,6 +22,12 @@ pub struct ApplyArgs<'a> {
     pub state_ttl_ms: u64,
     /// How long an inbound message keeps the service window open (us).
     pub service_window_us: u64,
+    /// The rolling window (us).
+    pub window_us: u64,
+    /// TTL of a daily HyperLogLog (ms).
+    pub day_ttl_ms: u64,
+    /// The caller's clock, which names the daily keys a delivery may touch.
+    pub now: Micros,
     /// The changes, applied in order.
     pub changes: &'a [Change],
 }
@@ -38,8 +44,7 @@ impl Call for ApplyArgs<'_> {
         // Scope state hashes follow the portfolio's keys, each once; changes name them by index.
         let p = &self.portfolio;
         let mut keys = vec![p.state.clone(), p.opted_out.clone(), p.service_windows.clone()];
-        let mut key_index = |scope: &ScopeKey| {
-            let key = self.keys.meta(scope);
+        let mut key_index = |key: String| {
             let i = match keys.iter().position(|k| *k == key) {
                 Some(i) => i + 1,
                 None => {
@@ -49,8 +54,10 @@ impl Call for ApplyArgs<'_> {
             };
             i.to_string()
         };
-        let mut args: Vec<Vec<u8>> =
-            vec![self.state_ttl_ms.to_string().into_bytes(), self.service_window_us.to_string().into_bytes()];
+        let mut args: Vec<Vec<u8>> = [self.state_ttl_ms, self.service_window_us, self.window_us, self.day_ttl_ms]
+            .iter()
+            .map(|n| n.to_string().into_bytes())
+            .collect();
         let mut push = |parts: &[&[u8]]| args.extend(parts.iter().map(|p| p.to_vec()));
         for change in self.changes {
             match change {
@@ -58,18 +65,22 @@ impl Call for ApplyArgs<'_> {
                     let limit = tier.limit.to_i64().to_string();
                     push(&[
                         op::TIER.as_bytes(),
-                        key_index(scope).as_bytes(),
+                        key_index(self.keys.meta(scope)).as_bytes(),
                         tier.name.as_bytes(),
                         limit.as_bytes(),
                         time_arg(*at).as_bytes(),
                     ]);
                 }
-                Change::Eligible { scope, since } => {
-                    push(&[op::ELIGIBLE.as_bytes(), key_index(scope).as_bytes(), time_arg(*since).as_bytes()])
-                }
-                Change::Flagged { scope, since } => {
-                    push(&[op::FLAGGED.as_bytes(), key_index(scope).as_bytes(), time_arg(*since).as_bytes()])
-                }
+                Change::Eligible { scope, since } => push(&[
+                    op::ELIGIBLE.as_bytes(),
+                    key_index(self.keys.meta(scope)).as_bytes(),
+                    time_arg(*since).as_bytes(),
+                ]),
+                Change::Flagged { scope, since } => push(&[
+                    op::FLAGGED.as_bytes(),
+                    key_index(self.keys.meta(scope)).as_bytes(),
+                    time_arg(*since).as_bytes(),
+                ]),
                 Change::Quality(q) => push(&[op::QUALITY.as_bytes(), q.as_str().as_bytes()]),
                 Change::SenderStatus { sender, status, at } => push(&[
                     op::SENDER_STATUS.as_bytes(),
@@ -96,6 +107,27 @@ impl Call for ApplyArgs<'_> {
                 Change::Alias { display, id } => push(&[op::ALIAS.as_bytes(), display.as_bytes(), id.as_bytes()]),
                 Change::Inbound { service_member, at } => {
                     push(&[op::INBOUND.as_bytes(), service_member, time_arg(*at).as_bytes()])
+                }
+                Change::Delivery { scope, member, status, at } => {
+                    // The script picks, by the Redis clock, the day among the three around the
+                    // caller's idea of it.
+                    let day = day_of(at.unwrap_or(self.now));
+                    let days = [day.saturating_sub(1), day, day + 1].map(|d| key_index(self.keys.day(scope, d)));
+                    push(&[
+                        op::DELIVERY.as_bytes(),
+                        key_index(self.keys.window(scope)).as_bytes(),
+                        key_index(self.keys.delivered(scope)).as_bytes(),
+                        days[0].as_bytes(),
+                        days[1].as_bytes(),
+                        days[2].as_bytes(),
+                        day.to_string().as_bytes(),
+                        member,
+                        match status {
+                            Delivery::Delivered => b"d",
+                            Delivery::Failed => b"f",
+                        },
+                        time_arg(*at).as_bytes(),
+                    ]);
                 }
                 Change::Throughput { sender, mps } => {
                     push(&[op::THROUGHPUT.as_bytes(), sender.as_bytes(), mps.to_string().as_bytes()])

@@ -116,6 +116,8 @@ pub mod op {
         INBOUND = "in";
         /// `tp <sender> <messages per second>`.
         THROUGHPUT = "tp";
+        /// `dlv <window> <delivered> <day before> <day> <day after> <day> <recipient> <d|f> <at>`.
+        DELIVERY = "dlv";
     }
 }
 
