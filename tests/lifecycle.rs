@@ -146,7 +146,7 @@ async fn usage_projects_the_next_upgrade_and_says_what_blocks_it() {
         portfolio_id: "acme".into(),
         quality: pb::Quality::High.into(),
         senders: vec![pb::SenderUpdate { sender_id: "n1".into(), status: 0, quality: pb::Quality::High.into() }],
-        templates: vec![pb::TemplateUpdate { name: "spring_sale".into(), status: String::new(), quality: template }],
+        templates: vec![pb::TemplateUpdate { name: "spring_sale".into(), quality: template, ..Default::default() }],
         tier: String::new(),
     };
     c.update_portfolio(ratings(pb::Quality::High.into())).await.unwrap();

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::limiter::{Event, FieldPath, Inbound, Limits, NumberEvent, Recipient, SenderId};
+use crate::limiter::{Event, FieldPath, Inbound, Limits, NumberEvent, Recipient, SenderId, TemplateLanguage};
 use crate::policy::{self, Micros, Quality, TierValue};
 
 /// One entry of a delivery: a WABA's changes, all made at the entry's time.
@@ -38,6 +38,12 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
         business: v.get("max_daily_conversations_per_business").and_then(tier_value),
         number: v.get(number).and_then(tier_value),
     };
+    // Meta rates and pauses each (name, language); one without a language is for every language,
+    // and one whose language cannot be a language code is not followed.
+    let language = || match v.get("message_template_language").and_then(text) {
+        Some(l) => TemplateLanguage::optional(&l, FieldPath::TOP, "message_template_language").ok(),
+        None => Some(None),
+    };
     match field {
         "phone_number_quality_update" => Some(Event::NumberQuality {
             display: v.get("display_phone_number").and_then(text).and_then(|d| digits(&d)),
@@ -51,10 +57,12 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
         "business_capability_update" => Some(Event::Capability { limits: limits("max_daily_conversation_per_phone") }),
         "message_template_status_update" => Some(Event::TemplateStatus {
             name: v.get("message_template_name").and_then(text)?,
+            language: language()?,
             status: v.get("event").and_then(Value::as_str)?.to_owned(),
         }),
         "message_template_quality_update" => Some(Event::TemplateQuality {
             name: v.get("message_template_name").and_then(text)?,
+            language: language()?,
             quality: v.get("new_quality_score").and_then(Value::as_str).and_then(Quality::parse)?,
         }),
         "messages" => {

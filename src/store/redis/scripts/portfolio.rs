@@ -6,7 +6,7 @@ use redis::{Script, ScriptInvocation, Value};
 
 use super::{bad_reply, field, Call};
 use crate::policy::{Quality, SenderStatus};
-use crate::store::{PortfolioState, StoreError};
+use crate::store::{PortfolioState, StoreError, TemplateKey, TemplateState};
 
 // No prelude: the script returns the hash as it is, and Rust reads the field names.
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("portfolio.lua")));
@@ -64,12 +64,13 @@ fn portfolio_state(fields: Vec<(String, String)>, opted_out: u64) -> PortfolioSt
             }
         } else if let Some(rest) = strip(&name, field::TEMPLATE) {
             let Some((template, attr)) = rest.rsplit_once(':') else { continue };
-            let t = state.templates.entry(template.to_owned()).or_default();
-            match attr {
-                field::STATUS => t.status = Some(value),
-                field::ITEM_QUALITY => t.quality = Quality::parse(&value).unwrap_or_default(),
-                _ => {}
-            }
+            template_attribute(state.templates.entry(TemplateKey::new(template, "")).or_default(), attr, value);
+        } else if let Some(rest) = strip(&name, field::TEMPLATE_LANGUAGE) {
+            // The language holds no ':', so the first one ends it; the name may hold any.
+            let Some((language, rest)) = rest.split_once(':') else { continue };
+            let Some((template, attr)) = rest.rsplit_once(':') else { continue };
+            let key = TemplateKey::new(template, language);
+            template_attribute(state.templates.entry(key).or_default(), attr, value);
         } else if let Some(key) = strip(&name, field::ALERT) {
             state.alerts.insert(key.to_owned(), value);
         } else if let Some(display) = strip(&name, field::ALIAS) {
@@ -77,4 +78,14 @@ fn portfolio_state(fields: Vec<(String, String)>, opted_out: u64) -> PortfolioSt
         }
     }
     state
+}
+
+/// One attribute of a template (in one language or in every language).
+fn template_attribute(t: &mut TemplateState, attr: &str, value: String) {
+    match attr {
+        field::STATUS => t.status = Some(value),
+        field::ITEM_QUALITY => t.quality = Quality::parse(&value).unwrap_or_default(),
+        field::AT => t.at = value.parse().ok(),
+        _ => {}
+    }
 }
