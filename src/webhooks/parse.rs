@@ -161,4 +161,28 @@ mod tests {
         assert_eq!(event("messages", &json!({"metadata": {"phone_number_id": "not an id"}})), None);
         assert_eq!(event("security", &json!({})), None);
     }
+
+    #[test]
+    fn template_events_name_their_language_and_one_that_is_no_code_is_not_followed() {
+        let status = |language: Value| {
+            let v = json!({"event": "PAUSED", "message_template_name": "spring_sale", "message_template_language": language});
+            match event("message_template_status_update", &v) {
+                Some(Event::TemplateStatus { name, language, status }) => {
+                    assert_eq!((name.as_str(), status.as_str()), ("spring_sale", "PAUSED"));
+                    Some(language.map(TemplateLanguage::into_string))
+                }
+                None => None,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(status(json!("pt_BR")), Some(Some("pt_BR".into())));
+        assert_eq!(status(Value::Null), Some(None), "no language: every language of the name");
+        assert_eq!(status(json!("en:US")), None);
+        let v = json!({"new_quality_score": "RED", "message_template_name": "spring_sale", "message_template_language": "en_US"});
+        let Some(Event::TemplateQuality { language, quality, .. }) = event("message_template_quality_update", &v)
+        else {
+            panic!("a quality update")
+        };
+        assert_eq!((language.as_ref().map(TemplateLanguage::as_str), quality), (Some("en_US"), Quality::Low));
+    }
 }

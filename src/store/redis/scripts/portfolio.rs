@@ -89,3 +89,26 @@ fn template_attribute(t: &mut TemplateState, attr: &str, value: String) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_fields_are_read_per_language_and_names_may_hold_colons() {
+        let fields = [
+            ("t:otp:v2:status", "PAUSED"),
+            ("t:otp:v2:at", "5"),
+            ("tl:en_US:otp:v2:status", "APPROVED"),
+            ("tl:en_US:otp:v2:quality", "LOW"),
+            ("tl:en_US:otp:v2:at", "7"),
+            ("tls:otp:v2", "en_US"),
+        ];
+        let state = portfolio_state(fields.iter().map(|(f, v)| (f.to_string(), v.to_string())).collect(), 0);
+        let every = &state.templates[&TemplateKey::new("otp:v2", "")];
+        assert_eq!((every.status.as_deref(), every.at), (Some("PAUSED"), Some(5)));
+        let en = &state.templates[&TemplateKey::new("otp:v2", "en_US")];
+        assert_eq!((en.status.as_deref(), en.quality, en.at), (Some("APPROVED"), Quality::Low, Some(7)));
+        assert_eq!(state.templates.len(), 2, "the list of languages is no template");
+    }
+}
