@@ -533,6 +533,51 @@ pub fn template_active(status: Option<&str>) -> bool {
     status.is_none_or(|s| ACTIVE_TEMPLATE_STATUSES.contains(&s))
 }
 
+/// A template's last status event as stored: Meta's status and when the event happened (0 when
+/// unknown, as for a status stored before event times were kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateEvent<'a> {
+    pub status: &'a str,
+    pub at: Micros,
+}
+
+/// The status in force for one (name, language) of a template.
+///
+/// Meta pauses, disables and rates each (name, language) separately, so each keeps its own last
+/// event (`own`). A status set without a language (`every_language`: UpdatePortfolio with
+/// `language = ""`, or a status stored by name before languages were kept) applies to every
+/// language of the name. Both are kept, each skipping events older than its last, and the newer
+/// event (by `at`) is in force; on a tie the language's own wins, being the more specific, so one
+/// UpdatePortfolio can pause a name but for one language.
+pub fn template_status_in_force<'a>(
+    own: Option<TemplateEvent<'a>>,
+    every_language: Option<TemplateEvent<'a>>,
+) -> Option<&'a str> {
+    match (own, every_language) {
+        (Some(own), Some(every)) if every.at > own.at => Some(every.status),
+        (Some(own), _) => Some(own.status),
+        (None, every) => every.map(|e| e.status),
+    }
+}
+
+/// Whether a message using one language of a template may be sent: the status in force for
+/// that (name, language) is active (see [`template_status_in_force`]).
+pub fn template_language_sendable(own: Option<TemplateEvent<'_>>, every_language: Option<TemplateEvent<'_>>) -> bool {
+    template_active(template_status_in_force(own, every_language))
+}
+
+/// Whether a message naming a template but no language may be sent. It may be in any language,
+/// so it is blocked when any language of the name is: one whose status in force (among
+/// `languages`, the own events of the languages heard of) is not active, or the name-wide
+/// status, which stands for the languages never heard of separately.
+pub fn template_name_sendable<'a>(
+    every_language: Option<TemplateEvent<'a>>,
+    languages: impl IntoIterator<Item = TemplateEvent<'a>>,
+) -> bool {
+    template_active(every_language.map(|e| e.status))
+        && languages.into_iter().all(|own| template_language_sendable(Some(own), every_language))
+}
+
 /// How long until a contact made at `score` leaves the window (a whole window when there is no
 /// such contact: nothing counted will free room); never less than [`MIN_RETRY_AFTER`], since the
 /// caller only asks while the window is full.
@@ -1021,6 +1066,34 @@ mod tests {
         for status in [None, Some("APPROVED"), Some("REINSTATED"), Some("FLAGGED")] {
             assert!(template_active(status), "{status:?}");
         }
+    }
+
+    #[test]
+    fn each_language_follows_its_own_status_or_a_newer_one_set_for_every_language() {
+        let ev = |status, at| Some(TemplateEvent { status, at });
+        assert_eq!(template_status_in_force(None, None), None);
+        assert_eq!(template_status_in_force(ev("PAUSED", 5), None), Some("PAUSED"));
+        assert_eq!(template_status_in_force(None, ev("PAUSED", 5)), Some("PAUSED"), "a name-wide status covers all");
+        assert_eq!(template_status_in_force(ev("APPROVED", 6), ev("PAUSED", 5)), Some("APPROVED"));
+        assert_eq!(template_status_in_force(ev("APPROVED", 4), ev("PAUSED", 5)), Some("PAUSED"));
+        assert_eq!(template_status_in_force(ev("APPROVED", 5), ev("PAUSED", 5)), Some("APPROVED"), "a tie: own");
+        assert!(template_language_sendable(ev("REINSTATED", 9), ev("PAUSED", 5)));
+        assert!(!template_language_sendable(None, ev("DISABLED", 0)), "a status stored by name only still blocks");
+        assert!(template_language_sendable(None, None), "never heard of");
+    }
+
+    #[test]
+    fn a_message_without_a_language_is_blocked_when_any_language_is() {
+        let ev = |status, at| TemplateEvent { status, at };
+        assert!(template_name_sendable(None, []));
+        assert!(template_name_sendable(None, [ev("APPROVED", 1), ev("FLAGGED", 2)]));
+        assert!(!template_name_sendable(None, [ev("APPROVED", 1), ev("PAUSED", 2)]));
+        assert!(!template_name_sendable(Some(ev("PAUSED", 1)), []));
+        // The name-wide status stands for the languages never heard of separately.
+        assert!(!template_name_sendable(Some(ev("PAUSED", 1)), [ev("APPROVED", 2)]));
+        // A newer name-wide reinstatement covers a language paused before it.
+        assert!(template_name_sendable(Some(ev("REINSTATED", 3)), [ev("PAUSED", 2)]));
+        assert!(!template_name_sendable(Some(ev("REINSTATED", 3)), [ev("PAUSED", 4)]));
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use tiergate::policy::{Category, Delivery, Lease, Limit, Quality, Reason, ScopeKey, SenderStatus, Tier};
-use tiergate::store::{AdmitOp, AdmitParams, Change, Windows};
+use tiergate::store::{AdmitOp, AdmitParams, Change, TemplateKey, Windows};
 
 use common::ops::{
     admit, admit_one, hasher, inbound, limited, now_us, op, op_from, portfolio, reasons, set_tier, usage, with,
@@ -57,6 +57,7 @@ conformance!(
     a_failed_delivery_gives_back_its_slot_unless_delivered_or_counted_again,
     a_denial_lifts_exactly_when_its_retry_after_has_passed,
     a_numbers_throughput_is_kept_apart_from_its_status_and_tier,
+    templates_are_blocked_per_language_and_a_status_without_one_covers_every_language,
 );
 
 async fn new_recipients_are_counted_until_the_limit_then_denied<F: Fn(Windows) -> Fixture>(make: F) {
@@ -298,14 +299,24 @@ async fn inactive_templates_are_blocked_until_active_again<F: Fn(Windows) -> Fix
     let (p, t) = (portfolio("acme"), limited(10));
     let promo = |r: &str| with(op(r), Category::Marketing, Some("spring_promo"));
     assert_eq!(admit_one(&*f.store, &p, &t, promo("1111111")).await.reason, Reason::NewRecipient);
-    let pause = Change::TemplateStatus { name: "spring_promo".into(), status: "PAUSED".into(), at: None };
+    let pause = Change::TemplateStatus {
+        name: "spring_promo".into(),
+        language: String::new(),
+        status: "PAUSED".into(),
+        at: None,
+    };
     f.store.apply("acme", &[pause]).await.unwrap();
     let blocked = admit_one(&*f.store, &p, &t, promo("2222222")).await;
     assert_eq!((blocked.reason, blocked.usage.counted), (Reason::TemplateBlocked, 1));
     assert_eq!(admit_one(&*f.store, &p, &t, promo("1111111")).await.reason, Reason::TemplateBlocked);
     let other = with(op("2222222"), Category::Marketing, Some("welcome"));
     assert_eq!(admit_one(&*f.store, &p, &t, other).await.reason, Reason::NewRecipient);
-    let reinstate = Change::TemplateStatus { name: "spring_promo".into(), status: "REINSTATED".into(), at: None };
+    let reinstate = Change::TemplateStatus {
+        name: "spring_promo".into(),
+        language: String::new(),
+        status: "REINSTATED".into(),
+        at: None,
+    };
     f.store.apply("acme", &[reinstate]).await.unwrap();
     assert_eq!(admit_one(&*f.store, &p, &t, promo("3333333")).await.reason, Reason::NewRecipient);
 }
@@ -356,6 +367,7 @@ async fn marketing_stops_at_the_reserve_while_utility_uses_the_rest<F: Fn(Window
 }
 
 async fn applied_changes_persist_and_applying_twice_changes_nothing<F: Fn(Windows) -> Fixture>(make: F) {
+    const T: u64 = 1_700_000_000_000_000;
     let f = make(Windows::default());
     let p = portfolio("acme");
     let changes = [
@@ -363,8 +375,15 @@ async fn applied_changes_persist_and_applying_twice_changes_nothing<F: Fn(Window
         Change::Quality(Quality::High),
         Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Flagged, at: None },
         Change::SenderQuality { sender: "s1".into(), quality: Quality::Low },
-        Change::TemplateStatus { name: "promo".into(), status: "DISABLED".into(), at: None },
-        Change::TemplateQuality { name: "promo".into(), quality: Quality::Medium },
+        // Dated like a webhook's event: a status without a time is stamped with each apply's now.
+        Change::TemplateStatus {
+            name: "promo".into(),
+            language: String::new(),
+            status: "DISABLED".into(),
+            at: Some(T),
+        },
+        Change::TemplateQuality { name: "promo".into(), language: String::new(), quality: Quality::Medium },
+        Change::TemplateStatus { name: "promo".into(), language: "en_US".into(), status: "PAUSED".into(), at: Some(T) },
         Change::Alert { key: "INCREASED_CAPABILITIES_ELIGIBILITY_DEFERRED:1".into(), body: "{\"a\":1}".into() },
         Change::Alias { display: "15550001111".into(), id: "s1".into() },
         Change::OptOut { member: hasher().recipient("1111111"), opted_out: true },
@@ -382,8 +401,9 @@ async fn applied_changes_persist_and_applying_twice_changes_nothing<F: Fn(Window
     let s1 = &first.senders["s1"];
     assert_eq!((s1.status, s1.quality), (Some(SenderStatus::Flagged), Quality::Low));
     assert!(s1.since.is_some());
-    assert_eq!(first.templates["promo"].status.as_deref(), Some("DISABLED"));
-    assert_eq!(first.templates["promo"].quality, Quality::Medium);
+    assert_eq!(first.templates[&TemplateKey::new("promo", "")].status.as_deref(), Some("DISABLED"));
+    assert_eq!(first.templates[&TemplateKey::new("promo", "")].quality, Quality::Medium);
+    assert_eq!(first.templates[&TemplateKey::new("promo", "en_US")].status.as_deref(), Some("PAUSED"));
     assert_eq!(first.alerts.len(), 1);
     assert_eq!(first.aliases["15550001111"], "s1");
     assert_eq!(first.opted_out, 1);
@@ -471,25 +491,31 @@ async fn changes_older_than_the_last_applied_are_skipped<F: Fn(Windows) -> Fixtu
     let newer = [
         Change::Tier { scope: p.clone(), tier: limited(20), at: Some(t2) },
         Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Connected, at: Some(t2) },
-        Change::TemplateStatus { name: "promo".into(), status: "APPROVED".into(), at: Some(t2) },
+        Change::TemplateStatus {
+            name: "promo".into(),
+            language: String::new(),
+            status: "APPROVED".into(),
+            at: Some(t2),
+        },
     ];
     let older = [
         Change::Tier { scope: p.clone(), tier: limited(5), at: Some(t1) },
         Change::SenderStatus { sender: "s1".into(), status: SenderStatus::Flagged, at: Some(t1) },
-        Change::TemplateStatus { name: "promo".into(), status: "PAUSED".into(), at: Some(t1) },
+        Change::TemplateStatus { name: "promo".into(), language: String::new(), status: "PAUSED".into(), at: Some(t1) },
     ];
     f.store.apply("acme", &newer).await.unwrap();
     f.store.apply("acme", &older).await.unwrap();
     assert_eq!(usage(&*f.store, &p, &limited(1)).await.tier, limited(20));
     let state = f.store.portfolio("acme").await.unwrap();
     assert_eq!(state.senders["s1"].status, Some(SenderStatus::Connected));
-    assert_eq!(state.templates["promo"].status.as_deref(), Some("APPROVED"));
+    assert_eq!(state.templates[&TemplateKey::new("promo", "")].status.as_deref(), Some("APPROVED"));
     // A change without a time is now, so it wins over both.
-    let now = [Change::TemplateStatus { name: "promo".into(), status: "DISABLED".into(), at: None }];
+    let now =
+        [Change::TemplateStatus { name: "promo".into(), language: String::new(), status: "DISABLED".into(), at: None }];
     f.store.apply("acme", &now).await.unwrap();
     f.store.apply("acme", &newer[2..]).await.unwrap();
     let state = f.store.portfolio("acme").await.unwrap();
-    assert_eq!(state.templates["promo"].status.as_deref(), Some("DISABLED"));
+    assert_eq!(state.templates[&TemplateKey::new("promo", "")].status.as_deref(), Some("DISABLED"));
 }
 
 async fn a_denial_lifts_exactly_when_its_retry_after_has_passed<F: Fn(Windows) -> Fixture>(make: F) {
@@ -546,4 +572,87 @@ async fn a_numbers_throughput_is_kept_apart_from_its_status_and_tier<F: Fn(Windo
     f.store.apply("acme", &[Change::Throughput { sender: "s2".into(), mps: 80 }]).await.unwrap();
     let s2 = &f.store.portfolio("acme").await.unwrap().senders["s2"];
     assert_eq!((s2.throughput_mps, s2.status, s2.since), (Some(80), None, None));
+}
+
+async fn templates_are_blocked_per_language_and_a_status_without_one_covers_every_language<
+    F: Fn(Windows) -> Fixture,
+>(
+    make: F,
+) {
+    let f = make(Windows::default());
+    let (p, t) = (portfolio("acme"), limited(100));
+    let status = |name: &str, language: &str, status: &str, at| Change::TemplateStatus {
+        name: name.into(),
+        language: language.into(),
+        status: status.into(),
+        at,
+    };
+    let mut n = 0;
+    // A fresh recipient each time, so only the template decides.
+    let mut send = async |name: &str, language: Option<&str>| {
+        n += 1;
+        let op = AdmitOp {
+            template_language: language.map(str::to_owned),
+            ..with(op(&format!("1415555{n:04}")), Category::Marketing, Some(name))
+        };
+        admit_one(&*f.store, &p, &t, op).await.reason
+    };
+    let (t1, t2, t3, t4) = (1_700_000_000_000_000, 1_700_000_100_000_000, 1_700_000_200_000_000, 1_700_000_300_000_000);
+    const BLOCKED: Reason = Reason::TemplateBlocked;
+    const SENT: Reason = Reason::NewRecipient;
+
+    // Meta pauses one language: the others still go, and a message without a language may be
+    // in the paused one.
+    f.store.apply("acme", &[status("promo", "en_US", "PAUSED", Some(t2))]).await.unwrap();
+    assert_eq!(send("promo", Some("en_US")).await, BLOCKED);
+    assert_eq!(send("promo", Some("pt_BR")).await, SENT);
+    assert_eq!(send("promo", None).await, BLOCKED);
+    // A newer status for every language covers the paused one; an older one is skipped.
+    f.store.apply("acme", &[status("promo", "", "REINSTATED", Some(t3))]).await.unwrap();
+    f.store.apply("acme", &[status("promo", "", "DISABLED", Some(t1))]).await.unwrap();
+    assert_eq!(send("promo", Some("en_US")).await, SENT);
+    assert_eq!(send("promo", None).await, SENT);
+    // A language's own event older than the name-wide one is kept but not in force.
+    f.store.apply("acme", &[status("promo", "pt_BR", "DISABLED", Some(t2))]).await.unwrap();
+    assert_eq!(send("promo", Some("pt_BR")).await, SENT);
+    f.store.apply("acme", &[status("promo", "pt_BR", "PAUSED", Some(t4))]).await.unwrap();
+    assert_eq!(send("promo", Some("pt_BR")).await, BLOCKED);
+    assert_eq!(send("promo", Some("en_US")).await, SENT);
+    assert_eq!(send("promo", None).await, BLOCKED);
+    let state = f.store.portfolio("acme").await.unwrap();
+    let promo: Vec<_> = state
+        .templates
+        .iter()
+        .map(|(k, v)| (k.name.as_str(), k.language.as_str(), v.status.as_deref(), v.at))
+        .collect();
+    assert_eq!(
+        promo,
+        [
+            ("promo", "", Some("REINSTATED"), Some(t3)),
+            ("promo", "en_US", Some("PAUSED"), Some(t2)),
+            ("promo", "pt_BR", Some("PAUSED"), Some(t4)),
+        ]
+    );
+
+    // Set together (the same time), the language's own status wins: pause a name but one language.
+    let together = [status("welcome", "", "PAUSED", None), status("welcome", "es", "APPROVED", None)];
+    f.store.apply("acme", &together).await.unwrap();
+    assert_eq!(send("welcome", Some("es")).await, SENT);
+    assert_eq!(send("welcome", Some("fr")).await, BLOCKED, "a language never heard of follows the name");
+    assert_eq!(send("welcome", None).await, BLOCKED);
+
+    // Names may hold ':'; a language never does, so the two never mix.
+    let otp = [
+        status("otp:v2", "en", "DISABLED", None),
+        Change::TemplateQuality { name: "otp:v2".into(), language: "en".into(), quality: Quality::Low },
+    ];
+    f.store.apply("acme", &otp).await.unwrap();
+    assert_eq!(send("otp:v2", Some("en")).await, BLOCKED);
+    assert_eq!(send("otp:v2", Some("fr")).await, SENT);
+    assert_eq!(send("otp", Some("en")).await, SENT);
+    assert_eq!(send("otp", Some("v2")).await, SENT);
+    let state = f.store.portfolio("acme").await.unwrap();
+    let otp = &state.templates[&TemplateKey::new("otp:v2", "en")];
+    assert_eq!((otp.status.as_deref(), otp.quality), (Some("DISABLED"), Quality::Low));
+    assert!(!state.templates.keys().any(|k| k.name == "otp"), "{:?}", state.templates.keys());
 }

@@ -76,6 +76,7 @@ fn req(recipient: &str, category: i32) -> pb::AdmitRequest {
         recipient: recipient.into(),
         category,
         template: String::new(),
+        template_language: String::new(),
     }
 }
 
@@ -101,4 +102,37 @@ async fn conversion_errors_name_the_field_where_it_sits() {
     };
     let e = c.update_portfolio(update).await.unwrap_err();
     assert_eq!((e.code(), e.message()), (Code::InvalidArgument, "senders[0].quality: unknown value 99"));
+}
+
+#[tokio::test]
+async fn template_languages_are_short_codes_and_errors_never_echo_them() {
+    let server = TestServer::start("").await;
+    let mut c = server.client().await;
+    let utility = pb::Category::Utility as i32;
+    let long = "en_US".repeat(1_000);
+    let with = |template: &str, language: &str| pb::AdmitRequest {
+        template: template.into(),
+        template_language: language.into(),
+        ..req("+15550000002", utility)
+    };
+    for bad in ["en:US", "en,US", "en US", long.as_str()] {
+        let requests = vec![req("+15550000001", utility), with("promo", bad)];
+        let e = c.admit_batch(pb::AdmitBatchRequest { requests }).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().starts_with("requests[1].template_language: "), "{}", e.message());
+        assert!(!e.message().contains(bad) && e.message().len() < 200, "{}", e.message());
+    }
+    let e = c.admit(with("", "en_US")).await.unwrap_err();
+    assert!(e.message().starts_with("template_language: "), "{}", e.message());
+    assert_eq!(c.admit(with("promo", "pt_BR")).await.unwrap().into_inner().reason(), pb::Reason::NewRecipient);
+
+    let update = pb::UpdatePortfolioRequest {
+        portfolio_id: "acme".into(),
+        templates: vec![pb::TemplateUpdate { name: "promo".into(), language: long.clone(), ..Default::default() }],
+        ..Default::default()
+    };
+    let e = c.update_portfolio(update).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("templates[0].language: "), "{}", e.message());
+    assert!(!e.message().contains(&long), "{}", e.message());
 }

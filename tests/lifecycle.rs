@@ -151,7 +151,7 @@ async fn usage_projects_the_next_upgrade_and_says_what_blocks_it() {
         portfolio_id: "acme".into(),
         quality: pb::Quality::High.into(),
         senders: vec![pb::SenderUpdate { sender_id: "n1".into(), status: 0, quality: pb::Quality::High.into() }],
-        templates: vec![pb::TemplateUpdate { name: "spring_sale".into(), status: String::new(), quality: template }],
+        templates: vec![pb::TemplateUpdate { name: "spring_sale".into(), quality: template, ..Default::default() }],
         tier: String::new(),
     };
     c.update_portfolio(ratings(pb::Quality::High.into())).await.unwrap();
@@ -510,4 +510,61 @@ async fn a_failed_status_gives_the_slot_back_and_only_delivered_recipients_count
     assert_eq!(reason(&mut c, UTILITY.to("acme", PHONE_ID, users[2])).await, Reason::NewRecipient);
     deliver(server.admin_addr, &body).await;
     assert_eq!(usage(&mut c, "acme", "").await.unique_recipients, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_pause_and_rate_each_template_language_separately() {
+    let Setup { server, mut c, _redis } = setup("").await;
+    let admin = server.admin_addr;
+    let sale = MARKETING.template("spring_sale");
+    let mut n = 0;
+    let mut send = async |c: &mut Client, language: &'static str| {
+        n += 1;
+        reason(c, sale.language(language).to("acme", PHONE_ID, &format!("+1555000{n:04}"))).await
+    };
+    // One delivery: Meta paused the English template and approved the Portuguese one.
+    deliver(admin, &fixture("message_template_status_update_languages")).await;
+    assert_eq!(send(&mut c, "en_US").await, Reason::TemplateBlocked);
+    assert_eq!(send(&mut c, "pt_BR").await, Reason::NewRecipient);
+    assert_eq!(send(&mut c, "").await, Reason::TemplateBlocked, "without a language it may be English");
+    deliver(admin, &fixture("message_template_quality_update")).await;
+    deliver(admin, &fixture("message_template_quality_update_pt_BR")).await;
+    let p = portfolio(&mut c, "acme").await;
+    let rows: Vec<_> = p
+        .templates
+        .iter()
+        .map(|t| (t.name.as_str(), t.language.as_str(), t.status.as_str(), t.active, t.quality()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("spring_sale", "en_US", "PAUSED", false, pb::Quality::Medium),
+            ("spring_sale", "pt_BR", "APPROVED", true, pb::Quality::Low),
+        ]
+    );
+
+    // Reinstated by hand for every language: newer than Meta's pause, so it covers English.
+    let reinstate = pb::UpdatePortfolioRequest {
+        portfolio_id: "acme".into(),
+        templates: vec![pb::TemplateUpdate {
+            name: "spring_sale".into(),
+            status: "REINSTATED".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let p = c.update_portfolio(reinstate).await.unwrap().into_inner();
+    assert_eq!((p.templates[0].language.as_str(), p.templates[0].status.as_str()), ("", "REINSTATED"));
+    assert_eq!((p.templates[1].status.as_str(), p.templates[1].active), ("REINSTATED", true), "English in force");
+    assert_eq!(send(&mut c, "en_US").await, Reason::NewRecipient);
+    assert_eq!(send(&mut c, "").await, Reason::NewRecipient);
+
+    // A later pause of one language wins over the name-wide status again.
+    let later = fixture("message_template_status_update")
+        .replace("{{EVENT}}", "DISABLED")
+        .replace("\"time\": 1763700000", &format!("\"time\": {}", 4_000_000_000u64));
+    deliver(admin, &later).await;
+    assert_eq!(send(&mut c, "en_US").await, Reason::TemplateBlocked);
+    assert_eq!(send(&mut c, "pt_BR").await, Reason::NewRecipient);
+    assert_eq!(send(&mut c, "").await, Reason::TemplateBlocked);
 }

@@ -8,6 +8,7 @@ use crate::error::Error;
 use crate::limiter::{AdmitAnswer, AdmitInput, FieldPath, PortfolioUpdate, PortfolioView, Usage};
 use crate::pb;
 use crate::policy::{self, Category, Decision, Limit, Micros, Quality, Reason, SenderStatus};
+use crate::store::TemplateKey;
 
 /// Reads an enum field that carries `value`, naming `field` at `at` when it is not one.
 fn known<E: TryFrom<i32>>(value: i32, at: FieldPath, field: &str) -> Result<E, Error> {
@@ -122,6 +123,7 @@ impl AdmitInput {
             sender_id: r.sender_id,
             recipient: r.recipient,
             template: r.template,
+            template_language: r.template_language,
         })
     }
 }
@@ -164,7 +166,7 @@ impl TryFrom<pb::UpdatePortfolioRequest> for PortfolioUpdate {
             .enumerate()
             .map(|(i, t)| {
                 let quality = known::<pb::Quality>(t.quality, FieldPath::item("templates", i), "quality")?;
-                Ok((t.name, (!t.status.is_empty()).then_some(t.status), quality.into()))
+                Ok((t.name, t.language, (!t.status.is_empty()).then_some(t.status), quality.into()))
             })
             .collect::<Result<_, Error>>()?;
         Ok(PortfolioUpdate {
@@ -232,11 +234,16 @@ impl From<PortfolioView> for pb::Portfolio {
             .state
             .templates
             .iter()
-            .map(|(name, t)| pb::Template {
-                name: name.clone(),
-                status: t.status.clone().unwrap_or_default(),
-                quality: pb::Quality::from(t.quality).into(),
-                active: policy::template_active(t.status.as_deref()),
+            .map(|(key, t)| {
+                let every_language = v.state.templates.get(&TemplateKey::new(&key.name, "")).and_then(|t| t.event());
+                let status = policy::template_status_in_force(t.event(), every_language);
+                pb::Template {
+                    name: key.name.clone(),
+                    status: status.unwrap_or_default().to_owned(),
+                    quality: pb::Quality::from(t.quality).into(),
+                    active: policy::template_active(status),
+                    language: key.language.clone(),
+                }
             })
             .collect();
         pb::Portfolio {

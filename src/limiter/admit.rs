@@ -11,7 +11,7 @@ use crate::metrics;
 use crate::policy::{Category, Lease, Reason, ScopeKey, Tier};
 use crate::store::{AdmitOp, AdmitParams, UsageSnapshot};
 
-use super::input::{FieldPath, Recipient, TemplateName};
+use super::input::{FieldPath, Recipient, TemplateLanguage, TemplateName};
 use super::read::Usage;
 use super::Limiter;
 
@@ -31,6 +31,9 @@ pub struct AdmitInput {
     pub category: Category,
     /// The template the message uses; empty for none.
     pub template: String,
+    /// The template's language (`en_US`); empty when not named, and then the message is blocked
+    /// if any language of the template is.
+    pub template_language: String,
 }
 
 /// The answer to one [`AdmitInput`].
@@ -86,6 +89,10 @@ impl Limiter {
         let (scope, sender) = self.parse_scope(&input.portfolio_id, &input.sender_id, at)?;
         let recipient = Recipient::parse(&input.recipient, at)?;
         let template = TemplateName::optional(&input.template, at)?;
+        let template_language = TemplateLanguage::optional(&input.template_language, at, "template_language")?;
+        if template.is_none() && template_language.is_some() {
+            return Err(at.invalid("template_language", "names a language but the message names no template"));
+        }
         let sender = sender.map(|s| s.into_string());
         let sender_blocked = sender
             .as_ref()
@@ -97,6 +104,7 @@ impl Limiter {
             template: template.map(TemplateName::into_string),
             sender,
             sender_blocked,
+            template_language: template_language.map(TemplateLanguage::into_string),
         };
         Ok(Prepared { scope, op })
     }

@@ -11,7 +11,7 @@ use crate::metrics;
 use crate::policy::{self, Delivery, Micros, Quality, ScopeKey, ScopeMode, SenderStatus, Tier, TierValue};
 use crate::store::{Change, PortfolioState};
 
-use super::input::{FieldPath, PortfolioId, Recipient, SenderId, TemplateName};
+use super::input::{FieldPath, PortfolioId, Recipient, SenderId, TemplateLanguage, TemplateName};
 use super::read::{PortfolioView, Usage};
 use super::Limiter;
 
@@ -27,8 +27,9 @@ pub struct PortfolioUpdate {
     pub quality: Option<Quality>,
     /// (sender id, status, quality).
     pub senders: Vec<(String, Option<SenderStatus>, Option<Quality>)>,
-    /// (template name, status, quality).
-    pub templates: Vec<(String, Option<String>, Option<Quality>)>,
+    /// (template name, language, status, quality); an empty language sets the status for every
+    /// language of the name (see [`policy::template_status_in_force`]).
+    pub templates: Vec<(String, String, Option<String>, Option<Quality>)>,
 }
 
 /// Something Meta reported about a portfolio, with when it happened (the webhook entry's
@@ -49,10 +50,11 @@ pub enum Event {
     NumberQuality { display: Option<String>, event: Option<NumberEvent>, limits: Limits, quality: Option<Quality> },
     /// `business_capability_update`: the limits the update carries.
     Capability { limits: Limits },
-    /// `message_template_status_update`: a template's status event (APPROVED, PAUSED, …).
-    TemplateStatus { name: String, status: String },
-    /// `message_template_quality_update`.
-    TemplateQuality { name: String, quality: Quality },
+    /// `message_template_status_update`: a template's status event (APPROVED, PAUSED, …) in
+    /// `message_template_language` (`None`: every language of the name).
+    TemplateStatus { name: String, language: Option<TemplateLanguage>, status: String },
+    /// `message_template_quality_update`, in one language as for `TemplateStatus`.
+    TemplateQuality { name: String, language: Option<TemplateLanguage>, quality: Quality },
     /// `messages`: a number, by its phone number id, the digits of its display number, the
     /// users who wrote to it, and the delivery statuses of its messages.
     Messages { number: SenderId, display: Option<String>, inbound: Vec<Inbound>, statuses: Vec<Status> },
@@ -173,9 +175,11 @@ impl Limiter {
             }
             changes.extend(sender_changes(sender.as_str(), *status, *quality, None));
         }
-        for (i, (name, status, quality)) in update.templates.iter().enumerate() {
-            let name = TemplateName::parse(name, FieldPath::item("templates", i), "name")?;
-            changes.extend(template_changes(name.as_str(), status.as_deref(), *quality, None));
+        for (i, (name, language, status, quality)) in update.templates.iter().enumerate() {
+            let at = FieldPath::item("templates", i);
+            let name = TemplateName::parse(name, at, "name")?;
+            let language = TemplateLanguage::optional(language, at, "language")?;
+            changes.extend(template_changes(name.as_str(), language.as_ref(), status.as_deref(), *quality, None));
         }
         if !changes.is_empty() {
             self.apply(id.as_str(), &changes).await?;
@@ -236,8 +240,12 @@ impl Limiter {
             Event::Capability { limits } => {
                 out.extend(self.reported_tier_changes(portfolio, known.senders.iter().map(String::as_str), limits, at))
             }
-            Event::TemplateStatus { name, status } => out.extend(template_changes(name, Some(status), None, at)),
-            Event::TemplateQuality { name, quality } => out.extend(template_changes(name, None, Some(*quality), at)),
+            Event::TemplateStatus { name, language, status } => {
+                out.extend(template_changes(name, language.as_ref(), Some(status), None, at))
+            }
+            Event::TemplateQuality { name, language, quality } => {
+                out.extend(template_changes(name, language.as_ref(), None, Some(*quality), at))
+            }
             Event::Messages { number, display, inbound, statuses } => {
                 let id = number.as_str();
                 if let Some(display) = display {
@@ -336,14 +344,26 @@ fn sender_changes(
     status.into_iter().chain(quality)
 }
 
-/// A template's status event (stored upper-case, as Meta names them) and quality, each when given.
+/// A template's status event (stored upper-case, as Meta names them) and quality in one language
+/// (`None`: every language), each when given.
 fn template_changes(
     name: &str,
+    language: Option<&TemplateLanguage>,
     status: Option<&str>,
     quality: Option<Quality>,
     at: Option<Micros>,
 ) -> impl Iterator<Item = Change> {
-    let status = status.map(|s| Change::TemplateStatus { name: name.to_owned(), status: s.to_ascii_uppercase(), at });
-    let quality = quality.map(|quality| Change::TemplateQuality { name: name.to_owned(), quality });
+    let language = language.map_or("", TemplateLanguage::as_str);
+    let status = status.map(|s| Change::TemplateStatus {
+        name: name.to_owned(),
+        language: language.to_owned(),
+        status: s.to_ascii_uppercase(),
+        at,
+    });
+    let quality = quality.map(|quality| Change::TemplateQuality {
+        name: name.to_owned(),
+        language: language.to_owned(),
+        quality,
+    });
     status.into_iter().chain(quality)
 }

@@ -134,6 +134,41 @@ impl TemplateName {
     }
 }
 
+/// A template's language as Meta names it (`en_US`, `pt_BR`): 1 to 32 characters of
+/// `[A-Za-z0-9_-]`. The Redis store relies on it holding no `:` and no `,`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateLanguage(String);
+
+impl TemplateLanguage {
+    /// The longest language code accepted.
+    pub const MAX_LEN: usize = 32;
+
+    /// Checks the language in field `name` at `at`; empty means none (an Admit) or every
+    /// language (UpdatePortfolio). The error never repeats the input.
+    pub fn optional(raw: &str, at: FieldPath, name: &str) -> Result<Option<TemplateLanguage>, Error> {
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        if raw.len() > Self::MAX_LEN || !raw.chars().all(valid) {
+            return Err(
+                at.invalid(name, "must be a language code (e.g. en_US) of at most 32 characters of [A-Za-z0-9_-]")
+            );
+        }
+        Ok(Some(TemplateLanguage(raw.to_owned())))
+    }
+
+    /// The code.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The code, owned.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
 impl Limiter {
     /// Resolves the limit scope of `portfolio_id` and `sender_id` at `at`. The sender is
     /// optional in portfolio scope (but checked when given) and required in per-number scope.

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use super::{
     day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, Store, StoreError,
-    UsageSnapshot, Windows,
+    TemplateKey, TemplateState, UsageSnapshot, Windows,
 };
 pub use super::{Clock, SystemClock};
 use crate::policy::{self, Delivery, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
@@ -90,7 +90,7 @@ struct Portfolio {
     service: HashMap<Member, Micros>,
     opted_out: HashSet<Member>,
     state: PortfolioState,
-    /// When the last status event of each number (`s:<id>`) and template (`t:<name>`) happened.
+    /// When the last status event of each number (`s:<id>`) happened (templates keep theirs).
     event_at: HashMap<String, Micros>,
 }
 
@@ -143,10 +143,24 @@ fn sender_banned(p: Option<&Portfolio>, sender: Option<&String>) -> bool {
     status == Some(SenderStatus::Banned)
 }
 
-fn template_blocked(p: Option<&Portfolio>, template: Option<&String>) -> bool {
-    let Some(name) = template else { return false };
-    let status = p.and_then(|p| p.state.templates.get(name)?.status.as_deref());
-    !policy::template_active(status)
+/// Whether the message's template is blocked in its language, or in any language when it names
+/// none ([`policy::template_language_sendable`], [`policy::template_name_sendable`]).
+fn template_blocked(p: Option<&Portfolio>, template: Option<&String>, language: Option<&String>) -> bool {
+    let (Some(name), Some(p)) = (template, p) else { return false };
+    let templates = &p.state.templates;
+    let event = |language: &str| templates.get(&TemplateKey::new(name, language)).and_then(TemplateState::event);
+    let every_language = event("");
+    !match language {
+        Some(language) => policy::template_language_sendable(event(language), every_language),
+        None => {
+            let languages = templates
+                .range(TemplateKey::new(name, "")..)
+                .take_while(|(k, _)| k.name == *name)
+                .filter(|(k, _)| !k.language.is_empty())
+                .filter_map(|(_, t)| t.event());
+            policy::template_name_sendable(every_language, languages)
+        }
+    }
 }
 
 #[async_trait]
@@ -171,7 +185,7 @@ impl Store for MemoryStore {
                 op.service_member.as_ref().and_then(|m| portfolio?.service.get(m)).is_some_and(|closes| *closes > now);
             let snapshot = Snapshot {
                 sender_blocked: op.sender_blocked || sender_banned(portfolio, op.sender.as_ref()),
-                template_blocked: template_blocked(portfolio, op.template.as_ref()),
+                template_blocked: template_blocked(portfolio, op.template.as_ref(), op.template_language.as_ref()),
                 opted_out: portfolio.is_some_and(|p| p.opted_out.contains(&op.member)),
                 service_window_open,
                 already_counted: s.contacts.contains_key(&op.member),
@@ -248,14 +262,17 @@ impl Store for MemoryStore {
                 Change::SenderQuality { sender, quality } => {
                     p.state.senders.entry(sender.clone()).or_default().quality = *quality;
                 }
-                Change::TemplateStatus { name, status, at } => {
-                    if !p.newer(format!("t:{name}"), at.unwrap_or(now)) {
+                Change::TemplateStatus { name, language, status, at } => {
+                    let t = p.state.templates.entry(TemplateKey::new(name, language)).or_default();
+                    let at = at.unwrap_or(now);
+                    if at < t.at.unwrap_or(0) {
                         continue;
                     }
-                    p.state.templates.entry(name.clone()).or_default().status = Some(status.clone());
+                    t.at = Some(at);
+                    t.status = Some(status.clone());
                 }
-                Change::TemplateQuality { name, quality } => {
-                    p.state.templates.entry(name.clone()).or_default().quality = *quality;
+                Change::TemplateQuality { name, language, quality } => {
+                    p.state.templates.entry(TemplateKey::new(name, language)).or_default().quality = *quality;
                 }
                 Change::OptOut { member, opted_out } => {
                     if *opted_out {

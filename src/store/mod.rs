@@ -14,7 +14,9 @@ use async_trait::async_trait;
 
 use std::collections::BTreeMap;
 
-use crate::policy::{Category, Delivery, Lease, Limit, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
+use crate::policy::{
+    Category, Delivery, Lease, Limit, Micros, Quality, Reason, ScopeKey, SenderStatus, TemplateEvent, Tier,
+};
 
 /// A source of "now" for stores that keep their own time; tests inject a manual one.
 pub trait Clock: Send + Sync + 'static {
@@ -65,6 +67,9 @@ pub struct AdmitOp {
     pub sender: Option<String>,
     /// The sender is blocked by configuration.
     pub sender_blocked: bool,
+    /// The template's language (`en_US`), if the message names one; without it, the message is
+    /// blocked when any language of the template is.
+    pub template_language: Option<String>,
 }
 
 /// Scope-wide parameters of an admission call.
@@ -131,12 +136,37 @@ pub struct SenderState {
     pub throughput_mps: Option<u32>,
 }
 
-/// What is known of one template.
+/// A template as Meta pauses and rates it: a name in one language, or (`language` empty) the
+/// name in every language.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct TemplateKey {
+    pub name: String,
+    /// Meta's language code (`en_US`); empty for what was set for every language of the name.
+    pub language: String,
+}
+
+impl TemplateKey {
+    /// The key of `name` in `language` (empty: every language).
+    pub fn new(name: &str, language: &str) -> TemplateKey {
+        TemplateKey { name: name.to_owned(), language: language.to_owned() }
+    }
+}
+
+/// What is known of one template in one language (or in every language).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TemplateState {
     /// Meta's last status event (APPROVED, PAUSED, DISABLED, …).
     pub status: Option<String>,
     pub quality: Quality,
+    /// When that status event happened.
+    pub at: Option<Micros>,
+}
+
+impl TemplateState {
+    /// The last status event, as the template rules read it.
+    pub fn event(&self) -> Option<TemplateEvent<'_>> {
+        self.status.as_deref().map(|status| TemplateEvent { status, at: self.at.unwrap_or(0) })
+    }
 }
 
 /// Everything persisted about a portfolio besides its windows.
@@ -145,7 +175,8 @@ pub struct PortfolioState {
     /// The portfolio's own quality rating, when one was set.
     pub quality: Quality,
     pub senders: BTreeMap<String, SenderState>,
-    pub templates: BTreeMap<String, TemplateState>,
+    /// By (name, language); the name-wide entries have an empty language.
+    pub templates: BTreeMap<TemplateKey, TemplateState>,
     /// Account alerts by their identity, newest contents.
     pub alerts: BTreeMap<String, String>,
     /// Display phone number → phone number id, learnt from webhooks.
@@ -155,7 +186,8 @@ pub struct PortfolioState {
 }
 
 /// One change to persisted state. A list of them is applied atomically and is idempotent:
-/// applying the same list twice leaves the same state.
+/// applying the same list twice leaves the same state (a template status without a time is
+/// dated each apply's now, so only that date moves).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// The scope's tier; its `since` moves to now when the name changes. `at` is when the event
@@ -186,14 +218,19 @@ pub enum Change {
         sender: String,
         quality: Quality,
     },
-    /// A template's status event; `at` as for `Tier`.
+    /// A template's status event in one language, or in every language when `language` is empty
+    /// (see [`policy::template_status_in_force`](crate::policy::template_status_in_force)); `at`
+    /// as for `Tier`, per (name, language).
     TemplateStatus {
         name: String,
+        language: String,
         status: String,
         at: Option<Micros>,
     },
+    /// A template's quality in one language (empty: the name's own rating).
     TemplateQuality {
         name: String,
+        language: String,
         quality: Quality,
     },
     OptOut {

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::limiter::{Event, FieldPath, Inbound, Limits, NumberEvent, Recipient, SenderId, Status};
+use crate::limiter::{Event, FieldPath, Inbound, Limits, NumberEvent, Recipient, SenderId, Status, TemplateLanguage};
 use crate::policy::Delivery;
 use crate::policy::{self, Micros, Quality, TierValue};
 
@@ -39,6 +39,12 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
         business: v.get("max_daily_conversations_per_business").and_then(tier_value),
         number: v.get(number).and_then(tier_value),
     };
+    // Meta rates and pauses each (name, language); one without a language is for every language,
+    // and one whose language cannot be a language code is not followed.
+    let language = || match v.get("message_template_language").and_then(text) {
+        Some(l) => TemplateLanguage::optional(&l, FieldPath::TOP, "message_template_language").ok(),
+        None => Some(None),
+    };
     match field {
         "phone_number_quality_update" => {
             let event = match v.get("event").and_then(Value::as_str) {
@@ -65,10 +71,12 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
         "business_capability_update" => Some(Event::Capability { limits: limits("max_daily_conversation_per_phone") }),
         "message_template_status_update" => Some(Event::TemplateStatus {
             name: v.get("message_template_name").and_then(text)?,
+            language: language()?,
             status: v.get("event").and_then(Value::as_str)?.to_owned(),
         }),
         "message_template_quality_update" => Some(Event::TemplateQuality {
             name: v.get("message_template_name").and_then(text)?,
+            language: language()?,
             quality: v.get("new_quality_score").and_then(Value::as_str).and_then(Quality::parse)?,
         }),
         "messages" => {
@@ -241,5 +249,29 @@ mod tests {
         assert_eq!(quality(json!({"event": "UNFLAGGED", "quality_rating": "GREEN"})), Some(Quality::High));
         assert_eq!(quality(json!({"event": "UNFLAGGED", "new_quality_score": "YELLOW"})), Some(Quality::Medium));
         assert_eq!(quality(json!({"event": "UNFLAGGED"})), None);
+    }
+
+    #[test]
+    fn template_events_name_their_language_and_one_that_is_no_code_is_not_followed() {
+        let status = |language: Value| {
+            let v = json!({"event": "PAUSED", "message_template_name": "spring_sale", "message_template_language": language});
+            match event("message_template_status_update", &v) {
+                Some(Event::TemplateStatus { name, language, status }) => {
+                    assert_eq!((name.as_str(), status.as_str()), ("spring_sale", "PAUSED"));
+                    Some(language.map(TemplateLanguage::into_string))
+                }
+                None => None,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(status(json!("pt_BR")), Some(Some("pt_BR".into())));
+        assert_eq!(status(Value::Null), Some(None), "no language: every language of the name");
+        assert_eq!(status(json!("en:US")), None);
+        let v = json!({"new_quality_score": "RED", "message_template_name": "spring_sale", "message_template_language": "en_US"});
+        let Some(Event::TemplateQuality { language, quality, .. }) = event("message_template_quality_update", &v)
+        else {
+            panic!("a quality update")
+        };
+        assert_eq!((language.as_ref().map(TemplateLanguage::as_str), quality), (Some("en_US"), Quality::Low));
     }
 }

@@ -10,11 +10,13 @@
 
 use tiergate::pb;
 
-/// The message an Admit asks about: its category and template (empty for none).
+/// The message an Admit asks about: its category, template and template language (empty for
+/// none).
 #[derive(Clone, Copy, Debug)]
 pub struct Admit {
     category: pb::Category,
     template: &'static str,
+    language: &'static str,
 }
 
 /// A utility message without a template.
@@ -29,12 +31,17 @@ pub const SERVICE: Admit = Admit::new(pb::Category::Service);
 impl Admit {
     /// A message of this category, without a template.
     pub const fn new(category: pb::Category) -> Admit {
-        Admit { category, template: "" }
+        Admit { category, template: "", language: "" }
     }
 
     /// The same message sent with this template.
     pub const fn template(self, name: &'static str) -> Admit {
         Admit { template: name, ..self }
+    }
+
+    /// The same message with its template in this language (e.g. `en_US`).
+    pub const fn language(self, language: &'static str) -> Admit {
+        Admit { language, ..self }
     }
 
     /// The AdmitRequest for sending this message in `portfolio` from `sender` (empty for none)
@@ -46,6 +53,7 @@ impl Admit {
             recipient: recipient.into(),
             category: self.category.into(),
             template: self.template.into(),
+            template_language: self.language.into(),
         }
     }
 }

@@ -7,9 +7,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tiergate::policy::{self, Delivery, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
+use tiergate::policy::{
+    self, Delivery, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, TemplateEvent, Tier,
+};
 use tiergate::store::{
-    day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, UsageSnapshot, Windows,
+    day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, TemplateKey, UsageSnapshot,
+    Windows,
 };
 
 /// Days of daily recipient sets a store keeps for the 30-day count.
@@ -70,6 +73,31 @@ struct Portfolio {
 }
 
 impl Portfolio {
+    /// The last status event of template `name` in `language` ("" = set for every language).
+    fn template_event(&self, name: &str, language: &str) -> Option<TemplateEvent<'_>> {
+        let t = self.state.templates.iter().find(|(k, _)| k.name == name && k.language == language)?.1;
+        Some(TemplateEvent { status: t.status.as_deref()?, at: t.at.unwrap_or(0) })
+    }
+
+    /// Whether a message naming template `name` in `language` (or in none) is blocked.
+    fn template_blocked(&self, name: &str, language: Option<&str>) -> bool {
+        let every_language = self.template_event(name, "");
+        !match language {
+            Some(l) => policy::template_language_sendable(self.template_event(name, l), every_language),
+            None => {
+                let languages: Vec<&str> = self
+                    .state
+                    .templates
+                    .keys()
+                    .filter(|k| k.name == name && !k.language.is_empty())
+                    .map(|k| k.language.as_str())
+                    .collect();
+                let own = languages.into_iter().filter_map(|l| self.template_event(name, l));
+                policy::template_name_sendable(every_language, own)
+            }
+        }
+    }
+
     fn newer(&mut self, item: String, at: Micros) -> bool {
         let last = self.event_at.entry(item).or_default();
         if at < *last {
@@ -104,12 +132,12 @@ impl Model {
         let mut out = Vec::new();
         for op in ops {
             let status = |sender: &String| portfolio?.state.senders.get(sender)?.status;
-            let template_status =
-                |name: &String| portfolio.and_then(|p| p.state.templates.get(name)?.status.as_deref());
+            let language = op.template_language.as_deref();
+            let template_blocked = |name: &String| portfolio.is_some_and(|p| p.template_blocked(name, language));
             let window_open = |m: &Member| portfolio.and_then(|p| p.service.get(m)).is_some_and(|c| *c > now);
             let snapshot = Snapshot {
                 sender_blocked: op.sender_blocked || op.sender.as_ref().and_then(status) == Some(SenderStatus::Banned),
-                template_blocked: op.template.as_ref().is_some_and(|t| !policy::template_active(template_status(t))),
+                template_blocked: op.template.as_ref().is_some_and(template_blocked),
                 opted_out: portfolio.is_some_and(|p| p.opted_out.contains(&op.member)),
                 service_window_open: op.service_member.as_ref().is_some_and(window_open),
                 already_counted: s.contacts.contains_key(&op.member),
@@ -185,13 +213,17 @@ impl Model {
                 Change::SenderQuality { sender, quality } => {
                     p.state.senders.entry(sender.clone()).or_default().quality = *quality
                 }
-                Change::TemplateStatus { name, status, at } => {
-                    if p.newer(format!("template {name}"), at.unwrap_or(now)) {
-                        p.state.templates.entry(name.clone()).or_default().status = Some(status.clone());
+                Change::TemplateStatus { name, language, status, at } => {
+                    // Each (name, language), and the name for every language, skips its older events.
+                    let at = at.unwrap_or(now);
+                    let t = p.state.templates.entry(TemplateKey::new(name, language)).or_default();
+                    if at >= t.at.unwrap_or(0) {
+                        t.at = Some(at);
+                        t.status = Some(status.clone());
                     }
                 }
-                Change::TemplateQuality { name, quality } => {
-                    p.state.templates.entry(name.clone()).or_default().quality = *quality
+                Change::TemplateQuality { name, language, quality } => {
+                    p.state.templates.entry(TemplateKey::new(name, language)).or_default().quality = *quality
                 }
                 Change::OptOut { member, opted_out: true } => {
                     p.opted_out.insert(member.clone());

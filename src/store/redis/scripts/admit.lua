@@ -9,15 +9,16 @@
 -- KEYS[4]  service windows of the portfolio: sorted set, member = (sender, recipient) hash,
 --          score = closing time (us)
 -- KEYS[5]  opted-out recipients of the portfolio: set of recipient hashes
--- KEYS[6]  portfolio state: hash {s:<sender>:status, t:<template>:status, ...} (see apply.lua)
+-- KEYS[6]  portfolio state: hash {s:<sender>:status, t:<template>:status,
+--          tl:<language>:<template>:status, tls:<template>, ...} (see apply.lua)
 -- ARGV[1]  rolling window (us)
 -- ARGV[2]  fallback tier name, ARGV[3] its limit (-1 = unlimited), used when none is persisted
 -- ARGV[4]  state TTL (ms), ARGV[5] TTL of KEYS[3] (ms)
 -- ARGV[6]  basis points of the limit kept from marketing to new recipients
 -- ARGV[7]  the caller's day (days since the Unix epoch, UTC), the day of KEYS[3]
--- ARGV[8], ...  six per message: recipient hash, service-window hash or '', category code
+-- ARGV[8], ...  seven per message: recipient hash, service-window hash or '', category code
 --          (CATEGORY_*), template or '', sender or '', '1' when the sender is blocked by
---          configuration
+--          configuration, template language or '' (then every language of it must be sendable)
 --
 -- Categories in MAY_BE_MARKETING get the marketing rules: a message without a category may be one.
 --
@@ -41,9 +42,9 @@ local out = {}
 tg_expire(KEYS[1], now, window)
 local count = redis.call('ZCARD', KEYS[1])
 
-for i = 8, #ARGV, 6 do
+for i = 8, #ARGV, 7 do
   local member, service, category = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local template, sender, blocked = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local template, sender, blocked, language = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local open = false
   if service ~= '' then
     local closes = redis.call('ZSCORE', KEYS[4], service)
@@ -53,7 +54,7 @@ for i = 8, #ARGV, 6 do
   local reason, lease, retry, threshold = 0, 0, 0, nil
   if blocked == '1' or (sender ~= '' and tg_sender_banned(KEYS[6], sender)) then
     reason = REASON_SENDER_BLOCKED
-  elseif template ~= '' and not tg_template_active(KEYS[6], template) then
+  elseif template ~= '' and not tg_template_sendable(KEYS[6], template, language) then
     reason = REASON_TEMPLATE_BLOCKED
   elseif (not open or MAY_BE_MARKETING[category]) and redis.call('SISMEMBER', KEYS[5], member) == 1 then
     reason = REASON_OPTED_OUT

@@ -54,7 +54,7 @@ pub struct AdmitArgs<'a> {
 }
 
 /// Fields per message in ARGV and in the reply.
-const ARGS_PER_OP: usize = 6;
+const ARGS_PER_OP: usize = 7;
 const REPLIES_PER_OP: usize = 5;
 
 /// The script's answer for one message.
@@ -132,6 +132,7 @@ impl Call for AdmitArgs<'_> {
                 op.template.as_deref().unwrap_or("").as_bytes(),
                 op.sender.as_deref().unwrap_or("").as_bytes(),
                 if op.sender_blocked { b"1" } else { b"0" },
+                op.template_language.as_deref().unwrap_or("").as_bytes(),
             ];
             for arg in args {
                 inv.arg(arg);

@@ -5,7 +5,12 @@
 --            s:<sender>:status  number status; s:<sender>:since when it last changed (us)
 --            s:<sender>:quality number quality
 --            s:<sender>:mps     number throughput level (messages per second)
---            t:<name>:status    template status event; t:<name>:quality template quality
+--            t:<name>:status    template status event set for every language of the name;
+--                               t:<name>:quality its quality
+--            tl:<language>:<name>:status   template status event in one language;
+--                               tl:<language>:<name>:quality its quality (a language is
+--                               [A-Za-z0-9_-], so the first ':' ends it; a name may hold ':')
+--            tls:<name>         the name's languages with a status of their own, comma-separated
 --            a:<key>            account alert body
 --            n:<display number> phone number id
 -- KEYS[2]  opted-out recipients: set of recipient hashes
@@ -16,9 +21,9 @@
 -- ARGV[4]  TTL of a daily HyperLogLog (ms)
 -- ARGV[5..] changes, each an op name (OP_* in the prelude) and its arguments:
 --   tier <key index> <name> <limit> <at>  sets the tier; `since` moves to now when the name changes
---   (for tier, sst and tst, <at> is when the event happened, '' = now; an event older than the
---   last one applied to the same item is skipped: its time is kept in `tat`, s:<sender>:at or
---   t:<name>:at)
+--   (for tier, sst, tst and tlst, <at> is when the event happened, '' = now; an event older than
+--   the last one applied to the same item is skipped: its time is kept in `tat`, s:<sender>:at,
+--   t:<name>:at or tl:<language>:<name>:at)
 --   elig <key index> <us or ''>          flag <key index> <us or ''>
 --   q <quality>    sst <sender> <status> <at>    sq <sender> <quality>
 --   tst <template> <status> <at>    tq <template> <quality>
@@ -30,6 +35,9 @@
 --     window, its delivered set, and the daily HyperLogLogs around the caller's day); `d`
 --     confirms the recipient (into that day's count when counted in the window), `f` gives its
 --     slot back as `policy::failure_gives_back` says
+--   tlst <template> <language> <status> <at>    tlq <template> <language> <quality>
+--   (tst and tq set the name in every language; which status is in force for a language is
+--   `policy::template_status_in_force`, read by the admit script)
 --
 -- Returns the server's time (us). `apply.rs` encodes the arguments and decodes the reply.
 
@@ -162,6 +170,24 @@ while i <= #ARGV do
   elseif op == OP_THROUGHPUT then
     redis.call('HSET', KEYS[1], tg_field(FIELD_SENDER, ARGV[i + 1], FIELD_THROUGHPUT), ARGV[i + 2])
     i = i + 3
+  elseif op == OP_TEMPLATE_LANGUAGE_STATUS then
+    local template, language = ARGV[i + 1], ARGV[i + 2]
+    local item = language .. ':' .. template
+    if newer(KEYS[1], tg_field(FIELD_TEMPLATE_LANGUAGE, item, FIELD_AT), ARGV[i + 4]) then
+      redis.call('HSET', KEYS[1], tg_field(FIELD_TEMPLATE_LANGUAGE, item, FIELD_STATUS), ARGV[i + 3])
+      local list = tg_field(FIELD_TEMPLATE_LANGUAGES, template)
+      local languages = redis.call('HGET', KEYS[1], list)
+      if not languages then
+        redis.call('HSET', KEYS[1], list, language)
+      elseif not string.find(',' .. languages .. ',', ',' .. language .. ',', 1, true) then
+        redis.call('HSET', KEYS[1], list, languages .. ',' .. language)
+      end
+    end
+    i = i + 5
+  elseif op == OP_TEMPLATE_LANGUAGE_QUALITY then
+    local item = ARGV[i + 2] .. ':' .. ARGV[i + 1]
+    redis.call('HSET', KEYS[1], tg_field(FIELD_TEMPLATE_LANGUAGE, item, FIELD_ITEM_QUALITY), ARGV[i + 3])
+    i = i + 4
   else
     return redis.error_reply('unknown change ' .. tostring(op))
   end

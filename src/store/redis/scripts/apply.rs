@@ -91,15 +91,29 @@ impl Call for ApplyArgs<'_> {
                 Change::SenderQuality { sender, quality } => {
                     push(&[op::SENDER_QUALITY.as_bytes(), sender.as_bytes(), quality.as_str().as_bytes()])
                 }
-                Change::TemplateStatus { name, status, at } => push(&[
+                // Every language of the name: the ops kept from before languages were.
+                Change::TemplateStatus { name, language, status, at } if language.is_empty() => push(&[
                     op::TEMPLATE_STATUS.as_bytes(),
                     name.as_bytes(),
                     status.as_bytes(),
                     time_arg(*at).as_bytes(),
                 ]),
-                Change::TemplateQuality { name, quality } => {
+                Change::TemplateStatus { name, language, status, at } => push(&[
+                    op::TEMPLATE_LANGUAGE_STATUS.as_bytes(),
+                    name.as_bytes(),
+                    language.as_bytes(),
+                    status.as_bytes(),
+                    time_arg(*at).as_bytes(),
+                ]),
+                Change::TemplateQuality { name, language, quality } if language.is_empty() => {
                     push(&[op::TEMPLATE_QUALITY.as_bytes(), name.as_bytes(), quality.as_str().as_bytes()])
                 }
+                Change::TemplateQuality { name, language, quality } => push(&[
+                    op::TEMPLATE_LANGUAGE_QUALITY.as_bytes(),
+                    name.as_bytes(),
+                    language.as_bytes(),
+                    quality.as_str().as_bytes(),
+                ]),
                 Change::OptOut { member, opted_out } => {
                     push(&[op::OPT_OUT.as_bytes(), member, if *opted_out { b"1" } else { b"0" }])
                 }

@@ -49,7 +49,10 @@ macro_rules! shared_strings {
 ///
 /// A scope's state hash holds `tier`, `limit`, `since`, `seq`, `elig`, `flag` and `tat`. The
 /// portfolio hash holds `q` and fields named `<prefix>:<item>:<attribute>` (sender `s`, template
-/// `t`) or `<prefix>:<item>` (alert `a`, alias `n`).
+/// in every language `t`, template in one language `tl` with `<language>:<name>` as its item) or
+/// `<prefix>:<item>` (alert `a`, alias `n`, a template's languages `tls`). A language is
+/// `[A-Za-z0-9_-]` (checked at the edges), so the first `:` after `tl:` ends it and a name may
+/// hold any `:`.
 pub mod field {
     shared_strings! {
         /// Scope: the persisted tier's name.
@@ -84,6 +87,12 @@ pub mod field {
         AT = "at";
         /// Attribute: a sender's throughput level (messages per second).
         THROUGHPUT = "mps";
+        /// Portfolio: prefix of a template's fields in one language,
+        /// `tl:<language>:<name>:<attribute>`.
+        TEMPLATE_LANGUAGE = "tl";
+        /// Portfolio: the languages of a template with a status of their own, `tls:<name>`,
+        /// comma-separated, so an Admit without a language checks them all without a scan.
+        TEMPLATE_LANGUAGES = "tls";
     }
 }
 
@@ -118,6 +127,10 @@ pub mod op {
         THROUGHPUT = "tp";
         /// `dlv <window> <delivered> <day before> <day> <day after> <day> <recipient> <d|f> <at>`.
         DELIVERY = "dlv";
+        /// `tlst <template> <language> <status> <at>`.
+        TEMPLATE_LANGUAGE_STATUS = "tlst";
+        /// `tlq <template> <language> <quality>`.
+        TEMPLATE_LANGUAGE_QUALITY = "tlq";
     }
 }
 

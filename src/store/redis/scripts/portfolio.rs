@@ -6,7 +6,7 @@ use redis::{Script, ScriptInvocation, Value};
 
 use super::{bad_reply, field, Call};
 use crate::policy::{Quality, SenderStatus};
-use crate::store::{PortfolioState, StoreError};
+use crate::store::{PortfolioState, StoreError, TemplateKey, TemplateState};
 
 // No prelude: the script returns the hash as it is, and Rust reads the field names.
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("portfolio.lua")));
@@ -65,12 +65,13 @@ fn portfolio_state(fields: Vec<(String, String)>, opted_out: u64) -> PortfolioSt
             }
         } else if let Some(rest) = strip(&name, field::TEMPLATE) {
             let Some((template, attr)) = rest.rsplit_once(':') else { continue };
-            let t = state.templates.entry(template.to_owned()).or_default();
-            match attr {
-                field::STATUS => t.status = Some(value),
-                field::ITEM_QUALITY => t.quality = Quality::parse(&value).unwrap_or_default(),
-                _ => {}
-            }
+            template_attribute(state.templates.entry(TemplateKey::new(template, "")).or_default(), attr, value);
+        } else if let Some(rest) = strip(&name, field::TEMPLATE_LANGUAGE) {
+            // The language holds no ':', so the first one ends it; the name may hold any.
+            let Some((language, rest)) = rest.split_once(':') else { continue };
+            let Some((template, attr)) = rest.rsplit_once(':') else { continue };
+            let key = TemplateKey::new(template, language);
+            template_attribute(state.templates.entry(key).or_default(), attr, value);
         } else if let Some(key) = strip(&name, field::ALERT) {
             state.alerts.insert(key.to_owned(), value);
         } else if let Some(display) = strip(&name, field::ALIAS) {
@@ -78,4 +79,37 @@ fn portfolio_state(fields: Vec<(String, String)>, opted_out: u64) -> PortfolioSt
         }
     }
     state
+}
+
+/// One attribute of a template (in one language or in every language).
+fn template_attribute(t: &mut TemplateState, attr: &str, value: String) {
+    match attr {
+        field::STATUS => t.status = Some(value),
+        field::ITEM_QUALITY => t.quality = Quality::parse(&value).unwrap_or_default(),
+        field::AT => t.at = value.parse().ok(),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_fields_are_read_per_language_and_names_may_hold_colons() {
+        let fields = [
+            ("t:otp:v2:status", "PAUSED"),
+            ("t:otp:v2:at", "5"),
+            ("tl:en_US:otp:v2:status", "APPROVED"),
+            ("tl:en_US:otp:v2:quality", "LOW"),
+            ("tl:en_US:otp:v2:at", "7"),
+            ("tls:otp:v2", "en_US"),
+        ];
+        let state = portfolio_state(fields.iter().map(|(f, v)| (f.to_string(), v.to_string())).collect(), 0);
+        let every = &state.templates[&TemplateKey::new("otp:v2", "")];
+        assert_eq!((every.status.as_deref(), every.at), (Some("PAUSED"), Some(5)));
+        let en = &state.templates[&TemplateKey::new("otp:v2", "en_US")];
+        assert_eq!((en.status.as_deref(), en.quality, en.at), (Some("APPROVED"), Quality::Low, Some(7)));
+        assert_eq!(state.templates.len(), 2, "the list of languages is no template");
+    }
 }

@@ -42,8 +42,55 @@ local function tg_sender_banned(portfolio_key, sender)
   return redis.call('HGET', portfolio_key, tg_field(FIELD_SENDER, sender, FIELD_STATUS)) == SENDER_STATUS_BANNED
 end
 
--- Whether the template may be sent (`policy::template_active`): one never heard of may.
-local function tg_template_active(portfolio_key, template)
-  local status = redis.call('HGET', portfolio_key, tg_field(FIELD_TEMPLATE, template, FIELD_STATUS))
+-- Whether a template with this status may be sent (`policy::template_active`): one never heard
+-- of (nil) may.
+local function tg_template_active(status)
   return not status or ACTIVE_TEMPLATE_STATUSES[status] == true
+end
+
+-- A template's last status event in `language` ('' = the one set for every language):
+-- {status, at} (at 0 when unknown), or nil.
+local function tg_template_event(portfolio_key, template, language)
+  local kind, item = FIELD_TEMPLATE, template
+  if language ~= '' then
+    kind, item = FIELD_TEMPLATE_LANGUAGE, language .. ':' .. template
+  end
+  local e = redis.call('HMGET', portfolio_key, tg_field(kind, item, FIELD_STATUS), tg_field(kind, item, FIELD_AT))
+  if not e[1] then
+    return nil
+  end
+  return {status = e[1], at = tonumber(e[2]) or 0}
+end
+
+-- The status in force for one language (`policy::template_status_in_force`): the newer of its
+-- own event and the one set for every language; the language's own wins a tie.
+local function tg_template_status_in_force(own, every)
+  if own and every and every.at > own.at then
+    return every.status
+  end
+  if own then
+    return own.status
+  end
+  return every and every.status
+end
+
+-- Whether a message naming `template` in `language` may be sent
+-- (`policy::template_language_sendable`); with no language ('') every language must allow it,
+-- the name-wide status included (`policy::template_name_sendable`).
+local function tg_template_sendable(portfolio_key, template, language)
+  local every = tg_template_event(portfolio_key, template, '')
+  if language ~= '' then
+    return tg_template_active(tg_template_status_in_force(tg_template_event(portfolio_key, template, language), every))
+  end
+  if not tg_template_active(every and every.status) then
+    return false
+  end
+  local languages = redis.call('HGET', portfolio_key, tg_field(FIELD_TEMPLATE_LANGUAGES, template))
+  for l in string.gmatch(languages or '', '[^,]+') do
+    local own = tg_template_event(portfolio_key, template, l)
+    if not tg_template_active(tg_template_status_in_force(own, every)) then
+      return false
+    end
+  end
+  return true
 end
