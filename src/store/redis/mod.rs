@@ -234,14 +234,10 @@ impl Store for RedisStore {
         ops: &[AdmitOp],
     ) -> Result<Vec<Admission>, StoreError> {
         let pf = self.keys.portfolio(&scope.portfolio);
-        let today = self.today();
         let args = AdmitArgs {
             keys: AdmitKeys {
                 window: self.keys.window(scope),
                 meta: self.keys.meta(scope),
-                day: self.keys.day(scope, today),
-                day_before: self.keys.day(scope, today.saturating_sub(1)),
-                day_after: self.keys.day(scope, today + 1),
                 service_windows: pf.service_windows,
                 opted_out: pf.opted_out,
                 portfolio: pf.state,
@@ -249,9 +245,7 @@ impl Store for RedisStore {
             window_us: self.window_us(),
             fallback: &params.fallback,
             state_ttl_ms: self.state_ttl_ms(),
-            day_ttl_ms: (DAYS + 1) * 86_400_000,
             reserve_bp: params.reserve_bp,
-            today,
             ops,
         };
         Ok(self.call(&args).await?.into_admissions())

@@ -3,24 +3,21 @@
 -- KEYS[1]  rolling window: sorted set, member = recipient hash, score = last counted contact (us)
 -- KEYS[2]  scope state: hash {tier, limit, since, seq = last score handed out, elig, flag}
 --          (field names: FIELD_* in the prelude)
--- KEYS[3]  recipients reached outside service windows on the caller's day: HyperLogLog; KEYS[7]
---          and KEYS[8] are those of the day before and after, and the script uses whichever is
---          today by the Redis clock, so sidecars with skewed clocks agree around midnight
--- KEYS[4]  service windows of the portfolio: sorted set, member = (sender, recipient) hash,
+-- KEYS[3]  service windows of the portfolio: sorted set, member = (sender, recipient) hash,
 --          score = closing time (us)
--- KEYS[5]  opted-out recipients of the portfolio: set of recipient hashes
--- KEYS[6]  portfolio state: hash {s:<sender>:status, t:<template>:status,
+-- KEYS[4]  opted-out recipients of the portfolio: set of recipient hashes
+-- KEYS[5]  portfolio state: hash {s:<sender>:status, t:<template>:status,
 --          tl:<language>:<template>:status, tls:<template>, ...} (see apply.lua)
 -- ARGV[1]  rolling window (us)
 -- ARGV[2]  fallback tier name, ARGV[3] its limit (-1 = unlimited), used when none is persisted
--- ARGV[4]  state TTL (ms), ARGV[5] TTL of KEYS[3] (ms)
--- ARGV[6]  basis points of the limit kept from marketing to new recipients
--- ARGV[7]  the caller's day (days since the Unix epoch, UTC), the day of KEYS[3]
--- ARGV[8], ...  seven per message: recipient hash, service-window hash or '', category code
+-- ARGV[4]  state TTL (ms)
+-- ARGV[5]  basis points of the limit kept from marketing to new recipients
+-- ARGV[6], ...  seven per message: recipient hash, service-window hash or '', category code
 --          (CATEGORY_*), template or '', sender or '', '1' when the sender is blocked by
 --          configuration, template language or '' (then every language of it must be sendable)
 --
 -- Categories in MAY_BE_MARKETING get the marketing rules: a message without a category may be one.
+-- Admits write no daily count: only confirmed deliveries do (see the `dlv` op of apply.lua).
 --
 -- Returns {tier, limit, now (us), {reason, lease score, retry after (us), counted, next slot (us)}
 -- x N}, flattened after the first three. Reasons are REASON_* codes (the tiergate.v1.Reason
@@ -29,10 +26,8 @@
 
 local now = tg_now()
 local window = tonumber(ARGV[1])
-local today = ({[-1] = KEYS[7], [0] = KEYS[3], [1] = KEYS[8]})[math.floor(now / DAY_US) - tonumber(ARGV[7])]
-  or KEYS[3]
 local tier, limit, seq = tg_meta(KEYS[2], ARGV[2], ARGV[3])
-local reserve = tonumber(ARGV[6])
+local reserve = tonumber(ARGV[5])
 local cap = -1
 if limit >= 0 and reserve > 0 then
   cap = math.floor((limit * (10000 - reserve) + 9999) / 10000)
@@ -42,21 +37,21 @@ local out = {}
 tg_expire(KEYS[1], now, window)
 local count = redis.call('ZCARD', KEYS[1])
 
-for i = 8, #ARGV, 7 do
+for i = 6, #ARGV, 7 do
   local member, service, category = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local template, sender, blocked, language = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local open = false
   if service ~= '' then
-    local closes = redis.call('ZSCORE', KEYS[4], service)
+    local closes = redis.call('ZSCORE', KEYS[3], service)
     open = closes ~= false and tonumber(closes) > now
   end
   -- For a denial that waits for the window: the count it must drop below.
   local reason, lease, retry, threshold = 0, 0, 0, nil
-  if blocked == '1' or (sender ~= '' and tg_sender_banned(KEYS[6], sender)) then
+  if blocked == '1' or (sender ~= '' and tg_sender_banned(KEYS[5], sender)) then
     reason = REASON_SENDER_BLOCKED
-  elseif template ~= '' and not tg_template_sendable(KEYS[6], template, language) then
+  elseif template ~= '' and not tg_template_sendable(KEYS[5], template, language) then
     reason = REASON_TEMPLATE_BLOCKED
-  elseif (not open or MAY_BE_MARKETING[category]) and redis.call('SISMEMBER', KEYS[5], member) == 1 then
+  elseif (not open or MAY_BE_MARKETING[category]) and redis.call('SISMEMBER', KEYS[4], member) == 1 then
     reason = REASON_OPTED_OUT
   elseif open then
     reason = REASON_SERVICE_WINDOW
@@ -112,7 +107,7 @@ end
 redis.call('HSET', KEYS[2], FIELD_SEQ, tg_fmt(seq))
 redis.call('PEXPIRE', KEYS[1], math.floor(window / 1000) + 1000)
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[4], ARGV[4])
 redis.call('PEXPIRE', KEYS[5], ARGV[4])
-redis.call('PEXPIRE', KEYS[6], ARGV[4])
 
 return {tier, limit, now, out}

@@ -11,19 +11,13 @@ use crate::store::{Admission, AdmitOp, StoreError, UsageSnapshot};
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("admit.lua")));
 
-/// The keys an admission touches, KEYS[1..8] of the script.
+/// The keys an admission touches, KEYS[1..5] of the script.
 #[derive(Debug, Clone)]
 pub struct AdmitKeys {
     /// The scope's rolling window (sorted set).
     pub window: String,
     /// The scope's state hash.
     pub meta: String,
-    /// The daily HyperLogLog of the caller's day, and those of the day before and after.
-    pub day: String,
-    /// See `day`.
-    pub day_before: String,
-    /// See `day`.
-    pub day_after: String,
     /// The portfolio's service windows (sorted set).
     pub service_windows: String,
     /// The portfolio's opted-out recipients (set).
@@ -43,12 +37,8 @@ pub struct AdmitArgs<'a> {
     pub fallback: &'a Tier,
     /// TTL of the scope's state and the portfolio's keys (ms).
     pub state_ttl_ms: u64,
-    /// TTL of a daily HyperLogLog (ms).
-    pub day_ttl_ms: u64,
     /// Basis points of the limit kept from marketing to new recipients.
     pub reserve_bp: u32,
-    /// The caller's day (days since the Unix epoch, UTC), the day of `keys.day`.
-    pub today: u64,
     /// The messages, decided in order.
     pub ops: &'a [AdmitOp],
 }
@@ -110,19 +100,14 @@ impl Call for AdmitArgs<'_> {
         let k = &self.keys;
         inv.key(&k.window)
             .key(&k.meta)
-            .key(&k.day)
             .key(&k.service_windows)
             .key(&k.opted_out)
             .key(&k.portfolio)
-            .key(&k.day_before)
-            .key(&k.day_after)
             .arg(self.window_us)
             .arg(&self.fallback.name)
             .arg(self.fallback.limit.to_i64())
             .arg(self.state_ttl_ms)
-            .arg(self.day_ttl_ms)
-            .arg(self.reserve_bp)
-            .arg(self.today);
+            .arg(self.reserve_bp);
         for op in self.ops {
             let category = op.category.code().to_string();
             let args: [&[u8]; ARGS_PER_OP] = [
