@@ -5,7 +5,7 @@
 //!
 //! A failing case shrinks to a minimal sequence, printed with the step where the store and the
 //! model part ways. Cases per backend: `PROPTEST_CASES` (defaults below); the generator's seed
-//! is fixed so every run of `./scripts/test` tries the same cases, and `PROPTEST_SEED=random`
+//! is fixed so every run of `./scripts/test` tries the same cases, and `DIFFERENTIAL_SEED=random`
 //! (or a number) explores new ones in long runs.
 //!
 //! Time: the memory store runs on a manual clock that `Wait` steps move by fractions of its 24 h
@@ -538,12 +538,12 @@ fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// The generator's seed: fixed, so every run tries the same cases, unless `PROPTEST_SEED` says
+/// The generator's seed: fixed, so every run tries the same cases, unless `DIFFERENTIAL_SEED` says
 /// `random` or names another.
 fn seed() -> RngSeed {
-    match std::env::var("PROPTEST_SEED").as_deref() {
+    match std::env::var("DIFFERENTIAL_SEED").as_deref() {
         Ok("random") => RngSeed::Random,
-        Ok(n) => RngSeed::Fixed(n.parse().expect("PROPTEST_SEED is `random` or a number")),
+        Ok(n) => RngSeed::Fixed(n.parse().expect("DIFFERENTIAL_SEED is `random` or a number")),
         Err(_) => RngSeed::Fixed(0x7165_7267_6174_6501),
     }
 }
