@@ -7,14 +7,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 
 use super::{
-    day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, Store, StoreError,
-    TemplateKey, TemplateState, UsageSnapshot, Windows,
+    day_of, event_time, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, Store,
+    StoreError, TemplateKey, TemplateState, UsageSnapshot, Windows, DAYS_KEPT,
 };
 pub use super::{Clock, SystemClock};
 use crate::policy::{self, Delivery, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
-
-/// Days of daily unique-recipient sets kept for projections.
-const DAYS_KEPT: u64 = 30;
 
 #[derive(Default)]
 struct ScopeState {
@@ -218,8 +215,7 @@ impl Store for MemoryStore {
         if s.contacts.get(&lease.member) != Some(&lease.score) {
             return Ok(false);
         }
-        s.contacts.remove(&lease.member);
-        s.by_score.remove(&(lease.score, lease.member.clone()));
+        s.forget(&lease.member);
         Ok(true)
     }
 
@@ -288,7 +284,7 @@ impl Store for MemoryStore {
                     p.state.aliases.insert(display.clone(), id.clone());
                 }
                 Change::Inbound { service_member, at } => {
-                    let closes = at.unwrap_or(now).min(now).saturating_add(policy::micros(self.windows.service_window));
+                    let closes = event_time(*at, now).saturating_add(policy::micros(self.windows.service_window));
                     let entry = p.service.entry(service_member.clone()).or_insert(closes);
                     *entry = (*entry).max(closes);
                     if p.service.len().is_power_of_two() {
@@ -301,7 +297,7 @@ impl Store for MemoryStore {
                 Change::Delivery { scope, member, status, at } => {
                     let s = state.scopes.entry(scope.clone()).or_default();
                     s.expire(now, &self.windows);
-                    let at = at.unwrap_or(now).min(now);
+                    let at = event_time(*at, now);
                     match status {
                         Delivery::Delivered => {
                             let last = s.delivered.entry(member.clone()).or_insert(at);

@@ -81,9 +81,21 @@ pub struct AdmitParams {
     pub reserve_bp: u32,
 }
 
+/// One day in microseconds.
+pub const DAY_US: Micros = 86_400_000_000;
+
+/// Days of daily unique-recipient counts a store keeps: the longest count (30 days) reads them.
+pub const DAYS_KEPT: u64 = 30;
+
 /// Days since the Unix epoch (UTC) of a time; daily unique-recipient counts are keyed by it.
 pub fn day_of(t: Micros) -> u64 {
-    t / 86_400_000_000
+    t / DAY_US
+}
+
+/// When a reported event happened, by the store's clock at `now`: `now` when the report gives
+/// no time, and never later than `now` (a clock ahead of the store's cannot date it later).
+pub fn event_time(at: Option<Micros>, now: Micros) -> Micros {
+    at.unwrap_or(now).min(now)
 }
 
 /// The state of one limit scope.

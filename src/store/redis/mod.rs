@@ -37,12 +37,10 @@ use tokio::sync::Mutex;
 use self::keys::KeySpace;
 use self::scripts::{AdmitArgs, AdmitKeys, ApplyArgs, Call, PortfolioArgs, ReleaseArgs, UsageArgs};
 use super::{
-    day_of, Admission, AdmitOp, AdmitParams, Change, Clock, PortfolioState, ScopeReport, Store, StoreError, SystemClock,
+    day_of, Admission, AdmitOp, AdmitParams, Change, Clock, PortfolioState, ScopeReport, Store, StoreError,
+    SystemClock, DAYS_KEPT, DAY_US,
 };
 use crate::policy::{self, Lease, Micros, ScopeKey, Tier};
-
-/// Days of daily unique-recipient counts read for projections (and kept, plus one).
-const DAYS: u64 = 30;
 
 enum Connection {
     Standalone(ConnectionManager),
@@ -263,7 +261,7 @@ impl Store for RedisStore {
             state_ttl_ms: self.state_ttl_ms(),
             service_window_us: policy::micros(self.opts.windows.service_window),
             window_us: self.window_us(),
-            day_ttl_ms: (DAYS + 1) * 86_400_000,
+            day_ttl_ms: (DAYS_KEPT + 1) * (DAY_US / 1_000),
             now: self.clock.now(),
             changes,
         })
@@ -276,7 +274,7 @@ impl Store for RedisStore {
             window: self.keys.window(scope),
             meta: self.keys.meta(scope),
             // One day either side of the caller's, so the script can count from the Redis clock's.
-            days: (today.saturating_sub(DAYS)..=today + 1).rev().map(|day| self.keys.day(scope, day)).collect(),
+            days: (today.saturating_sub(DAYS_KEPT)..=today + 1).rev().map(|day| self.keys.day(scope, day)).collect(),
             window_us: self.window_us(),
             fallback,
             today,

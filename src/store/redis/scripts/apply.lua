@@ -126,11 +126,8 @@ while i <= #ARGV do
     redis.call('HSET', KEYS[1], tg_field(FIELD_ALIAS, ARGV[i + 1]), ARGV[i + 2])
     i = i + 3
   elseif op == OP_INBOUND then
-    local at = now
-    if ARGV[i + 2] ~= '' then
-      -- A timestamp ahead of this clock cannot hold a window open longer than one from now.
-      at = math.min(tonumber(ARGV[i + 2]), now)
-    end
+    -- A timestamp ahead of this clock cannot hold a window open longer than one from now.
+    local at = tg_event_time(ARGV[i + 2], now)
     redis.call('ZADD', KEYS[3], 'GT', tg_fmt(at + service_window), ARGV[i + 1])
     redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tg_fmt(now))
     redis.call('PEXPIRE', KEYS[3], math.floor(service_window / 1000) + 1000)
@@ -138,10 +135,7 @@ while i <= #ARGV do
   elseif op == OP_DELIVERY then
     local window_key, delivered_key = KEYS[tonumber(ARGV[i + 1])], KEYS[tonumber(ARGV[i + 2])]
     local member, status = ARGV[i + 7], ARGV[i + 8]
-    local at = now
-    if ARGV[i + 9] ~= '' then
-      at = math.min(tonumber(ARGV[i + 9]), now)
-    end
+    local at = tg_event_time(ARGV[i + 9], now)
     local start = now - window
     tg_expire(window_key, now, window)
     redis.call('ZREMRANGEBYSCORE', delivered_key, '-inf', tg_fmt(start))

@@ -24,6 +24,15 @@ local function tg_meta(meta_key, fallback_tier, fallback_limit)
   return tier, limit, tonumber(m[3]) or 0
 end
 
+-- When a reported event happened (`store::event_time`): now when the argument is '', and never
+-- later than now, so a reporter's clock ahead of this one cannot date it later.
+local function tg_event_time(arg, now)
+  if arg == '' then
+    return now
+  end
+  return math.min(tonumber(arg), now)
+end
+
 -- Drops contacts that have left the rolling window.
 local function tg_expire(window_key, now, window)
   redis.call('ZREMRANGEBYSCORE', window_key, '-inf', tg_fmt(now - window))
