@@ -134,13 +134,15 @@ impl Limiter {
                 }
             };
             for ((&i, op), a) in places.iter().zip(ops).zip(admissions) {
-                let lease = a.lease_score.map(|score| Lease { scope: scope.clone(), member: op.member.clone(), score });
-                if let Some(l) = &lease {
-                    granted.push(l.clone());
-                }
+                let lease = a.lease_score.map(|score| {
+                    let lease = Lease { scope: scope.clone(), member: op.member.clone(), score };
+                    let token = lease.encode();
+                    granted.push(lease);
+                    token
+                });
                 answers[i] = Some(AdmitAnswer {
                     reason: a.reason,
-                    lease: lease.map(|l| l.encode()),
+                    lease,
                     retry_after: a.retry_after,
                     usage: Usage { scope: scope.clone(), snapshot: a.usage, detail: None },
                 });
@@ -174,10 +176,15 @@ fn group_by_scope(prepared: Vec<Prepared>) -> Vec<Group> {
     let mut groups: Vec<Group> = Vec::new();
     let mut group_of: HashMap<ScopeKey, usize> = HashMap::new();
     for (i, Prepared { scope, op }) in prepared.into_iter().enumerate() {
-        let g = *group_of.entry(scope.clone()).or_insert_with(|| {
-            groups.push(Group { scope, places: Vec::new(), ops: Vec::new() });
-            groups.len() - 1
-        });
+        // The scope is cloned only for a new group, not for every message of a batch.
+        let g = match group_of.get(&scope) {
+            Some(&g) => g,
+            None => {
+                group_of.insert(scope.clone(), groups.len());
+                groups.push(Group { scope, places: Vec::new(), ops: Vec::new() });
+                groups.len() - 1
+            }
+        };
         groups[g].places.push(i);
         groups[g].ops.push(op);
     }
