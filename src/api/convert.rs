@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::error::Error;
 use crate::limiter::{AdmitAnswer, AdmitInput, FieldPath, PortfolioUpdate, PortfolioView, Usage};
 use crate::pb;
-use crate::policy::{self, Category, Decision, Limit, Micros, Quality, Reason, SenderStatus};
+use crate::policy::{self, Category, Decision, Limit, Micros, Quality, SenderStatus};
 use crate::store::TemplateKey;
 
 /// Reads an enum field that carries `value`, naming `field` at `at` when it is not one.
@@ -24,34 +24,8 @@ fn duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration { seconds: i64::MAX, nanos: 0 })
 }
 
-impl From<pb::Category> for Category {
-    fn from(c: pb::Category) -> Category {
-        match c {
-            pb::Category::Unspecified => Category::Unspecified,
-            pb::Category::Marketing => Category::Marketing,
-            pb::Category::Utility => Category::Utility,
-            pb::Category::Authentication => Category::Authentication,
-            pb::Category::Service => Category::Service,
-        }
-    }
-}
-
-impl From<Reason> for pb::Reason {
-    fn from(r: Reason) -> pb::Reason {
-        match r {
-            Reason::NewRecipient => pb::Reason::NewRecipient,
-            Reason::AlreadyCounted => pb::Reason::AlreadyCounted,
-            Reason::ServiceWindow => pb::Reason::ServiceWindow,
-            Reason::LimitReached => pb::Reason::LimitReached,
-            Reason::StoreUnavailable => pb::Reason::StoreUnavailable,
-            Reason::OptedOut => pb::Reason::OptedOut,
-            Reason::TemplateBlocked => pb::Reason::TemplateBlocked,
-            Reason::HeadroomReserved => pb::Reason::HeadroomReserved,
-            Reason::SenderBlocked => pb::Reason::SenderBlocked,
-            Reason::OutsideServiceWindow => pb::Reason::OutsideServiceWindow,
-        }
-    }
-}
+// Categories and reasons cross the edge as their wire codes (`Category::code`, `Reason::code`),
+// which a test in `store::redis::scripts` holds equal to the protobuf numbers.
 
 impl From<Decision> for pb::Decision {
     fn from(d: Decision) -> pb::Decision {
@@ -118,7 +92,8 @@ impl AdmitInput {
     /// The message of an AdmitRequest found at `at`.
     fn from_pb(r: pb::AdmitRequest, at: FieldPath) -> Result<AdmitInput, Error> {
         Ok(AdmitInput {
-            category: known::<pb::Category>(r.category, at, "category")?.into(),
+            category: Category::from_code(r.category.into())
+                .ok_or_else(|| at.invalid("category", format!("unknown value {}", r.category)))?,
             portfolio_id: r.portfolio_id,
             sender_id: r.sender_id,
             recipient: r.recipient,
@@ -262,7 +237,7 @@ impl From<AdmitAnswer> for pb::AdmitResponse {
     fn from(a: AdmitAnswer) -> pb::AdmitResponse {
         pb::AdmitResponse {
             decision: pb::Decision::from(a.reason.decision()).into(),
-            reason: pb::Reason::from(a.reason).into(),
+            reason: a.reason.code(),
             lease: a.lease.unwrap_or_default(),
             retry_after: a.retry_after.map(duration),
             usage: Some(a.usage.into()),

@@ -47,9 +47,14 @@ pub struct Reported {
 pub enum Event {
     /// `phone_number_quality_update`: a number, by the digits of its display number, with its
     /// quality event, the limits the update carries, and the quality rating it carries, if any.
-    NumberQuality { display: Option<String>, event: Option<NumberEvent>, limits: Limits, quality: Option<Quality> },
+    NumberQuality {
+        display: Option<String>,
+        event: Option<NumberEvent>,
+        limits: ReportedLimits,
+        quality: Option<Quality>,
+    },
     /// `business_capability_update`: the limits the update carries.
-    Capability { limits: Limits },
+    Capability { limits: ReportedLimits },
     /// `message_template_status_update`: a template's status event (APPROVED, PAUSED, …) in
     /// `message_template_language` (`None`: every language of the name).
     TemplateStatus { name: String, language: Option<TemplateLanguage>, status: String },
@@ -64,7 +69,7 @@ pub enum Event {
 
 /// The limits a webhook carries: the business's (today's rules) and the number's (legacy).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Limits {
+pub struct ReportedLimits {
     /// `max_daily_conversations_per_business`.
     pub business: Option<TierValue>,
     /// The number's own limit (`current_limit` or `max_daily_conversation_per_phone`).
@@ -281,7 +286,7 @@ impl Limiter {
         &self,
         portfolio: &str,
         senders: impl IntoIterator<Item = &'s str>,
-        limits: &Limits,
+        limits: &ReportedLimits,
         at: Option<Micros>,
     ) -> Vec<Change> {
         let resolve = |t: &Option<TierValue>| t.as_ref().and_then(|t| self.ladder.resolve(t));

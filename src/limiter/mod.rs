@@ -31,7 +31,7 @@ use crate::store::{Change, PortfolioState, ScopeReport, Store};
 
 pub use crate::error::Error;
 pub use admit::{AdmitAnswer, AdmitInput, MAX_BATCH};
-pub use change::{Event, Inbound, Limits, NumberEvent, PortfolioUpdate, Reported, Status};
+pub use change::{Event, Inbound, NumberEvent, PortfolioUpdate, Reported, ReportedLimits, Status};
 pub use input::{FieldPath, PortfolioId, Recipient, SenderId, TemplateLanguage, TemplateName};
 pub use read::{PortfolioView, Usage, UsageDetail};
 
@@ -74,11 +74,6 @@ impl Limiter {
             seen: Mutex::new(HashSet::new()),
             no_number_limit_logged: Mutex::new(HashSet::new()),
         }
-    }
-
-    /// The limit scope mode.
-    pub fn scope_mode(&self) -> ScopeMode {
-        self.scope_mode
     }
 
     /// The scope a sender of a portfolio sends in.

@@ -4,7 +4,9 @@
 
 use serde_json::Value;
 
-use crate::limiter::{Event, FieldPath, Inbound, Limits, NumberEvent, Recipient, SenderId, Status, TemplateLanguage};
+use crate::limiter::{
+    Event, FieldPath, Inbound, NumberEvent, Recipient, ReportedLimits, SenderId, Status, TemplateLanguage,
+};
 use crate::policy::Delivery;
 use crate::policy::{self, Micros, Quality, TierValue};
 
@@ -35,7 +37,7 @@ pub fn entry(v: &Value) -> Option<Entry<'_>> {
 
 /// The event of one change with this `field` and `value`.
 pub fn event(field: &str, v: &Value) -> Option<Event> {
-    let limits = |number: &str| Limits {
+    let limits = |number: &str| ReportedLimits {
         business: v.get("max_daily_conversations_per_business").and_then(tier_value),
         number: v.get(number).and_then(tier_value),
     };
@@ -62,7 +64,7 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
             Some(Event::NumberQuality {
                 display: v.get("display_phone_number").and_then(text).and_then(|d| digits(&d)),
                 event,
-                limits: if throughput { Limits::default() } else { limits("current_limit") },
+                limits: if throughput { ReportedLimits::default() } else { limits("current_limit") },
                 quality: ["quality_rating", "new_quality_score", "quality_score"]
                     .iter()
                     .find_map(|f| v.get(*f).and_then(Value::as_str).and_then(Quality::parse)),
@@ -237,7 +239,7 @@ mod tests {
             panic!("a quality update")
         };
         assert_eq!(e, Some(NumberEvent::Throughput { mps: Some(1_000) }));
-        assert_eq!(limits, Limits::default());
+        assert_eq!(limits, ReportedLimits::default());
     }
 
     #[test]
