@@ -277,11 +277,16 @@ async fn webhooks_set_tier_quality_templates_windows_and_alerts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_applied_twice_leaves_the_same_state() {
     let Setup { server, mut c, _redis } = setup("").await;
+    // Recipients the statuses below speak of, so a second `failed` would show in the usage.
+    for u in ["16505551001", "16505551002", "16505551003", "16505551004"] {
+        assert_eq!(reason(&mut c, UTILITY.to("acme", PHONE_ID, u)).await, Reason::NewRecipient);
+    }
     let all = [
         fixture("messages"),
         fixture("phone_number_quality_update"),
         fixture("message_template_status_update").replace("{{EVENT}}", "DISABLED"),
         fixture("account_alerts"),
+        fixture("messages_statuses"),
     ];
     for body in &all {
         deliver(server.admin_addr, body).await;
