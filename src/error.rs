@@ -33,6 +33,8 @@ pub enum Kind {
     Unavailable,
     /// The store answered something that makes no sense.
     Internal,
+    /// This sidecar refuses to serve until an operator fixes its configuration.
+    FailedPrecondition,
 }
 
 impl Kind {
@@ -52,6 +54,10 @@ impl Kind {
             // A store answer that makes no sense (a bug, a mismatched deployment, a key of the
             // wrong type): retrying cannot fix it, so neither answer says "come back later".
             Kind::Internal => (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+            // The sidecar's configuration differs from the policy shared through the store: no
+            // retry to this sidecar helps until an operator acts, but another sidecar (or Meta's
+            // redelivery, for a webhook) may succeed, so HTTP says "unavailable".
+            Kind::FailedPrecondition => (Code::FailedPrecondition, StatusCode::SERVICE_UNAVAILABLE),
         }
     }
 
@@ -73,6 +79,7 @@ impl Error {
             Error::InvalidArgument { .. } => Kind::InvalidArgument,
             Error::Store(StoreError::Unavailable(_)) => Kind::Unavailable,
             Error::Store(StoreError::Internal(_)) => Kind::Internal,
+            Error::Store(StoreError::Refused(_)) => Kind::FailedPrecondition,
         }
     }
 }
@@ -88,6 +95,7 @@ impl From<Error> for tonic::Status {
                 tracing::error!(error = %m, "Store call failed.");
                 m
             }
+            Error::Store(StoreError::Refused(m)) => m,
         };
         tonic::Status::new(kind.grpc(), message)
     }

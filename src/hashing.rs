@@ -52,6 +52,12 @@ impl RecipientHasher {
         mac.finalize().into_bytes()[..MEMBER_LEN].to_vec()
     }
 
+    /// A short digest that tells keys apart without revealing them, for comparing the keys of
+    /// sidecars that share a store.
+    pub fn key_digest(&self) -> String {
+        hex::encode(self.hash(&[b"key digest"]))
+    }
+
     /// The stored form of a normalised recipient.
     pub fn recipient(&self, normalized: &str) -> Member {
         self.hash(&[b"recipient", normalized.as_bytes()])

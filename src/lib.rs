@@ -19,7 +19,8 @@
 //!   [`store::redis`], where every decision is one Lua script call shared by every sidecar.
 //! - [`policy`] is the rules themselves, pure: what is admitted, what counts, when to retry.
 //! - [`config`] reads and validates the configuration; [`server`] runs the gRPC and admin HTTP
-//!   servers and shuts them down gracefully.
+//!   servers and shuts them down gracefully. [`shared_policy`] keeps sidecars whose
+//!   configurations disagree from sharing one store.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -30,6 +31,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod policy;
 pub mod server;
+pub mod shared_policy;
 pub mod store;
 pub mod webhooks;
 

@@ -47,6 +47,11 @@ enum Command {
         /// TOML configuration file.
         file: PathBuf,
     },
+    /// Operate on the store that sidecars share.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Ask a running sidecar for the usage of a portfolio (or of one number in per-number scope).
     Usage {
         /// Portfolio id.
@@ -58,6 +63,26 @@ enum Command {
         /// The sidecar's gRPC address.
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         addr: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Record this configuration's shared policy in the store, replacing the one recorded.
+    ///
+    /// Sidecars sharing a store must agree on store.key_prefix, store.hash_key, policy.window,
+    /// policy.service_window, policy.scope, policy.ladder, policy.default_tier and every
+    /// [[portfolios]] tier. The first sidecar records them in the store; one whose configuration
+    /// differs refuses to serve (FAILED_PRECONDITION, /readyz 503 naming each key). To change
+    /// them on purpose, run this with the new configuration, then roll the sidecars: those still
+    /// on the old configuration refuse from their next health probe until restarted.
+    SetPolicy {
+        /// TOML configuration file.
+        #[arg(long, short, env = "TIERGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Redis URL (store.url); implies store.backend = "redis".
+        #[arg(long)]
+        redis_url: Option<String>,
     },
 }
 
@@ -157,6 +182,39 @@ async fn usage(portfolio: String, sender: String, addr: String) -> anyhow::Resul
     Ok(())
 }
 
+async fn set_policy(config: Option<PathBuf>, redis_url: Option<String>) -> anyhow::Result<()> {
+    use tiergate::shared_policy::SharedPolicy;
+    let mut cfg = load(config.as_deref())?;
+    if let Some(url) = redis_url {
+        cfg.store.backend = Backend::Redis;
+        cfg.store.url = Some(url);
+    }
+    let settings = cfg.validate().context("invalid configuration")?;
+    let tiergate::config::StoreSettings::Redis { options, .. } = &settings.store else {
+        anyhow::bail!("store.backend is \"memory\": a memory store belongs to one sidecar and shares no policy");
+    };
+    let target = options.topology.to_string();
+    let store = tiergate::server::open_store(&settings)?;
+    let mine = SharedPolicy::of(&settings);
+    let failed = |e: tiergate::store::StoreError| anyhow::anyhow!("{target}: {e}");
+    let before = store.shared_policy(&mine.encode(), false).await.map_err(failed)?;
+    store.shared_policy(&mine.encode(), true).await.map_err(failed)?;
+    match SharedPolicy::decode(&before) {
+        Ok(before) => {
+            let changed = mine.differences(&before);
+            if changed.is_empty() {
+                println!("{target}: the shared policy already was this configuration's.");
+            }
+            for d in &changed {
+                println!("{}: {} -> {}", d.key, d.recorded, d.mine);
+            }
+        }
+        Err(e) => println!("replaced a policy this version cannot read ({e})"),
+    }
+    println!("{target}: recorded this configuration's shared policy.");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -172,6 +230,9 @@ fn main() -> ExitCode {
             }
             Command::CheckConfig { file } => check_config(file),
             Command::Usage { portfolio, sender, addr } => usage(portfolio, sender, addr).await,
+            Command::Store { command: StoreCommand::SetPolicy { config, redis_url } } => {
+                set_policy(config, redis_url).await
+            }
         }
     });
     match result {

@@ -166,7 +166,11 @@ pub fn usage(scope: &ScopeKey, usage: &UsageSnapshot) {
 
 /// Counts a failed store call.
 pub fn store_error(op: &'static str, e: &StoreError) {
-    let kind = if e.is_transient() { "transient" } else { "internal" };
+    let kind = match e {
+        StoreError::Unavailable(_) => "transient",
+        StoreError::Internal(_) => "internal",
+        StoreError::Refused(_) => "refused",
+    };
     counter!(STORE_ERRORS, "op" => op, "kind" => kind).increment(1);
 }
 

@@ -19,6 +19,7 @@ use crate::api::LimiterApi;
 use crate::config::{Settings, StoreSettings, TierSource};
 use crate::limiter::Limiter;
 use crate::pb;
+use crate::shared_policy::{PolicyGuard, SharedPolicy};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
@@ -79,7 +80,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let metrics = crate::metrics::install();
-    let store = open_store(&settings)?;
+    // Every call goes through the guard, which refuses while this sidecar's shared policy
+    // differs from the store's.
+    let store: Arc<dyn Store> = Arc::new(PolicyGuard::new(open_store(&settings)?, SharedPolicy::of(&settings)));
     if let StoreSettings::Memory { generated_key: true, .. } = settings.store {
         tracing::info!("No store.hash_key set: recipients are hashed under a key generated for this process.");
     }
@@ -87,19 +90,31 @@ pub async fn run(
         StoreSettings::Memory { .. } => "this process".to_string(),
         StoreSettings::Redis { options, .. } => options.topology.to_string(),
     };
-    match store.ping().await {
-        Ok(()) => tracing::info!(backend = store.backend(), store = %target, "Store answers."),
-        Err(e) => tracing::warn!(
-            backend = store.backend(),
-            store = %target,
-            error = %e,
-            "Store does not answer yet; serving anyway and retrying on every call."
-        ),
-    }
+    let ready = match store.ping().await {
+        Ok(()) => {
+            tracing::info!(backend = store.backend(), store = %target, "Store answers and shares this sidecar's policy.");
+            true
+        }
+        // The guard has logged the differences; the sidecar stays up so /readyz can say why.
+        Err(StoreError::Refused(_)) => false,
+        Err(e) => {
+            tracing::warn!(
+                backend = store.backend(),
+                store = %target,
+                error = %e,
+                "Store does not answer yet; serving anyway and retrying on every call."
+            );
+            false
+        }
+    };
     let limiter = Arc::new(Limiter::new(&settings, store.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
+    if ready {
+        health.set_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
+    } else {
+        health.set_not_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -143,21 +158,23 @@ pub async fn run(
     let watch_store = store.clone();
     let mut watch_stop = stop_rx.clone();
     tokio::spawn(async move {
-        let mut serving = true;
+        let mut serving = ready;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
                 _ = watch_stop.wait_for(|s| *s) => return,
             }
             metrics.run_upkeep();
-            let ok = watch_store.ping().await.is_ok();
+            let pinged = watch_store.ping().await;
+            let ok = pinged.is_ok();
             if ok != serving {
                 serving = ok;
                 if ok {
                     tracing::info!("Store answers again; serving.");
                     watch_health.set_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
                 } else {
-                    tracing::warn!("Store does not answer; gRPC health reports NOT_SERVING.");
+                    let error = pinged.err().map(|e| e.to_string()).unwrap_or_default();
+                    tracing::warn!(%error, "Cannot use the store; gRPC health reports NOT_SERVING.");
                     watch_health.set_not_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
                 }
             }

@@ -58,6 +58,7 @@ conformance!(
     a_denial_lifts_exactly_when_its_retry_after_has_passed,
     a_numbers_throughput_is_kept_apart_from_its_status_and_tier,
     templates_are_blocked_per_language_and_a_status_without_one_covers_every_language,
+    the_first_shared_policy_recorded_stays_until_replaced,
 );
 
 async fn new_recipients_are_counted_until_the_limit_then_denied<F: Fn(Windows) -> Fixture>(make: F) {
@@ -655,4 +656,12 @@ async fn templates_are_blocked_per_language_and_a_status_without_one_covers_ever
     let otp = &state.templates[&TemplateKey::new("otp:v2", "en")];
     assert_eq!((otp.status.as_deref(), otp.quality), (Some("DISABLED"), Quality::Low));
     assert!(!state.templates.keys().any(|k| k.name == "otp"), "{:?}", state.templates.keys());
+}
+
+async fn the_first_shared_policy_recorded_stays_until_replaced<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    assert_eq!(f.store.shared_policy("first", false).await.unwrap(), "first");
+    assert_eq!(f.store.shared_policy("second", false).await.unwrap(), "first", "the first recorded holds");
+    assert_eq!(f.store.shared_policy("second", true).await.unwrap(), "second", "replacing is on purpose");
+    assert_eq!(f.store.shared_policy("third", false).await.unwrap(), "second");
 }

@@ -108,6 +108,8 @@ impl Portfolio {
 struct State {
     scopes: HashMap<ScopeKey, ScopeState>,
     portfolios: HashMap<String, Portfolio>,
+    /// The recorded [shared policy](crate::shared_policy).
+    shared_policy: Option<String>,
 }
 
 /// The embedded in-memory store.
@@ -349,5 +351,13 @@ impl Store for MemoryStore {
 
     fn backend(&self) -> &'static str {
         "memory"
+    }
+
+    async fn shared_policy(&self, policy: &str, replace: bool) -> Result<String, StoreError> {
+        let mut state = self.lock();
+        if replace || state.shared_policy.is_none() {
+            state.shared_policy = Some(policy.to_owned());
+        }
+        Ok(state.shared_policy.clone().unwrap_or_default())
     }
 }

@@ -301,6 +301,10 @@ pub enum StoreError {
     /// The store answered with something that makes no sense; not worth retrying.
     #[error("store error: {0}")]
     Internal(String),
+    /// This sidecar refuses to use the store until an operator acts: its configuration differs
+    /// from the policy shared through the store (see [`shared_policy`](crate::shared_policy)).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl StoreError {
@@ -338,4 +342,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name for logs and metrics.
     fn backend(&self) -> &'static str;
+
+    /// The [shared policy](crate::shared_policy) recorded in the store: records `policy` first
+    /// when none is (always, with `replace`), atomically, and returns what is recorded then.
+    async fn shared_policy(&self, policy: &str, replace: bool) -> Result<String, StoreError>;
 }

@@ -66,6 +66,11 @@ impl KeySpace {
         }
     }
 
+    /// The [shared policy](crate::shared_policy) of the deployment (string).
+    pub fn shared_policy(&self) -> String {
+        format!("{}:{{policy}}", self.prefix)
+    }
+
     /// A window key no portfolio uses, for health checks.
     pub fn ping(&self) -> String {
         format!("{}:{{ping}}:w", self.prefix)

@@ -35,7 +35,7 @@ use redis::{ErrorKind, RedisError, ScriptInvocation, ServerErrorKind};
 use tokio::sync::Mutex;
 
 use self::keys::KeySpace;
-use self::scripts::{AdmitArgs, AdmitKeys, ApplyArgs, Call, PortfolioArgs, ReleaseArgs, UsageArgs};
+use self::scripts::{AdmitArgs, AdmitKeys, ApplyArgs, Call, PortfolioArgs, ReleaseArgs, SharedPolicyArgs, UsageArgs};
 use super::{
     day_of, Admission, AdmitOp, AdmitParams, Change, Clock, PortfolioState, ScopeReport, Store, StoreError,
     SystemClock, DAYS_KEPT, DAY_US,
@@ -298,5 +298,9 @@ impl Store for RedisStore {
             Connection::Cluster { .. } => "redis-cluster",
             Connection::Sentinel { .. } => "redis-sentinel",
         }
+    }
+
+    async fn shared_policy(&self, policy: &str, replace: bool) -> Result<String, StoreError> {
+        self.call(&SharedPolicyArgs { key: self.keys.shared_policy(), policy, replace }).await
     }
 }

@@ -11,6 +11,7 @@ mod admit;
 mod apply;
 mod portfolio;
 mod release;
+mod shared_policy;
 mod usage;
 
 use std::fmt::Write as _;
@@ -21,6 +22,7 @@ pub use admit::{AdmitArgs, AdmitKeys};
 pub use apply::ApplyArgs;
 pub use portfolio::PortfolioArgs;
 pub use release::ReleaseArgs;
+pub use shared_policy::SharedPolicyArgs;
 pub use usage::UsageArgs;
 
 use crate::policy::{self, Category, Reason, SenderStatus};
