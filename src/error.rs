@@ -44,9 +44,9 @@ impl Kind {
             // The caller must fix the request; the message names the field. Sending it again
             // fails the same way, so nothing here invites a retry.
             Kind::InvalidArgument => (Code::InvalidArgument, StatusCode::BAD_REQUEST),
-            // No admin token, or no (or an unreadable) Meta signature.
+            // No API token, or no (or an unreadable) Meta signature.
             Kind::Unauthenticated => (Code::Unauthenticated, StatusCode::UNAUTHORIZED),
-            // A wrong admin token or webhook verify token.
+            // A wrong API token (or one of the wrong role) or webhook verify token.
             Kind::PermissionDenied => (Code::PermissionDenied, StatusCode::FORBIDDEN),
             // Redis is down or slow, and nothing went out unchecked: the same call can succeed
             // later, so clients retry, and Meta redelivers a webhook it got a 503 for.

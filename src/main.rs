@@ -63,6 +63,10 @@ enum Command {
         /// The sidecar's gRPC address.
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         addr: String,
+        /// Sent as `authorization: Bearer <token>`: the sidecar's sender (or admin) token, when it
+        /// has one. Inside the sidecar's container the variable is already set.
+        #[arg(long, env = "TIERGATE_SERVER_SENDER_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
 }
 
@@ -145,6 +149,12 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
     println!("tier_source   {:?}", settings.tier_source);
     println!("reserve       {}% of the limit kept from marketing", f64::from(settings.reserve_bp) / 100.0);
     println!("webhooks      {}", if settings.webhooks.is_some() { "on, at /webhooks/whatsapp" } else { "off" });
+    let set = |token: &Option<String>| if token.is_some() { "set" } else { "not set" };
+    println!(
+        "api tokens    sender {}, admin {}",
+        set(&settings.server.sender_token),
+        set(&settings.server.admin_token)
+    );
     for (id, tier) in &settings.portfolio_tiers {
         println!("portfolio     {id} = {}", tier.name);
     }
@@ -154,15 +164,16 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn usage(portfolio: String, sender: String, addr: String) -> anyhow::Result<()> {
+async fn usage(portfolio: String, sender: String, addr: String, token: Option<String>) -> anyhow::Result<()> {
     let mut client = pb::limiter_client::LimiterClient::connect(addr.clone())
         .await
         .with_context(|| format!("cannot reach a sidecar at {addr}"))?;
-    let u = client
-        .get_usage(pb::GetUsageRequest { portfolio_id: portfolio, sender_id: sender })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-        .into_inner();
+    let mut request = tonic::Request::new(pb::GetUsageRequest { portfolio_id: portfolio, sender_id: sender });
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().context("--token: must be visible ASCII")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let u = client.get_usage(request).await.map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?.into_inner();
     println!("portfolio          {}", u.portfolio_id);
     if !u.sender_id.is_empty() {
         println!("sender             {}", u.sender_id);
@@ -229,7 +240,7 @@ fn main() -> ExitCode {
                 serve(config, grpc_listen, admin_listen, redis_url).await
             }
             Command::CheckConfig { file } => check_config(file),
-            Command::Usage { portfolio, sender, addr } => usage(portfolio, sender, addr).await,
+            Command::Usage { portfolio, sender, addr, token } => usage(portfolio, sender, addr, token).await,
             Command::Store { command: StoreCommand::SetPolicy { config, redis_url } } => {
                 set_policy(config, redis_url).await
             }

@@ -918,7 +918,8 @@ pub fn simulate(
     }
 }
 
-/// What a lease names: the contact counted by one Admit.
+/// What a lease names: the contact counted by one Admit. Clients get it signed
+/// ([`LeaseSigner`](crate::hashing::LeaseSigner)); this is its unsigned text form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub scope: ScopeKey,
@@ -928,10 +929,12 @@ pub struct Lease {
     pub score: Micros,
 }
 
-const LEASE_VERSION: &str = "1";
+/// "1" was the unsigned token; "2" is the text a [`LeaseSigner`](crate::hashing::LeaseSigner)
+/// signs, so an unsigned "1" is never read as a lease.
+const LEASE_VERSION: &str = "2";
 
 impl Lease {
-    /// An opaque, URL-safe token for the client.
+    /// The lease's URL-safe text form (without the `.`), which a signature is appended to.
     pub fn encode(&self) -> String {
         use base64::Engine as _;
         let text = format!(
@@ -1395,6 +1398,12 @@ mod tests {
         assert!(Lease::decode("").is_err());
         assert!(Lease::decode("not a lease").is_err());
         assert!(Lease::decode("MQpwCgp6ego1").is_err());
+        // The unsigned version-1 form is no longer a lease.
+        use base64::Engine as _;
+        let v1 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("1\np\n\n0102\n7");
+        assert!(Lease::decode(&v1).is_err());
+        let v2 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("2\np\n\n0102\n7");
+        assert!(Lease::decode(&v2).is_ok());
     }
 
     #[test]

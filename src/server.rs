@@ -134,6 +134,7 @@ pub async fn run(
         .add_service(reflection)
         .add_service(pb::limiter_server::LimiterServer::new(LimiterApi::new(
             limiter.clone(),
+            settings.server.sender_token.clone(),
             settings.server.admin_token.clone(),
         )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));

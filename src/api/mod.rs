@@ -1,6 +1,7 @@
 //! The gRPC edge (`tiergate.v1.Limiter`): each call converts its request ([`convert`]), asks the
 //! [`Limiter`], and converts the answer back; failures become statuses through the one table in
-//! [`error`]. No protobuf type goes past this module.
+//! [`error`]. No protobuf type goes past this module. Each call first checks the token its
+//! [`Role`] needs.
 
 pub mod convert;
 
@@ -14,29 +15,59 @@ use crate::pb;
 
 use convert::timestamp;
 
+/// Who may make a call, as the token it carries shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sending and reading: Admit, AdmitBatch, Release, GetUsage, GetPortfolio. Needs
+    /// `server.sender_token` or `server.admin_token` when a sender token is set.
+    Sender,
+    /// Whatever lifts or sets a limit: SetTier, SetOptOut, UpdatePortfolio, and RecordInbound
+    /// (an open service window exempts its recipient). Needs `server.admin_token` when set, else
+    /// the sender token when that is set.
+    Admin,
+}
+
 /// The `tiergate.v1.Limiter` service.
 pub struct LimiterApi {
     limiter: Arc<Limiter>,
-    /// Required as `authorization: Bearer <token>` by the calls that change a portfolio.
+    /// `server.sender_token`.
+    sender_token: Option<String>,
+    /// `server.admin_token`.
     admin_token: Option<String>,
 }
 
 impl LimiterApi {
-    /// A service over `limiter`; with `admin_token`, SetTier, SetOptOut and UpdatePortfolio
-    /// need it.
-    pub fn new(limiter: Arc<Limiter>, admin_token: Option<String>) -> LimiterApi {
-        LimiterApi { limiter, admin_token }
+    /// A service over `limiter`; each [`Role`] says which calls need which token.
+    pub fn new(limiter: Arc<Limiter>, sender_token: Option<String>, admin_token: Option<String>) -> LimiterApi {
+        LimiterApi { limiter, sender_token, admin_token }
     }
 
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let Some(token) = &self.admin_token else { return Ok(()) };
+    /// Lets the call through when it carries `authorization: Bearer <token>` with a token that
+    /// `role` accepts, or when no token guards `role`: UNAUTHENTICATED without a token,
+    /// PERMISSION_DENIED with another. The answer names the token needed, never the one given.
+    fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<(), Status> {
+        let (sender, admin) = (self.sender_token.as_deref(), self.admin_token.as_deref());
+        let (accepted, needed) = match role {
+            Role::Sender if sender.is_none() => return Ok(()),
+            Role::Sender => ([sender, admin], "server.sender_token or server.admin_token"),
+            Role::Admin if admin.is_some() => ([admin, None], "server.admin_token"),
+            // Without an admin token, the sender token guards every call.
+            Role::Admin if sender.is_some() => ([sender, None], "server.sender_token"),
+            Role::Admin => return Ok(()),
+        };
         let given = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
         let given = given.and_then(|v| v.strip_prefix("Bearer "));
-        error::check_secret(given, token).map_err(|kind| match kind {
-            Kind::Unauthenticated => {
-                Status::new(kind.grpc(), "this call needs authorization: Bearer <server.admin_token>")
+        // Every accepted token is compared, each in constant time, so the time taken does not
+        // tell which one came close.
+        let checks = accepted.map(|token| token.map(|t| error::check_secret(given, t)));
+        if checks.iter().flatten().any(Result::is_ok) {
+            return Ok(());
+        }
+        Err(match given {
+            None => {
+                Status::new(Kind::Unauthenticated.grpc(), format!("this call needs authorization: Bearer <{needed}>"))
             }
-            _ => Status::new(kind.grpc(), "wrong admin token"),
+            Some(_) => Status::new(Kind::PermissionDenied.grpc(), format!("wrong token: this call needs {needed}")),
         })
     }
 }
@@ -44,6 +75,7 @@ impl LimiterApi {
 #[tonic::async_trait]
 impl pb::limiter_server::Limiter for LimiterApi {
     async fn admit(&self, request: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
+        self.authorize(&request, Role::Sender)?;
         let input = AdmitInput::try_from(request.into_inner())?;
         let answer = self.limiter.admit(&input).await?;
         Ok(Response::new(answer.into()))
@@ -53,12 +85,14 @@ impl pb::limiter_server::Limiter for LimiterApi {
         &self,
         request: Request<pb::AdmitBatchRequest>,
     ) -> Result<Response<pb::AdmitBatchResponse>, Status> {
+        self.authorize(&request, Role::Sender)?;
         let inputs = Vec::<AdmitInput>::try_from(request.into_inner())?;
         let answers = self.limiter.admit_batch(&inputs).await?;
         Ok(Response::new(pb::AdmitBatchResponse { responses: answers.into_iter().map(Into::into).collect() }))
     }
 
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        self.authorize(&request, Role::Sender)?;
         let released = self.limiter.release(&request.into_inner().lease).await?;
         Ok(Response::new(pb::ReleaseResponse { released }))
     }
@@ -67,19 +101,21 @@ impl pb::limiter_server::Limiter for LimiterApi {
         &self,
         request: Request<pb::RecordInboundRequest>,
     ) -> Result<Response<pb::RecordInboundResponse>, Status> {
+        self.authorize(&request, Role::Admin)?;
         let r = request.into_inner();
         let closes = self.limiter.record_inbound(&r.portfolio_id, &r.sender_id, &r.recipient).await?;
         Ok(Response::new(pb::RecordInboundResponse { window_closes_at: Some(timestamp(closes)) }))
     }
 
     async fn get_usage(&self, request: Request<pb::GetUsageRequest>) -> Result<Response<pb::Usage>, Status> {
+        self.authorize(&request, Role::Sender)?;
         let r = request.into_inner();
         let usage = self.limiter.usage(&r.portfolio_id, &r.sender_id).await?;
         Ok(Response::new(usage.into()))
     }
 
     async fn set_tier(&self, request: Request<pb::SetTierRequest>) -> Result<Response<pb::Usage>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, Role::Admin)?;
         let r = request.into_inner();
         let usage = self.limiter.set_tier(&r.portfolio_id, &r.sender_id, &r.tier).await?;
         Ok(Response::new(usage.into()))
@@ -89,7 +125,7 @@ impl pb::limiter_server::Limiter for LimiterApi {
         &self,
         request: Request<pb::SetOptOutRequest>,
     ) -> Result<Response<pb::SetOptOutResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, Role::Admin)?;
         let r = request.into_inner();
         self.limiter.set_opt_out(&r.portfolio_id, &r.recipient, r.opted_out).await?;
         Ok(Response::new(pb::SetOptOutResponse { opted_out: r.opted_out }))
@@ -99,7 +135,7 @@ impl pb::limiter_server::Limiter for LimiterApi {
         &self,
         request: Request<pb::UpdatePortfolioRequest>,
     ) -> Result<Response<pb::Portfolio>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, Role::Admin)?;
         let mut r = request.into_inner();
         let id = std::mem::take(&mut r.portfolio_id);
         let update = PortfolioUpdate::try_from(r)?;
@@ -111,6 +147,7 @@ impl pb::limiter_server::Limiter for LimiterApi {
         &self,
         request: Request<pb::GetPortfolioRequest>,
     ) -> Result<Response<pb::Portfolio>, Status> {
+        self.authorize(&request, Role::Sender)?;
         let view = self.limiter.portfolio(&request.into_inner().portfolio_id).await?;
         Ok(Response::new(view.into()))
     }

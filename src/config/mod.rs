@@ -82,8 +82,12 @@ pub struct ServerConfig {
     /// How long in-flight calls may take to finish after SIGTERM.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// When set, SetTier, SetOptOut and UpdatePortfolio need `authorization: Bearer <token>`.
+    /// When set, SetTier, SetOptOut, UpdatePortfolio and RecordInbound need
+    /// `authorization: Bearer <token>`.
     pub admin_token: Option<String>,
+    /// When set, every other Limiter call needs `authorization: Bearer <token>` (this token or
+    /// `admin_token`); health and reflection stay open.
+    pub sender_token: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -93,7 +97,36 @@ impl Default for ServerConfig {
             admin_listen: ([127, 0, 0, 1], 9090).into(),
             shutdown_grace: Duration::from_secs(10),
             admin_token: None,
+            sender_token: None,
         }
+    }
+}
+
+/// The shortest API token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+impl ServerConfig {
+    /// Checks the API tokens: each one that is set can be sent as `Bearer <token>` and is hard to
+    /// guess, and the two roles hold different tokens. Errors name the key, never the token.
+    fn check_tokens(&self) -> Result<(), ConfigError> {
+        for (key, token) in [("server.admin_token", &self.admin_token), ("server.sender_token", &self.sender_token)] {
+            let Some(token) = token else { continue };
+            // gRPC metadata carries visible ASCII only; a space would end the token early.
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(err(key, "must be visible ASCII without spaces or other whitespace"));
+            }
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(err(key, format!("must be at least {MIN_TOKEN_LEN} characters")));
+            }
+        }
+        if self.sender_token.is_some() && self.sender_token == self.admin_token {
+            return Err(err(
+                "server.sender_token",
+                "must differ from server.admin_token: every sender holding it could also change portfolios and \
+                 open service windows",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -271,8 +304,14 @@ impl Config {
 }
 
 /// Keys whose values never appear in an error message.
-const SECRET_KEYS: [&str; 5] =
-    ["store.hash_key", "store.url", "webhooks.app_secret", "webhooks.verify_token", "server.admin_token"];
+const SECRET_KEYS: [&str; 6] = [
+    "store.hash_key",
+    "store.url",
+    "webhooks.app_secret",
+    "webhooks.verify_token",
+    "server.admin_token",
+    "server.sender_token",
+];
 
 /// Parses TOML, reporting syntax errors by line without quoting the line, which may hold a secret.
 fn parse_toml(text: &str) -> Result<toml::Table, String> {
@@ -451,9 +490,7 @@ impl Config {
             (Some(_), _) => return Err(err("webhooks.verify_token", "is required with webhooks.app_secret")),
             (_, Some(_)) => return Err(err("webhooks.app_secret", "is required with webhooks.verify_token")),
         };
-        if self.server.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
-            return Err(err("server.admin_token", "must be at least 16 characters"));
-        }
+        self.server.check_tokens()?;
         let s = &self.store;
         if s.timeout.is_zero() {
             return Err(err("store.timeout", "must be longer than zero"));
@@ -684,5 +721,31 @@ mod tests {
         assert_eq!(e.key, "policy.reserve.marketing");
         assert!(e.to_string().contains("TIER_250") && e.to_string().contains("policy.ladder"), "{e}");
         assert!(Config::from_toml("[policy.reserve]\nmarketing = 0.99").unwrap().validate().is_ok());
+    }
+
+    #[test]
+    fn api_tokens_come_from_the_environment_and_are_checked_without_being_quoted() {
+        let tokens = |sender: &str, admin: &str| {
+            Config::load(None, env(&[("TIERGATE_SERVER_SENDER_TOKEN", sender), ("TIERGATE_SERVER_ADMIN_TOKEN", admin)]))
+                .unwrap()
+                .validate()
+        };
+        let s = tokens("sender-token-0123456789", "admin-token-0123456789").unwrap();
+        assert_eq!(s.server.sender_token.as_deref(), Some("sender-token-0123456789"));
+        assert_eq!(s.server.admin_token.as_deref(), Some("admin-token-0123456789"));
+        for (sender, admin, key) in [
+            ("", "admin-token-0123456789", "server.sender_token"),
+            ("sender token 0123456789", "admin-token-0123456789", "server.sender_token"),
+            ("sender-token-0123456789", "admin-token-0123456789\n", "server.admin_token"),
+            ("sender-token-0123456789", "short-admin", "server.admin_token"),
+            ("sender-token-0123456789", "sender-token-0123456789", "server.sender_token"),
+        ] {
+            let e = tokens(sender, admin).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(!e.to_string().contains(admin.trim()) && !e.to_string().contains("0123456789"), "{e}");
+        }
+        let e = Config::from_toml("[server]\nsender_token = 12345678901234567\n").unwrap_err();
+        assert_eq!(e.key, "server.sender_token");
+        assert!(!e.to_string().contains("12345678901234567"), "{e}");
     }
 }

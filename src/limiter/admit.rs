@@ -136,7 +136,7 @@ impl Limiter {
             for ((&i, op), a) in places.iter().zip(ops).zip(admissions) {
                 let lease = a.lease_score.map(|score| {
                     let lease = Lease { scope: scope.clone(), member: op.member.clone(), score };
-                    let token = lease.encode();
+                    let token = self.leases.sign(&lease);
                     granted.push(lease);
                     token
                 });

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{OnError, Settings, TierSource};
-use crate::hashing::RecipientHasher;
+use crate::hashing::{LeaseSigner, RecipientHasher};
 use crate::metrics;
 use crate::policy::{Ladder, Micros, Ruleset, ScopeKey, ScopeMode, Tier};
 use crate::store::{Change, PortfolioState, ScopeReport, Store};
@@ -53,6 +53,8 @@ pub struct Limiter {
     seen: Mutex<HashSet<ScopeKey>>,
     /// Portfolios already logged for a webhook limit that was business-wide only (per-number scope).
     no_number_limit_logged: Mutex<HashSet<String>>,
+    /// Signs the leases Admit hands out and checks those Release gets, under the store's key.
+    leases: LeaseSigner,
 }
 
 impl Limiter {
@@ -73,6 +75,7 @@ impl Limiter {
             service_window: settings.windows.service_window,
             seen: Mutex::new(HashSet::new()),
             no_number_limit_logged: Mutex::new(HashSet::new()),
+            leases: settings.store.hasher().lease_signer(),
         }
     }
 
