@@ -306,3 +306,45 @@ async fn daily_counts_follow_the_redis_clock_not_a_skewed_sidecar() {
         assert_eq!((report.usage.counted, report.unique_7d), (1, 1));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_ahead_of_the_redis_clock_stays_counted_for_its_whole_window() {
+    use common::ops::{hasher, inbound, now_us, op, op_from, params, portfolio};
+    use common::stores::{redis_options, standalone};
+    use tiergate::policy::{Reason, Tier};
+    use tiergate::store::redis::RedisStore;
+    use tiergate::store::{Store, Windows};
+
+    let redis = RedisServer::start();
+    let second = Duration::from_secs(1);
+    let opts = redis_options(standalone(&redis), Windows { window: second, service_window: second }, "tg");
+    let store = RedisStore::new(opts).unwrap();
+    let scope = portfolio("acme");
+    let params = params(&Tier::limited("T", 10));
+    // As after the Redis clock stepped back 4 s: the scope's last score is ahead of TIME, so the
+    // next contact's score is too, and so is a service window opened before the step.
+    let ahead = now_us() + 4_000_000;
+    redis.cli(&["HSET", "tg:{acme}:m", "seq", &ahead.to_string()]);
+    let opened = hasher().service_window("sender-1", "15550000009");
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("ZADD").arg("tg:{acme}:sw").arg(ahead + 1_000_000).arg(&opened).exec(&mut conn).unwrap();
+    let counted = store.admit(&scope, &params, &[op("15550000001")]).await.unwrap().remove(0);
+    assert_eq!(counted.reason, Reason::NewRecipient);
+    let score = counted.lease_score.unwrap();
+    assert!(score > ahead, "{score} is ahead of {ahead}");
+    inbound(&store, "acme", "sender-2", "15550000002").await;
+
+    let pttl: u64 = redis.cli(&["PTTL", "tg:{acme}:w"]).parse().unwrap();
+    let needed = (score + 1_000_000 - now_us()) / 1_000;
+    assert!(pttl >= needed, "the window key lives {pttl} ms; its newest contact stays counted {needed} ms");
+    let pttl: u64 = redis.cli(&["PTTL", "tg:{acme}:sw"]).parse().unwrap();
+    let needed = (ahead + 1_000_000 - now_us()) / 1_000;
+    assert!(pttl >= needed, "the service windows live {pttl} ms; the last one closes in {needed} ms");
+
+    // Past `window + 1 s` from now, still inside the window counted from the contact's score.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let again = store.admit(&scope, &params, &[op("15550000001")]).await.unwrap().remove(0);
+    assert_eq!(again.reason, Reason::AlreadyCounted, "the recipient is still inside its window");
+    let reply = store.admit(&scope, &params, &[op_from("sender-1", "15550000009")]).await.unwrap().remove(0);
+    assert_eq!(reply.reason, Reason::ServiceWindow, "the service window is still open");
+}

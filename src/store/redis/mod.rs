@@ -6,13 +6,16 @@
 //!
 //! | key                              | type        | holds                                        | TTL |
 //! |----------------------------------|-------------|----------------------------------------------|-----|
-//! | `<p>:{portfolio}:w<scope>`       | sorted set  | recipient hash → last counted contact (µs)   | window |
-//! | `<p>:{portfolio}:m<scope>`       | hash        | tier, limit, since, last score, simulation   | `store.state_ttl` |
+//! | `<p>:{portfolio}:w<scope>`       | sorted set  | recipient hash → last counted contact (µs)   | window after its newest score |
+//! | `<p>:{portfolio}:m<scope>`       | hash        | tier, limit, since, last score, simulation   | `store.state_ttl`, at least window after `seq` |
 //! | `<p>:{portfolio}:d<scope>:<day>` | HyperLogLog | counted recipients delivered that UTC day   | 31 days |
-//! | `<p>:{portfolio}:dv<scope>`      | sorted set  | recipient hash → last confirmed delivered (µs) | window |
-//! | `<p>:{portfolio}:sw`             | sorted set  | (sender, recipient) hash → window closes (µs)| service window |
+//! | `<p>:{portfolio}:dv<scope>`      | sorted set  | recipient hash → last confirmed delivered (µs) | window after its newest score |
+//! | `<p>:{portfolio}:sw`             | sorted set  | (sender, recipient) hash → window closes (µs)| its last closing time |
 //! | `<p>:{portfolio}:pf`             | hash        | quality, numbers, templates, alerts          | `store.state_ttl` |
 //! | `<p>:{portfolio}:opt`            | set         | opted-out recipient hashes                   | `store.state_ttl` |
+//!
+//! TTLs run from the newest score a key holds (plus one second), never from now: scores can be
+//! ahead of the Redis clock (see `tg_ttl_until` in the scripts' prelude).
 //!
 //! [`keys`] names them. The scripts live in [`scripts`], each `.lua` beside the Rust types that
 //! encode its KEYS and ARGV and decode its reply; each documents its KEYS and ARGV at its top.

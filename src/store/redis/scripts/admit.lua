@@ -105,8 +105,8 @@ for i = 6, #ARGV, 7 do
 end
 
 redis.call('HSET', KEYS[2], FIELD_SEQ, tg_fmt(seq))
-redis.call('PEXPIRE', KEYS[1], math.floor(window / 1000) + 1000)
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+tg_keep_scores(KEYS[1], window, now)
+tg_keep_meta(KEYS[2], ARGV[4], window, now)
 redis.call('PEXPIRE', KEYS[4], ARGV[4])
 redis.call('PEXPIRE', KEYS[5], ARGV[4])
 

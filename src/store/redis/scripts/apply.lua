@@ -130,7 +130,9 @@ while i <= #ARGV do
     local at = tg_event_time(ARGV[i + 2], now)
     redis.call('ZADD', KEYS[3], 'GT', tg_fmt(at + service_window), ARGV[i + 1])
     redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tg_fmt(now))
-    redis.call('PEXPIRE', KEYS[3], math.floor(service_window / 1000) + 1000)
+    -- Until the last window closes, which may be later than one from now (opened before this
+    -- clock stepped back).
+    tg_keep_scores(KEYS[3], 0, now)
     i = i + 3
   elseif op == OP_DELIVERY then
     local window_key, delivered_key = KEYS[tonumber(ARGV[i + 1])], KEYS[tonumber(ARGV[i + 2])]
@@ -142,7 +144,7 @@ while i <= #ARGV do
     local contact = tonumber(redis.call('ZSCORE', window_key, member))
     if status == 'd' then
       redis.call('ZADD', delivered_key, 'GT', tg_fmt(at), member)
-      redis.call('PEXPIRE', delivered_key, math.floor(window / 1000) + 1000)
+      tg_keep_scores(delivered_key, window, now)
       if contact then
         -- The day of the delivery by this clock, among the three keys around the caller's.
         local offset = math.floor(at / DAY_US) - tonumber(ARGV[i + 6])
@@ -190,6 +192,6 @@ end
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 for key in pairs(touched) do
-  redis.call('PEXPIRE', key, ttl)
+  tg_keep_meta(key, ttl, window, now)
 end
 return now

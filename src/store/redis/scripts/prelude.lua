@@ -38,6 +38,35 @@ local function tg_expire(window_key, now, window)
   redis.call('ZREMRANGEBYSCORE', window_key, '-inf', tg_fmt(now - window))
 end
 
+-- The newest (highest) score of a sorted set, or nil when it is empty.
+local function tg_newest(key)
+  local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  return newest[2] and tonumber(newest[2])
+end
+
+-- A TTL (ms) that keeps a key until `last` (us, by this clock), and one second more. What a key
+-- holds can end later than now plus its window: scores move forward past the clock when it
+-- steps back or when many Admits land in one microsecond (`policy::next_score`), so every TTL of
+-- a key that holds scores is counted from its newest score, never from now.
+local function tg_ttl_until(last, now)
+  return math.floor(math.max(last - now, 0) / 1000) + 1000
+end
+
+-- Keeps a sorted set until its newest score plus `span` (us) has passed.
+local function tg_keep_scores(key, span, now)
+  local newest = tg_newest(key)
+  if newest then
+    redis.call('PEXPIRE', key, tg_ttl_until(newest + span, now))
+  end
+end
+
+-- Keeps a scope's state hash for the state TTL (ms), and at least until the contacts scored up
+-- to its last score (`seq`) have left the window, so the next score stays above theirs.
+local function tg_keep_meta(meta_key, state_ttl, window, now)
+  local seq = tonumber(redis.call('HGET', meta_key, FIELD_SEQ)) or 0
+  redis.call('PEXPIRE', meta_key, math.max(tonumber(state_ttl), tg_ttl_until(seq + window, now)))
+end
+
 -- A portfolio hash field: `<kind>:<name>`, or `<kind>:<name>:<attribute>` for senders and templates.
 local function tg_field(kind, name, attribute)
   if attribute then
