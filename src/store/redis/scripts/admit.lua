@@ -12,7 +12,9 @@
 -- ARGV[2]  fallback tier name, ARGV[3] its limit (-1 = unlimited), used when none is persisted
 -- ARGV[4]  state TTL (ms)
 -- ARGV[5]  basis points of the limit kept from marketing to new recipients
--- ARGV[6], ...  seven per message: recipient hash, service-window hash or '', category code
+-- ARGV[6]  deadline (us, by this clock): started later, the script writes nothing and answers
+--          the DEADLINE_PASSED error (see tg_deadline_passed)
+-- ARGV[7], ...  seven per message: recipient hash, service-window hash or '', category code
 --          (CATEGORY_*), template or '', sender or '', '1' when the sender is blocked by
 --          configuration, template language or '' (then every language of it must be sendable)
 --
@@ -25,6 +27,9 @@
 -- arguments and decodes the reply.
 
 local now = tg_now()
+if now > tonumber(ARGV[6]) then
+  return tg_deadline_passed()
+end
 local window = tonumber(ARGV[1])
 local tier, limit, seq = tg_meta(KEYS[2], ARGV[2], ARGV[3])
 local reserve = tonumber(ARGV[5])
@@ -37,7 +42,7 @@ local out = {}
 tg_expire(KEYS[1], now, window)
 local count = redis.call('ZCARD', KEYS[1])
 
-for i = 6, #ARGV, 7 do
+for i = 7, #ARGV, 7 do
   local member, service, category = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local template, sender, blocked, language = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local open = false

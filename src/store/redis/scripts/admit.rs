@@ -41,6 +41,8 @@ pub struct AdmitArgs<'a> {
     pub reserve_bp: u32,
     /// The messages, decided in order.
     pub ops: &'a [AdmitOp],
+    /// When the script must have started, by the Redis clock (us); later, it writes nothing.
+    pub deadline: Micros,
 }
 
 /// Fields per message in ARGV and in the reply.
@@ -96,6 +98,10 @@ impl Call for AdmitArgs<'_> {
         &SCRIPT
     }
 
+    fn key(&self) -> &str {
+        &self.keys.window
+    }
+
     fn encode(&self, inv: &mut ScriptInvocation<'static>) {
         let k = &self.keys;
         inv.key(&k.window)
@@ -107,7 +113,8 @@ impl Call for AdmitArgs<'_> {
             .arg(&self.fallback.name)
             .arg(self.fallback.limit.to_i64())
             .arg(self.state_ttl_ms)
-            .arg(self.reserve_bp);
+            .arg(self.reserve_bp)
+            .arg(self.deadline);
         for op in self.ops {
             let category = op.category.code().to_string();
             let args: [&[u8]; ARGS_PER_OP] = [
@@ -152,5 +159,9 @@ impl Call for AdmitArgs<'_> {
             })
             .collect::<Result<_, StoreError>>()?;
         Ok(AdmitReply { tier: Tier { name, limit: Limit::from_i64(limit) }, now: positive(now).unwrap_or(0), ops })
+    }
+
+    fn ran_at(reply: &AdmitReply) -> Option<Micros> {
+        Some(reply.now)
     }
 }

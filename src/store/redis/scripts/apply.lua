@@ -19,7 +19,9 @@
 -- KEYS[4..] also the windows, delivered sets and daily HyperLogLogs that deliveries name by index
 -- ARGV[1]  state TTL (ms), ARGV[2] service window (us), ARGV[3] rolling window (us),
 -- ARGV[4]  TTL of a daily HyperLogLog (ms)
--- ARGV[5..] changes, each an op name (OP_* in the prelude) and its arguments:
+-- ARGV[5]  deadline (us, by this clock): started later, the script writes nothing and answers
+--          the DEADLINE_PASSED error (see tg_deadline_passed)
+-- ARGV[6..] changes, each an op name (OP_* in the prelude) and its arguments:
 --   tier <key index> <name> <limit> <at>  sets the tier; `since` moves to now when the name changes
 --   (for tier, sst, tst and tlst, <at> is when the event happened, '' = now; an event older than
 --   the last one applied to the same item is skipped: its time is kept in `tat`, s:<sender>:at,
@@ -42,6 +44,9 @@
 -- Returns the server's time (us). `apply.rs` encodes the arguments and decodes the reply.
 
 local now = tg_now()
+if now > tonumber(ARGV[5]) then
+  return tg_deadline_passed()
+end
 local ttl = ARGV[1]
 local service_window = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
@@ -69,7 +74,7 @@ local function set_or_clear(key, field, value)
   end
 end
 
-local i = 5
+local i = 6
 while i <= #ARGV do
   local op = ARGV[i]
   if op == OP_TIER then

@@ -1,5 +1,5 @@
--- Shared by the admit, usage and apply scripts (prepended to each, after the constants that
--- scripts/mod.rs generates from Rust: REASON_*, CATEGORY_*, FIELD_*, OP_*, ...).
+-- Shared by the scripts (prepended to each but portfolio's, after the constants that
+-- scripts/mod.rs generates from Rust: REASON_*, CATEGORY_*, FIELD_*, OP_*, DEADLINE_PASSED, ...).
 --
 -- Times are microseconds since the Unix epoch, from the Redis server's clock, so sidecars with
 -- skewed clocks agree. They stay below 2^53, so Lua's doubles hold them exactly; numbers sent
@@ -12,6 +12,14 @@ end
 
 local function tg_fmt(n)
   return string.format('%.0f', n)
+end
+
+-- The reply of a writing script that started after its deadline: every writing script takes one
+-- (us, by this clock), the moment its caller gives up less a margin (`store::redis::clock`), and
+-- checks it before anything else. Past it, the caller has answered UNAVAILABLE or is about to, so
+-- the script writes nothing: a stalled Redis that resumes must not count what was reported failed.
+local function tg_deadline_passed()
+  return redis.error_reply(DEADLINE_PASSED .. ' the call reached Redis after its deadline; it wrote nothing')
 end
 
 -- The scope's tier (persisted, else the caller's fallback) and the last score handed out.
