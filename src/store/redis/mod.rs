@@ -13,6 +13,7 @@
 //! | `<p>:{portfolio}:sw`             | sorted set  | (sender, recipient) hash → window closes (µs)| its last closing time |
 //! | `<p>:{portfolio}:pf`             | hash        | quality, numbers, templates, alerts          | `store.state_ttl` |
 //! | `<p>:{portfolio}:opt`            | set         | opted-out recipient hashes                   | `store.state_ttl` |
+//! | `<p>:{portfolio}:i<scope>:<key>` | string      | an idempotency key's remembered Admit        | window after its score |
 //!
 //! TTLs run from the newest score a key holds (plus one second), never from now: scores can be
 //! ahead of the Redis clock (see `tg_ttl_until` in the scripts' prelude).
@@ -301,6 +302,10 @@ impl Store for RedisStore {
                     service_windows: pf.service_windows,
                     opted_out: pf.opted_out,
                     portfolio: pf.state,
+                    idempotency: ops
+                        .iter()
+                        .filter_map(|op| op.idempotency_key.as_ref().map(|key| self.keys.idempotency(scope, key)))
+                        .collect(),
                 },
                 window_us: self.window_us(),
                 fallback: &params.fallback,
