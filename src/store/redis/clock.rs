@@ -5,8 +5,9 @@
 //! Two clocks meet here. This process measures the call's bound, `store.timeout`, on its monotonic
 //! clock ([`Instant`]), which no wall-clock step moves. The scripts read the Redis server's wall
 //! clock (`TIME`). The store keeps the offset between them from the last reply that carried
-//! `TIME` (every script but `portfolio` returns it), so the offset follows the server's clock as it
-//! moves; before it knows any, it reads the clock once with `clock.lua`. In a Cluster each node
+//! `TIME` (every script but `portfolio` returns it, and so does a refusal past the deadline, so an
+//! offset that erred early cannot keep refusing calls), and the offset follows the server's clock
+//! as it moves; before it knows any, it reads the clock once with `clock.lua`. In a Cluster each node
 //! has its own clock, so the offset is kept per slot of the call's keys (at most 16,384).
 //!
 //! **Offset error.** A reply pairs Redis's `TIME`, read as the script started, with the moment

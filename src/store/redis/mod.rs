@@ -89,6 +89,14 @@ fn transient(e: &RedisError) -> bool {
         || matches!(e.code(), Some("OOM" | "BUSY" | "NOREPLICAS"))
 }
 
+/// The Redis clock a writing script's refusal reports, when it started after its deadline.
+fn refused_at(e: &RedisError) -> Option<Micros> {
+    if e.code() != Some(scripts::DEADLINE_PASSED) {
+        return None;
+    }
+    e.detail()?.split_whitespace().next()?.parse().ok()
+}
+
 fn store_error(e: RedisError) -> StoreError {
     if e.code() == Some(scripts::DEADLINE_PASSED) {
         // Redis stalled, or the call waited too long before it ran: nothing was written.
@@ -216,12 +224,19 @@ impl RedisStore {
         }
     }
 
-    /// Sends one script call and decodes its reply, keeping the Redis clock it reports.
+    /// Sends one script call and decodes its reply, keeping the Redis clock it reports (a refusal
+    /// reports it too, so an offset that errs early cannot keep refusing calls).
     async fn exchange<C: Call>(&self, call: &C) -> Result<C::Reply, StoreError> {
         let mut inv = C::script().prepare_invoke();
         call.encode(&mut inv);
-        let reply = self.invoke(&inv).await.map_err(store_error)?;
+        let reply = self.invoke(&inv).await;
         let received = Instant::now();
+        let reply = reply.map_err(|e| {
+            if let Some(now) = refused_at(&e) {
+                self.redis_clock.observe(call.key(), now, received);
+            }
+            store_error(e)
+        })?;
         let reply = call.decode(reply)?;
         if let Some(now) = C::ran_at(&reply) {
             self.redis_clock.observe(call.key(), now, received);
@@ -378,5 +393,23 @@ impl Store for RedisStore {
             Connection::Cluster { .. } => "redis-cluster",
             Connection::Sentinel { .. } => "redis-sentinel",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_error(reply: &[u8]) -> RedisError {
+        redis::parse_redis_value(reply).unwrap().extract_error().unwrap_err()
+    }
+
+    #[test]
+    fn a_refusal_past_the_deadline_is_unavailable_and_tells_the_redis_clock() {
+        let e = server_error(b"-TGDEADLINE 1800000000000123 the call reached Redis after its deadline\r\n");
+        assert_eq!(refused_at(&e), Some(1_800_000_000_000_123));
+        assert!(matches!(store_error(e), StoreError::Unavailable(m) if m.contains("deadline")));
+        let other = server_error(b"-ERR 1800000000000123 something else\r\n");
+        assert_eq!(refused_at(&other), None);
     }
 }

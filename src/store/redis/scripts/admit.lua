@@ -16,7 +16,7 @@
 -- ARGV[4]  state TTL (ms)
 -- ARGV[5]  basis points of the limit kept from marketing to new recipients
 -- ARGV[6]  deadline (us, by this clock): started later, the script writes nothing and answers
---          the DEADLINE_PASSED error (see tg_deadline_passed)
+--          the DEADLINE_PASSED error with now (see tg_deadline_passed)
 -- ARGV[7], ...  eight per message: recipient hash, service-window hash or '', category code
 --          (CATEGORY_*), template or '', sender or '', '1' when the sender is blocked by
 --          configuration, template language or '' (then every language of it must be sendable),
@@ -35,7 +35,7 @@
 
 local now = tg_now()
 if now > tonumber(ARGV[6]) then
-  return tg_deadline_passed()
+  return tg_deadline_passed(now)
 end
 local window = tonumber(ARGV[1])
 local tier, limit, seq = tg_meta(KEYS[2], ARGV[2], ARGV[3])

@@ -20,7 +20,7 @@
 -- ARGV[1]  state TTL (ms), ARGV[2] service window (us), ARGV[3] rolling window (us),
 -- ARGV[4]  TTL of a daily HyperLogLog (ms)
 -- ARGV[5]  deadline (us, by this clock): started later, the script writes nothing and answers
---          the DEADLINE_PASSED error (see tg_deadline_passed)
+--          the DEADLINE_PASSED error with now (see tg_deadline_passed)
 -- ARGV[6..] changes, each an op name (OP_* in the prelude) and its arguments:
 --   tier <key index> <name> <limit> <at>  sets the tier; `since` moves to now when the name changes
 --   (for tier, sst, tst and tlst, <at> is when the event happened, '' = now; an event older than
@@ -45,7 +45,7 @@
 
 local now = tg_now()
 if now > tonumber(ARGV[5]) then
-  return tg_deadline_passed()
+  return tg_deadline_passed(now)
 end
 local ttl = ARGV[1]
 local service_window = tonumber(ARGV[2])

@@ -14,12 +14,15 @@ local function tg_fmt(n)
   return string.format('%.0f', n)
 end
 
--- The reply of a writing script that started after its deadline: every writing script takes one
--- (us, by this clock), the moment its caller gives up less a margin (`store::redis::clock`), and
--- checks it before anything else. Past it, the caller has answered UNAVAILABLE or is about to, so
--- the script writes nothing: a stalled Redis that resumes must not count what was reported failed.
-local function tg_deadline_passed()
-  return redis.error_reply(DEADLINE_PASSED .. ' the call reached Redis after its deadline; it wrote nothing')
+-- The reply of a writing script that started at `now`, after its deadline: every writing script
+-- takes one (us, by this clock), the moment its caller gives up less a margin
+-- (`store::redis::clock`), and checks it before anything else. Past it, the caller has answered
+-- UNAVAILABLE or is about to, so the script writes nothing: a stalled Redis that resumes must not
+-- count what was reported failed. The error carries `now` first, so the caller keeps its idea of
+-- this clock from refusals too.
+local function tg_deadline_passed(now)
+  local why = ' the call reached Redis after its deadline; it wrote nothing'
+  return redis.error_reply(DEADLINE_PASSED .. ' ' .. tg_fmt(now) .. why)
 end
 
 -- The scope's tier (persisted, else the caller's fallback) and the last score handed out.
