@@ -21,6 +21,10 @@ use crate::store::Member;
 /// Bytes of each stored hash.
 pub const MEMBER_LEN: usize = 8;
 
+/// Bytes of each stored idempotency key hash: twice a recipient's, since two keys of one scope
+/// that shared a hash would give one message the other's answer, and it would go out uncounted.
+pub const IDEMPOTENCY_KEY_LEN: usize = 16;
+
 /// The shortest hash key accepted.
 pub const MIN_KEY_LEN: usize = 16;
 
@@ -53,12 +57,16 @@ impl RecipientHasher {
     }
 
     fn hash(&self, parts: &[&[u8]]) -> Member {
+        self.hash_to(parts, MEMBER_LEN)
+    }
+
+    fn hash_to(&self, parts: &[&[u8]], len: usize) -> Member {
         let mut mac = self.mac.clone();
         for part in parts {
             mac.update(&(part.len() as u32).to_be_bytes());
             mac.update(part);
         }
-        mac.finalize().into_bytes()[..MEMBER_LEN].to_vec()
+        mac.finalize().into_bytes()[..len].to_vec()
     }
 
     /// A short digest that tells keys apart without revealing them, for comparing the keys of
@@ -75,6 +83,11 @@ impl RecipientHasher {
     /// The stored name of the (sender, recipient) service window.
     pub fn service_window(&self, sender: &str, normalized: &str) -> Member {
         self.hash(&[b"service", sender.as_bytes(), normalized.as_bytes()])
+    }
+
+    /// The stored form of an Admit's idempotency key ([`IDEMPOTENCY_KEY_LEN`] bytes).
+    pub fn idempotency_key(&self, key: &str) -> Member {
+        self.hash_to(&[b"idempotency", key.as_bytes()], IDEMPOTENCY_KEY_LEN)
     }
 
     /// The signer of leases for this store, under a key derived from this hasher's. The label is
@@ -149,6 +162,8 @@ mod tests {
         let h = RecipientHasher::new(b"0123456789abcdef").unwrap();
         assert_ne!(h.service_window("", "14155550100"), h.recipient("14155550100"));
         assert_ne!(h.service_window("a", "b1234567"), h.service_window("ab", "1234567"));
+        assert_ne!(h.idempotency_key("14155550100")[..MEMBER_LEN], h.recipient("14155550100"));
+        assert_eq!(h.idempotency_key("order-1").len(), IDEMPOTENCY_KEY_LEN);
     }
 
     #[test]

@@ -631,6 +631,43 @@ pub fn window_start(now: Micros, window: Duration) -> Micros {
     now.saturating_sub(micros(window))
 }
 
+/// What an Admit's idempotency key remembers of the last decision made under it in its scope,
+/// when that decision wrote to the window ([`Effect::Count`] or [`Effect::Touch`]); a decision
+/// under the key that wrote nothing forgets it.
+///
+/// A retry under the key gets that answer back instead of a new decision while
+/// [`Remembered::replays`] says so: the same reason, and for [`Reason::NewRecipient`] the same
+/// lease, with nothing written. A retry that names another recipient gets it too: the key wins.
+/// Denials and service-window admissions took nothing, so a retry of one is decided again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    pub reason: Reason,
+    /// The recipient that decision named, whom its lease names.
+    pub member: Vec<u8>,
+    /// The contact it counted or touched; for [`Reason::NewRecipient`], the lease's score.
+    pub score: Micros,
+}
+
+impl Remembered {
+    /// What a key remembers of a decision for `member` that wrote the contact `written` (`None`:
+    /// it wrote nothing, and the key forgets what it remembered).
+    pub fn of(reason: Reason, member: &[u8], written: Option<Micros>) -> Option<Remembered> {
+        written.map(|score| Remembered { reason, member: member.to_vec(), score })
+    }
+
+    /// Whether a retry at `now` gets this answer back: while the contact is inside the window and
+    /// its recipient is still counted (`counted`). Once Release or a failed delivery gave the
+    /// slot back, the retry is decided again, so a message that is then sent is counted.
+    pub fn replays(&self, now: Micros, window: Duration, counted: bool) -> bool {
+        counted && self.score > window_start(now, window)
+    }
+
+    /// The lease score a replay carries: the first Admit's, when it counted a new recipient.
+    pub fn lease_score(&self) -> Option<Micros> {
+        (self.reason == Reason::NewRecipient).then_some(self.score)
+    }
+}
+
 /// A quality rating, from user feedback over the last 7 days (Meta: GREEN / YELLOW / RED).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum Quality {

@@ -10,7 +10,7 @@ use tiergate::policy::{Category, Delivery, Lease, Limit, Quality, Reason, ScopeK
 use tiergate::store::{AdmitOp, AdmitParams, Change, TemplateKey, Windows};
 
 use common::ops::{
-    admit, admit_one, hasher, inbound, limited, now_us, op, op_from, portfolio, reasons, set_tier, usage, with,
+    admit, admit_one, hasher, inbound, keyed, limited, now_us, op, op_from, portfolio, reasons, set_tier, usage, with,
 };
 use common::stores::Fixture;
 
@@ -59,6 +59,9 @@ conformance!(
     a_numbers_throughput_is_kept_apart_from_its_status_and_tier,
     templates_are_blocked_per_language_and_a_status_without_one_covers_every_language,
     the_first_shared_policy_recorded_stays_until_replaced,
+    an_idempotency_key_replays_what_its_admit_counted_in_its_scope,
+    an_idempotency_key_is_decided_again_once_its_slot_is_given_back_or_after_a_denial,
+    an_idempotency_key_is_kept_for_the_window_of_its_contact,
 );
 
 async fn new_recipients_are_counted_until_the_limit_then_denied<F: Fn(Windows) -> Fixture>(make: F) {
@@ -664,4 +667,83 @@ async fn the_first_shared_policy_recorded_stays_until_replaced<F: Fn(Windows) ->
     assert_eq!(f.store.shared_policy("second", false).await.unwrap(), "first", "the first recorded holds");
     assert_eq!(f.store.shared_policy("second", true).await.unwrap(), "second", "replacing is on purpose");
     assert_eq!(f.store.shared_policy("third", false).await.unwrap(), "second");
+}
+
+async fn an_idempotency_key_replays_what_its_admit_counted_in_its_scope<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(Windows::default());
+    let (p, t) = (portfolio("acme"), limited(5));
+    let first = admit_one(&*f.store, &p, &t, keyed(op("1111111"), "msg-1")).await;
+    assert_eq!((first.reason, first.replay_of.as_ref()), (Reason::NewRecipient, None));
+    let score = first.lease_score.unwrap();
+    // A retry, alone or twice in one batch: the same answer and lease, counted once.
+    let retries = admit(&*f.store, &p, &t, &[keyed(op("1111111"), "msg-1"), keyed(op("1111111"), "msg-1")]).await;
+    for again in &retries {
+        assert_eq!((again.reason, again.lease_score), (Reason::NewRecipient, Some(score)));
+        assert_eq!(again.replay_of.as_ref(), Some(&op("1111111").member));
+        assert_eq!(again.usage.counted, 1);
+    }
+    // The key wins: a retry naming another recipient gets the first answer, and counts nobody.
+    let other = admit_one(&*f.store, &p, &t, keyed(op("2222222"), "msg-1")).await;
+    assert_eq!((other.reason, other.lease_score), (Reason::NewRecipient, Some(score)));
+    assert_eq!(other.replay_of, Some(op("1111111").member));
+    assert_eq!(usage(&*f.store, &p, &t).await.counted, 1);
+    // An ALREADY_COUNTED is remembered too, without a lease, and touches nothing when replayed.
+    let touched = admit(&*f.store, &p, &t, &[keyed(op("1111111"), "msg-2"), keyed(op("1111111"), "msg-2")]).await;
+    assert_eq!(
+        (touched[0].reason, touched[0].lease_score, touched[0].replay_of.is_some()),
+        (Reason::AlreadyCounted, None, false)
+    );
+    assert_eq!(
+        (touched[1].reason, touched[1].lease_score, touched[1].replay_of.is_some()),
+        (Reason::AlreadyCounted, None, true)
+    );
+    // Other scopes do not share keys: another portfolio, or a number in per-number scope.
+    for scope in [portfolio("globex"), ScopeKey { portfolio: "acme".into(), sender: Some("15550001".into()) }] {
+        let there = admit_one(&*f.store, &scope, &t, keyed(op("1111111"), "msg-1")).await;
+        assert_eq!((there.reason, there.replay_of), (Reason::NewRecipient, None), "{scope:?}");
+        assert_eq!(there.usage.counted, 1);
+    }
+}
+
+async fn an_idempotency_key_is_decided_again_once_its_slot_is_given_back_or_after_a_denial<
+    F: Fn(Windows) -> Fixture,
+>(
+    make: F,
+) {
+    let f = make(Windows::default());
+    let (p, t) = (portfolio("acme"), limited(1));
+    let first = admit_one(&*f.store, &p, &t, keyed(op("1111111"), "msg-1")).await;
+    let lease = Lease { scope: p.clone(), member: op("1111111").member, score: first.lease_score.unwrap() };
+    // The replayed lease is the first one: it releases the slot the first Admit took.
+    let replayed = admit_one(&*f.store, &p, &t, keyed(op("1111111"), "msg-1")).await;
+    assert_eq!(replayed.lease_score, Some(lease.score));
+    assert!(f.store.release(&lease).await.unwrap());
+    // The slot was given back, so the message is decided (and counted) again: a new lease.
+    let again = admit_one(&*f.store, &p, &t, keyed(op("1111111"), "msg-1")).await;
+    assert_eq!((again.reason, again.replay_of.as_ref()), (Reason::NewRecipient, None));
+    assert_ne!(again.lease_score, Some(lease.score));
+    assert_eq!(again.usage.counted, 1);
+    // A denial took nothing: its retry is decided again, and admitted once there is room.
+    let denied = admit_one(&*f.store, &p, &t, keyed(op("2222222"), "msg-2")).await;
+    assert_eq!(denied.reason, Reason::LimitReached);
+    let lease = Lease { scope: p.clone(), member: op("1111111").member, score: again.lease_score.unwrap() };
+    assert!(f.store.release(&lease).await.unwrap());
+    let retried = admit_one(&*f.store, &p, &t, keyed(op("2222222"), "msg-2")).await;
+    assert_eq!((retried.reason, retried.replay_of), (Reason::NewRecipient, None));
+}
+
+async fn an_idempotency_key_is_kept_for_the_window_of_its_contact<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(windows(Duration::from_millis(800), DAY));
+    let (p, t) = (portfolio("acme"), limited(5));
+    let first = admit_one(&*f.store, &p, &t, keyed(op("1111111"), "msg-1")).await;
+    assert_eq!(first.reason, Reason::NewRecipient);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Counted again without the key: the recipient outlives the first contact's window.
+    assert_eq!(admit_one(&*f.store, &p, &t, op("1111111")).await.reason, Reason::AlreadyCounted);
+    let within = admit_one(&*f.store, &p, &t, keyed(op("1111111"), "msg-1")).await;
+    assert_eq!((within.reason, within.lease_score), (Reason::NewRecipient, first.lease_score));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The first contact has left the window, and the key with it: decided again.
+    let after = admit_one(&*f.store, &p, &t, keyed(op("1111111"), "msg-1")).await;
+    assert_eq!((after.reason, after.lease_score, after.replay_of), (Reason::AlreadyCounted, None, None));
 }

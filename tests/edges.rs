@@ -77,6 +77,7 @@ fn req(recipient: &str, category: i32) -> pb::AdmitRequest {
         category,
         template: String::new(),
         template_language: String::new(),
+        idempotency_key: String::new(),
     }
 }
 

@@ -362,3 +362,60 @@ async fn with_an_admin_token_only_its_holders_change_portfolios() {
     // Sending needs no token.
     assert_eq!(admit(&mut c, SALE.to("acme", "s1", "+15550000001")).await.reason(), Reason::NewRecipient);
 }
+
+#[tokio::test]
+async fn a_retry_with_the_same_idempotency_key_gets_the_same_answer_and_lease() {
+    let config = format!("{SMALL}window = \"1s\"\n");
+    let server = TestServer::start(&config).await;
+    let mut c = server.client().await;
+    let first = admit(&mut c, SALE.keyed("acme", "s1", "+15550000001", "wamid.1")).await;
+    assert_eq!(outcome(&first), (Decision::Admitted, Reason::NewRecipient));
+    let again = admit(&mut c, SALE.keyed("acme", "s1", "+15550000001", "wamid.1")).await;
+    assert_eq!((outcome(&again), &again.lease), (outcome(&first), &first.lease), "the same answer and lease");
+    assert_eq!(again.usage.unwrap().unique_recipients, 1);
+    // Each request of a batch carries its own key.
+    let batch = pb::AdmitBatchRequest {
+        requests: vec![
+            SALE.keyed("acme", "s1", "+15550000001", "wamid.1"),
+            SALE.keyed("acme", "s1", "+15550000002", "wamid.2"),
+            SALE.keyed("acme", "s1", "+15550000002", "wamid.2"),
+        ],
+    };
+    let got = c.admit_batch(batch).await.unwrap().into_inner().responses;
+    assert_eq!(got[0].lease, first.lease);
+    assert_eq!((got[1].reason(), &got[2].lease), (Reason::NewRecipient, &got[1].lease));
+    assert_eq!(usage(&mut c, "acme", "").await.unique_recipients, 2, "each recipient counted once");
+    // The replayed lease releases the slot; the retry after that is counted anew.
+    assert!(c.release(pb::ReleaseRequest { lease: again.lease.clone() }).await.unwrap().into_inner().released);
+    let recounted = admit(&mut c, SALE.keyed("acme", "s1", "+15550000001", "wamid.1")).await;
+    assert_eq!(recounted.reason(), Reason::NewRecipient);
+    assert_ne!(recounted.lease, first.lease);
+    // The key goes with the window.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let later = admit(&mut c, SALE.keyed("acme", "s1", "+15550000002", "wamid.2")).await;
+    assert_eq!(later.reason(), Reason::NewRecipient);
+    assert_ne!(later.lease, got[1].lease);
+}
+
+#[tokio::test]
+async fn idempotency_keys_are_short_printable_and_never_echoed() {
+    let server = TestServer::start(SMALL).await;
+    let mut c = server.client().await;
+    for bad in ["k".repeat(129), "secret\nkey".into(), "clé-secrète".into()] {
+        let e = c.admit(SALE.keyed("acme", "s1", "+15550000001", &bad)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().starts_with("idempotency_key: "), "{}", e.message());
+        assert!(!e.message().contains("kkk") && !e.message().contains("secr"), "{}", e.message());
+        let batch = pb::AdmitBatchRequest {
+            requests: vec![
+                SALE.keyed("acme", "s1", "+15550000001", "fine"),
+                SALE.keyed("acme", "s1", "+15550000002", &bad),
+            ],
+        };
+        let e = c.admit_batch(batch).await.unwrap_err();
+        assert!(e.message().starts_with("requests[1].idempotency_key: "), "{}", e.message());
+    }
+    assert_eq!(usage(&mut c, "acme", "").await.unique_recipients, 0);
+    let longest = admit(&mut c, SALE.keyed("acme", "s1", "+15550000001", &"k".repeat(128))).await;
+    assert_eq!(longest.reason(), Reason::NewRecipient);
+}

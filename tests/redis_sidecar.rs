@@ -306,3 +306,125 @@ async fn daily_counts_follow_the_redis_clock_not_a_skewed_sidecar() {
         assert_eq!((report.usage.counted, report.unique_7d), (1, 1));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_ahead_of_the_redis_clock_stays_counted_for_its_whole_window() {
+    use common::ops::{hasher, inbound, now_us, op, op_from, params, portfolio};
+    use common::stores::{redis_options, standalone};
+    use tiergate::policy::{Reason, Tier};
+    use tiergate::store::redis::RedisStore;
+    use tiergate::store::{Store, Windows};
+
+    let redis = RedisServer::start();
+    let second = Duration::from_secs(1);
+    let opts = redis_options(standalone(&redis), Windows { window: second, service_window: second }, "tg");
+    let store = RedisStore::new(opts).unwrap();
+    let scope = portfolio("acme");
+    let params = params(&Tier::limited("T", 10));
+    // As after the Redis clock stepped back 4 s: the scope's last score is ahead of TIME, so the
+    // next contact's score is too, and so is a service window opened before the step.
+    let ahead = now_us() + 4_000_000;
+    redis.cli(&["HSET", "tg:{acme}:m", "seq", &ahead.to_string()]);
+    let opened = hasher().service_window("sender-1", "15550000009");
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("ZADD").arg("tg:{acme}:sw").arg(ahead + 1_000_000).arg(&opened).exec(&mut conn).unwrap();
+    let counted = store.admit(&scope, &params, &[op("15550000001")]).await.unwrap().remove(0);
+    assert_eq!(counted.reason, Reason::NewRecipient);
+    let score = counted.lease_score.unwrap();
+    assert!(score > ahead, "{score} is ahead of {ahead}");
+    inbound(&store, "acme", "sender-2", "15550000002").await;
+
+    let pttl: u64 = redis.cli(&["PTTL", "tg:{acme}:w"]).parse().unwrap();
+    let needed = (score + 1_000_000 - now_us()) / 1_000;
+    assert!(pttl >= needed, "the window key lives {pttl} ms; its newest contact stays counted {needed} ms");
+    let pttl: u64 = redis.cli(&["PTTL", "tg:{acme}:sw"]).parse().unwrap();
+    let needed = (ahead + 1_000_000 - now_us()) / 1_000;
+    assert!(pttl >= needed, "the service windows live {pttl} ms; the last one closes in {needed} ms");
+
+    // Past `window + 1 s` from now, still inside the window counted from the contact's score.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let again = store.admit(&scope, &params, &[op("15550000001")]).await.unwrap().remove(0);
+    assert_eq!(again.reason, Reason::AlreadyCounted, "the recipient is still inside its window");
+    let reply = store.admit(&scope, &params, &[op_from("sender-1", "15550000009")]).await.unwrap().remove(0);
+    assert_eq!(reply.reason, Reason::ServiceWindow, "the service window is still open");
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admits_that_redis_runs_after_a_stall_spend_nothing_of_the_limit() {
+    let redis = RedisServer::start();
+    let cfg = config(&format!("url = \"{}\"", redis.url()), "default_tier = \"T50\"");
+    let sidecar = Sidecar::spawn(&cfg, &[HASH_KEY]);
+    let mut c = sidecar.client().await;
+    let first = c.admit(UTILITY.to("acme", "sender-1", "+15550000000")).await.unwrap().into_inner();
+    assert_eq!(first.reason(), Reason::NewRecipient);
+
+    // Redis stalls: every Admit times out (store.timeout = 300ms) while its script waits in
+    // Redis's socket buffer, to run when Redis resumes.
+    let stall = redis.stall();
+    let stalled = 40;
+    let calls: Vec<_> = (1..=stalled)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.admit(UTILITY.to("acme", "sender-1", &format!("+1555{i:07}"))).await })
+        })
+        .collect();
+    for call in calls {
+        let e = call.await.unwrap().expect_err("Redis is stalled");
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stall.resume();
+
+    // Once Redis has run what waited for it, none of the Admits its callers were told failed
+    // holds a slot.
+    let (after, _) =
+        admit_until_ok(&mut c, UTILITY.to("acme", "sender-1", "+15559999999"), Duration::from_secs(10)).await;
+    assert_eq!(after.reason(), Reason::NewRecipient);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counted = usage(&mut c, "acme", "").await.unique_recipients;
+    println!("{} of {stalled} Admits answered UNAVAILABLE during the stall were counted", counted - 2);
+    assert_eq!(counted, 2, "only the Admits before and after the stall count");
+    for i in 1..=stalled {
+        let again = c.admit(UTILITY.to("acme", "sender-1", &format!("+1555{i:07}"))).await.unwrap().into_inner();
+        assert_eq!(again.reason(), Reason::NewRecipient, "recipient {i} was not counted");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_redis_starts_after_its_deadline_is_refused_and_changes_nothing() {
+    use common::ops::{hasher, op, params, portfolio};
+    use common::stores::{redis_options, standalone};
+    use tiergate::policy::{Lease, Reason, Tier};
+    use tiergate::store::redis::RedisStore;
+    use tiergate::store::{Change, Store, StoreError, Windows};
+
+    let redis = RedisServer::start();
+    let timeout = Duration::from_secs(2);
+    let opts = redis_options(standalone(&redis), Windows::default(), "tg");
+    let store = RedisStore::new(tiergate::store::redis::RedisOptions { timeout, ..opts }).unwrap();
+    let (scope, params) = (portfolio("acme"), params(&Tier::limited("T", 10)));
+    let counted = store.admit(&scope, &params, &[op("15550000001")]).await.unwrap().remove(0);
+    let lease = Lease { scope: scope.clone(), member: op("15550000001").member, score: counted.lease_score.unwrap() };
+
+    // Each call's deadline is a fifth of the timeout before its caller gives up: Redis resumes
+    // between the two, so every script starts late and its refusal still reaches the caller.
+    let stall = redis.stall();
+    let opt_out = [Change::OptOut { member: hasher().recipient("15550000002"), opted_out: true }];
+    let new = [op("15550000002")];
+    let resume = async {
+        tokio::time::sleep(Duration::from_millis(1_800)).await;
+        stall.resume();
+    };
+    let (admitted, released, applied, ()) =
+        tokio::join!(store.admit(&scope, &params, &new), store.release(&lease), store.apply("acme", &opt_out), resume,);
+    for e in [admitted.map(drop), released.map(drop), applied.map(drop)] {
+        match e {
+            Err(StoreError::Unavailable(m)) => assert!(m.contains("deadline"), "{m}"),
+            other => panic!("a late write must be refused as unavailable: {other:?}"),
+        }
+    }
+    assert_eq!(store.usage(&scope, &params.fallback).await.unwrap().usage.counted, 1, "nothing counted or released");
+    assert_eq!(store.portfolio("acme").await.unwrap().opted_out, 0, "nothing applied");
+    let again = store.admit(&scope, &params, &[op("15550000002")]).await.unwrap().remove(0);
+    assert_eq!(again.reason, Reason::NewRecipient);
+    assert!(store.release(&lease).await.unwrap(), "the lease still holds its slot");
+}

@@ -99,6 +99,7 @@ impl AdmitInput {
             recipient: r.recipient,
             template: r.template,
             template_language: r.template_language,
+            idempotency_key: r.idempotency_key,
         })
     }
 }

@@ -11,7 +11,7 @@ use crate::metrics;
 use crate::policy::{Category, Lease, Reason, ScopeKey, Tier};
 use crate::store::{AdmitOp, AdmitParams, UsageSnapshot};
 
-use super::input::{FieldPath, Recipient, TemplateLanguage, TemplateName};
+use super::input::{FieldPath, IdempotencyKey, Recipient, TemplateLanguage, TemplateName};
 use super::read::Usage;
 use super::Limiter;
 
@@ -34,6 +34,9 @@ pub struct AdmitInput {
     /// The template's language (`en_US`); empty when not named, and then the message is blocked
     /// if any language of the template is.
     pub template_language: String,
+    /// Makes a retry safe; empty for none (see `AdmitRequest.idempotency_key` and
+    /// [`Remembered`](crate::policy::Remembered)).
+    pub idempotency_key: String,
 }
 
 /// The answer to one [`AdmitInput`].
@@ -93,6 +96,7 @@ impl Limiter {
         if template.is_none() && template_language.is_some() {
             return Err(at.invalid("template_language", "names a language but the message names no template"));
         }
+        let idempotency_key = IdempotencyKey::optional(&input.idempotency_key, at)?;
         let sender = sender.map(|s| s.into_string());
         let sender_blocked = sender
             .as_ref()
@@ -105,6 +109,7 @@ impl Limiter {
             sender,
             sender_blocked,
             template_language: template_language.map(TemplateLanguage::into_string),
+            idempotency_key: idempotency_key.map(|k| self.hasher.idempotency_key(k.as_str())),
         };
         Ok(Prepared { scope, op })
     }
@@ -135,9 +140,14 @@ impl Limiter {
             };
             for ((&i, op), a) in places.iter().zip(ops).zip(admissions) {
                 let lease = a.lease_score.map(|score| {
-                    let lease = Lease { scope: scope.clone(), member: op.member.clone(), score };
+                    // A replay's lease names the recipient of the Admit it replays.
+                    let member = a.replay_of.clone().unwrap_or_else(|| op.member.clone());
+                    let lease = Lease { scope: scope.clone(), member, score };
                     let token = self.leases.sign(&lease);
-                    granted.push(lease);
+                    // Only what this call counted is given back if the batch fails.
+                    if a.replay_of.is_none() {
+                        granted.push(lease);
+                    }
                     token
                 });
                 answers[i] = Some(AdmitAnswer {

@@ -169,6 +169,38 @@ impl TemplateLanguage {
     }
 }
 
+/// An Admit's idempotency key: 1 to 128 printable ASCII characters. Only its keyed hash is
+/// stored, and neither `Debug` nor errors show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// The longest key accepted, in bytes.
+    pub const MAX_LEN: usize = 128;
+
+    /// Checks `idempotency_key` at `at`; empty means none. The error never repeats the key.
+    pub fn optional(raw: &str, at: FieldPath) -> Result<Option<IdempotencyKey>, Error> {
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        if raw.len() > Self::MAX_LEN || !raw.chars().all(|c| c == ' ' || c.is_ascii_graphic()) {
+            return Err(at.invalid("idempotency_key", "must be at most 128 printable ASCII characters"));
+        }
+        Ok(Some(IdempotencyKey(raw.to_owned())))
+    }
+
+    /// The key, for hashing only.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdempotencyKey(***)")
+    }
+}
+
 impl Limiter {
     /// Resolves the limit scope of `portfolio_id` and `sender_id` at `at`. The sender is
     /// optional in portfolio scope (but checked when given) and required in per-number scope.
@@ -217,5 +249,18 @@ mod tests {
         let e = Recipient::parse("+1 415 555 0100 x", FieldPath::batch(1)).unwrap_err();
         assert!(e.to_string().starts_with("requests[1].recipient: "), "{e}");
         assert!(!e.to_string().contains("415"), "{e}");
+    }
+
+    #[test]
+    fn idempotency_keys_are_short_printable_and_never_shown() {
+        assert_eq!(IdempotencyKey::optional("", FieldPath::TOP).unwrap(), None);
+        let key = IdempotencyKey::optional("wamid.HBgL 42:retry", FieldPath::TOP).unwrap().unwrap();
+        assert!(!format!("{key:?}").contains("wamid"));
+        assert!(IdempotencyKey::optional(&"k".repeat(128), FieldPath::TOP).is_ok());
+        for bad in ["k".repeat(129), "secret\n".into(), "sécret".into(), "tab\there".into()] {
+            let e = IdempotencyKey::optional(&bad, FieldPath::batch(3)).unwrap_err();
+            assert!(e.to_string().starts_with("requests[3].idempotency_key: "), "{e}");
+            assert!(!e.to_string().contains("ecret") && !e.to_string().contains("kkk"), "{e}");
+        }
     }
 }

@@ -32,7 +32,7 @@ use crate::store::{Change, PortfolioState, ScopeReport, Store};
 pub use crate::error::Error;
 pub use admit::{AdmitAnswer, AdmitInput, MAX_BATCH};
 pub use change::{Event, Inbound, NumberEvent, PortfolioUpdate, Reported, ReportedLimits, Status};
-pub use input::{FieldPath, PortfolioId, Recipient, SenderId, TemplateLanguage, TemplateName};
+pub use input::{FieldPath, IdempotencyKey, PortfolioId, Recipient, SenderId, TemplateLanguage, TemplateName};
 pub use read::{PortfolioView, Usage, UsageDetail};
 
 /// The limiter behind the API.

@@ -11,7 +11,9 @@ use super::{
     StoreError, TemplateKey, TemplateState, UsageSnapshot, Windows, DAYS_KEPT,
 };
 pub use super::{Clock, SystemClock};
-use crate::policy::{self, Delivery, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, Tier};
+use crate::policy::{
+    self, Delivery, Effect, Lease, Limits, Micros, Remembered, ScopeKey, SenderStatus, Snapshot, Tier,
+};
 
 #[derive(Default)]
 struct ScopeState {
@@ -31,6 +33,8 @@ struct ScopeState {
     days: BTreeMap<u64, HashSet<Member>>,
     /// When each recipient was last confirmed delivered (kept for one window).
     delivered: HashMap<Member, Micros>,
+    /// What each idempotency key (hashed) remembers, until its contact leaves the window.
+    remembered: HashMap<Member, Remembered>,
 }
 
 impl ScopeState {
@@ -44,6 +48,7 @@ impl ScopeState {
             self.contacts.remove(&member);
         }
         self.delivered.retain(|_, at| *at > start);
+        self.remembered.retain(|_, r| r.score > start);
         let oldest_day = day_of(now).saturating_sub(DAYS_KEPT - 1);
         self.days.retain(|day, _| *day >= oldest_day);
     }
@@ -180,6 +185,19 @@ impl Store for MemoryStore {
         let limits = Limits::new(limit, params.reserve_bp);
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
+            let remembered = op.idempotency_key.as_ref().and_then(|key| s.remembered.get(key));
+            let window = self.windows.window;
+            if let Some(r) = remembered.filter(|r| r.replays(now, window, s.contacts.contains_key(&r.member))) {
+                out.push(Admission {
+                    reason: r.reason,
+                    lease_score: r.lease_score(),
+                    retry_after: None,
+                    usage: s.usage(&params.fallback, &self.windows),
+                    now,
+                    replay_of: Some(r.member.clone()),
+                });
+                continue;
+            }
             let service_window_open =
                 op.service_member.as_ref().and_then(|m| portfolio?.service.get(m)).is_some_and(|closes| *closes > now);
             let snapshot = Snapshot {
@@ -192,20 +210,20 @@ impl Store for MemoryStore {
             };
             let nth_oldest = |rank| s.by_score.iter().nth(usize::try_from(rank).ok()?).map(|(score, _)| *score);
             let outcome = policy::decide(&snapshot, op.category, limits, now, self.windows.window, nth_oldest);
-            let lease_score = match outcome.effect {
-                Effect::Count => Some(s.touch(&op.member, now)),
-                Effect::Touch => {
-                    s.touch(&op.member, now);
-                    None
-                }
-                Effect::Nothing => None,
-            };
+            let written = (outcome.effect != Effect::Nothing).then(|| s.touch(&op.member, now));
+            if let Some(key) = &op.idempotency_key {
+                match Remembered::of(outcome.reason, &op.member, written) {
+                    Some(r) => s.remembered.insert(key.clone(), r),
+                    None => s.remembered.remove(key),
+                };
+            }
             out.push(Admission {
                 reason: outcome.reason,
-                lease_score,
+                lease_score: written.filter(|_| outcome.effect == Effect::Count),
                 retry_after: outcome.retry_after,
                 usage: s.usage(&params.fallback, &self.windows),
                 now,
+                replay_of: None,
             });
         }
         Ok(out)

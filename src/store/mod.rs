@@ -70,6 +70,10 @@ pub struct AdmitOp {
     /// The template's language (`en_US`), if the message names one; without it, the message is
     /// blocked when any language of the template is.
     pub template_language: Option<String>,
+    /// The keyed hash of the caller's idempotency key, if it sent one: a retry under a key that
+    /// the scope remembers gets the remembered answer back (see
+    /// [`policy::Remembered`](crate::policy::Remembered)).
+    pub idempotency_key: Option<Member>,
 }
 
 /// Scope-wide parameters of an admission call.
@@ -290,6 +294,10 @@ pub struct Admission {
     pub usage: UsageSnapshot,
     /// The store's clock when it decided (the same for every message of one call).
     pub now: Micros,
+    /// Set when the answer was replayed under the op's idempotency key instead of decided: the
+    /// recipient the remembered decision named, whom the lease names (it may not be the op's).
+    /// Nothing was written for it.
+    pub replay_of: Option<Member>,
 }
 
 /// Why a store call failed.
@@ -317,7 +325,11 @@ impl StoreError {
 /// The storage trait every backend implements; the conformance suite in `tests/` checks them.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Decides `ops` in order within one scope, as if sent one after another, atomically.
+    /// Decides `ops` in order within one scope, as if sent one after another, atomically. An op
+    /// with an idempotency key that the scope remembers and that still replays gets the
+    /// remembered answer and writes nothing; otherwise a decision under a key that writes is
+    /// remembered until its contact leaves the window, and one that writes nothing forgets the
+    /// key ([`policy::Remembered`](crate::policy::Remembered)).
     async fn admit(
         &self,
         scope: &ScopeKey,

@@ -37,6 +37,11 @@ pub fn with(op: AdmitOp, category: Category, template: Option<&str>) -> AdmitOp 
     AdmitOp { category, template: template.map(str::to_owned), ..op }
 }
 
+/// The same op sent with an idempotency key.
+pub fn keyed(op: AdmitOp, key: &str) -> AdmitOp {
+    AdmitOp { idempotency_key: Some(hasher().idempotency_key(key)), ..op }
+}
+
 /// Params with `tier` as the fallback and no marketing reserve.
 pub fn params(tier: &Tier) -> AdmitParams {
     AdmitParams { fallback: tier.clone(), reserve_bp: 0 }

@@ -443,6 +443,15 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the process (SIGSTOP) until the returned [`Stall`] is resumed or dropped (SIGCONT):
+    /// a stalled server, whose connections stay open and whose socket buffers take commands that it
+    /// runs only when it resumes.
+    pub fn stall(&self) -> Stall {
+        let pid = self.pid().expect("stall() of a server that is not running");
+        signal(pid, "STOP");
+        Stall { pid: Some(pid) }
+    }
+
     /// Runs `redis-cli -p PORT args...` and returns stdout trimmed; panics on non-zero exit/timeout.
     /// Error replies (`ERR ...`) are returned as text, since redis-cli exits 0 for them.
     pub fn cli(&self, args: &[&str]) -> String {
@@ -475,6 +484,40 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A server frozen by [`RedisServer::stall`]; it runs again when resumed or dropped (so a failing
+/// test never leaves it frozen).
+#[derive(Debug)]
+pub struct Stall {
+    pid: Option<u32>,
+}
+
+impl Stall {
+    /// Lets the server run again (SIGCONT).
+    pub fn resume(mut self) {
+        if let Some(pid) = self.pid.take() {
+            signal(pid, "CONT");
+        }
+    }
+}
+
+impl Drop for Stall {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            signal(pid, "CONT");
+        }
+    }
+}
+
+/// Sends `SIG<name>` to `pid` with `kill`; panics when it cannot.
+fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap_or_else(|e| panic!("kill -{name} {pid}: {e}"));
+    assert!(status.success(), "kill -{name} {pid} exited with {status}");
 }
 
 fn server_base_args(dir: &Path, port: u16) -> Vec<String> {

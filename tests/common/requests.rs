@@ -54,7 +54,13 @@ impl Admit {
             category: self.category.into(),
             template: self.template.into(),
             template_language: self.language.into(),
+            idempotency_key: String::new(),
         }
+    }
+
+    /// [`Admit::to`] with an idempotency key, for a send that may be retried.
+    pub fn keyed(self, portfolio: &str, sender: &str, recipient: &str, key: &str) -> pb::AdmitRequest {
+        pb::AdmitRequest { idempotency_key: key.into(), ..self.to(portfolio, sender, recipient) }
     }
 }
 

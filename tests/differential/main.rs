@@ -101,6 +101,9 @@ struct Msg {
     blocked: bool,
     /// The template's language (none: the message may be in any).
     language: Option<u8>,
+    /// The idempotency key, from a pool small enough that keys repeat, with the same recipient
+    /// (a retry) or another (the key wins).
+    key: Option<u8>,
 }
 
 /// When an event happened, relative to the backend's clock, in eighths of its window.
@@ -229,14 +232,16 @@ fn msg() -> impl Strategy<Value = Msg> {
         proptest::option::weighted(0.4, 0..3u8),
         proptest::bool::weighted(0.05),
         proptest::option::weighted(0.6, 0..3u8),
+        proptest::option::weighted(0.3, 0..3u8),
     )
-        .prop_map(|(sender, recipient, category, template, blocked, language)| Msg {
+        .prop_map(|(sender, recipient, category, template, blocked, language, key)| Msg {
             sender,
             recipient,
             category,
             template,
             blocked,
             language,
+            key,
         })
 }
 
@@ -395,6 +400,7 @@ fn admit_op(h: &RecipientHasher, m: &Msg) -> AdmitOp {
         sender_blocked: m.blocked,
         // As the limiter asks: a language only with a template.
         template_language: m.template.and(m.language).map(|l| language(Some(l))),
+        idempotency_key: m.key.map(|k| h.idempotency_key(&format!("msg-{k}"))),
     }
 }
 
@@ -472,6 +478,7 @@ async fn play(subject: Subject, steps: &[Step], seen: &Seen) -> Result<(), Strin
                 let ops: Vec<AdmitOp> = msgs.iter().map(|m| admit_op(&h, m)).collect();
                 let got = store.admit(&key, &params, &ops).await.map_err(failed)?;
                 got.iter().for_each(|a| saw(seen, a.reason.as_str()));
+                got.iter().filter(|a| a.replay_of.is_some()).for_each(|_| saw(seen, "replayed under its key"));
                 let now = got.first().map_or(0, |a| a.now);
                 let want = model.admit(now, &key, &params, &ops);
                 if got != want {
@@ -479,7 +486,9 @@ async fn play(subject: Subject, steps: &[Step], seen: &Seen) -> Result<(), Strin
                 }
                 for (a, op) in got.iter().zip(&ops) {
                     if let Some(score) = a.lease_score {
-                        leases.push(Lease { scope: key.clone(), member: op.member.clone(), score });
+                        // A replay's lease names the recipient of the Admit it replays.
+                        let member = a.replay_of.clone().unwrap_or_else(|| op.member.clone());
+                        leases.push(Lease { scope: key.clone(), member, score });
                     }
                 }
             }
@@ -551,11 +560,44 @@ fn seed() -> RngSeed {
 /// Sequences that once made a store and the model disagree, as the generator shrank them, and a
 /// few that random cases rarely reach; every backend plays them before the random ones.
 fn regressions() -> Vec<(&'static str, Vec<Step>)> {
-    let one = |recipient| Msg { sender: None, recipient, category: 0, template: None, blocked: false, language: None };
+    let one = |recipient| Msg {
+        sender: None,
+        recipient,
+        category: 0,
+        template: None,
+        blocked: false,
+        language: None,
+        key: None,
+    };
+    let keyed = |recipient, key| Msg { key: Some(key), ..one(recipient) };
     let portfolio = Sel { portfolio: 0, number: None };
     let promo = |language| Msg { template: Some(2), language, ..one(0) };
     let status = |language, status| Chg::TemplateStatus { template: 2, language, status, at: When::Now };
     vec![
+        (
+            "an idempotency key replays what it counted, also for another recipient, until the slot is given back",
+            vec![
+                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(0, 0), keyed(0, 0)] },
+                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(1, 0), keyed(1, 1)] },
+                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(2, 2)] },
+                Step::Release { lease: 0 },
+                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(0, 0), keyed(2, 2)] },
+                Step::Wait { eighths: 8 },
+                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(0, 0)] },
+            ],
+        ),
+        (
+            "a key whose last decision took nothing replays nothing, even once its first recipient is counted again",
+            vec![
+                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![keyed(0, 0)] },
+                Step::Release { lease: 0 },
+                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![one(1)] },
+                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![keyed(0, 0)] },
+                Step::Release { lease: 1 },
+                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![one(0)] },
+                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![keyed(0, 0)] },
+            ],
+        ),
         (
             // On Redis a tie needs two statuses in one call, which random cases rarely make.
             "a status for every language and one for a language at the same time: the language's own is in force",
@@ -650,7 +692,7 @@ fn differential(name: &str, default_cases: u32, make: impl Fn() -> Subject) {
                 .iter()
                 .filter(|r| **r != Reason::StoreUnavailable)
                 .map(|r| r.as_str())
-                .chain(["release given back", "release refused"])
+                .chain(["release given back", "release refused", "replayed under its key"])
                 .filter(|what| !seen.contains_key(what))
                 .collect();
             // (Only for runs long enough to reach them: a quick PROPTEST_CASES=5 run may not.)

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use tiergate::policy::{
-    self, Delivery, Effect, Lease, Limits, Micros, ScopeKey, SenderStatus, Snapshot, TemplateEvent, Tier,
+    self, Delivery, Effect, Lease, Limits, Micros, Remembered, ScopeKey, SenderStatus, Snapshot, TemplateEvent, Tier,
 };
 use tiergate::store::{
     day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, TemplateKey, UsageSnapshot,
@@ -33,6 +33,9 @@ struct Scope {
     days: BTreeMap<u64, BTreeSet<Member>>,
     /// Recipient → when it was last confirmed delivered.
     delivered: BTreeMap<Member, Micros>,
+    /// Idempotency key (hashed) → what it remembers; never dropped here, since whether it still
+    /// replays is asked at each use.
+    remembered: BTreeMap<Member, Remembered>,
 }
 
 impl Scope {
@@ -131,6 +134,18 @@ impl Model {
         let limits = Limits::new(limit, params.reserve_bp);
         let mut out = Vec::new();
         for op in ops {
+            let remembered = op.idempotency_key.as_ref().and_then(|key| s.remembered.get(key));
+            if let Some(r) = remembered.filter(|r| r.replays(now, windows.window, s.contacts.contains_key(&r.member))) {
+                out.push(Admission {
+                    reason: r.reason,
+                    lease_score: r.lease_score(),
+                    retry_after: None,
+                    usage: s.usage(&params.fallback, &windows),
+                    now,
+                    replay_of: Some(r.member.clone()),
+                });
+                continue;
+            }
             let status = |sender: &String| portfolio?.state.senders.get(sender)?.status;
             let language = op.template_language.as_deref();
             let template_blocked = |name: &String| portfolio.is_some_and(|p| p.template_blocked(name, language));
@@ -148,14 +163,23 @@ impl Model {
             let nth_oldest = |rank: u64| scores.get(usize::try_from(rank).ok()?).copied();
             let outcome = policy::decide(&snapshot, op.category, limits, now, windows.window, nth_oldest);
             let mut lease_score = None;
+            let mut written = None;
             if outcome.effect != Effect::Nothing {
                 // Every tier keeps the window, unlimited ones too.
                 let score = policy::next_score(now, s.last_score);
                 s.last_score = score;
                 s.contacts.insert(op.member.clone(), score);
+                written = Some(score);
                 if outcome.effect == Effect::Count {
                     lease_score = Some(score);
                 }
+            }
+            // A key remembers the last decision under it that wrote; one that wrote nothing forgets.
+            if let Some(key) = &op.idempotency_key {
+                match Remembered::of(outcome.reason, &op.member, written) {
+                    Some(r) => s.remembered.insert(key.clone(), r),
+                    None => s.remembered.remove(key),
+                };
             }
             out.push(Admission {
                 reason: outcome.reason,
@@ -163,6 +187,7 @@ impl Model {
                 retry_after: outcome.retry_after,
                 usage: s.usage(&params.fallback, &windows),
                 now,
+                replay_of: None,
             });
         }
         out

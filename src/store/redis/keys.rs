@@ -56,6 +56,12 @@ impl KeySpace {
         format!("{}:dv{}", self.tag(&scope.portfolio), Self::sub(scope))
     }
 
+    /// What the scope remembers of an Admit under an idempotency key (its keyed hash): a string
+    /// that expires when the contact it names leaves the window.
+    pub fn idempotency(&self, scope: &ScopeKey, key: &[u8]) -> String {
+        format!("{}:i{}:{}", self.tag(&scope.portfolio), Self::sub(scope), hex::encode(key))
+    }
+
     /// The portfolio's own keys.
     pub fn portfolio(&self, portfolio: &str) -> PortfolioKeys {
         let tag = self.tag(portfolio);

@@ -6,26 +6,36 @@
 //!
 //! | key                              | type        | holds                                        | TTL |
 //! |----------------------------------|-------------|----------------------------------------------|-----|
-//! | `<p>:{portfolio}:w<scope>`       | sorted set  | recipient hash → last counted contact (µs)   | window |
-//! | `<p>:{portfolio}:m<scope>`       | hash        | tier, limit, since, last score, simulation   | `store.state_ttl` |
+//! | `<p>:{portfolio}:w<scope>`       | sorted set  | recipient hash → last counted contact (µs)   | window after its newest score |
+//! | `<p>:{portfolio}:m<scope>`       | hash        | tier, limit, since, last score, simulation   | `store.state_ttl`, at least window after `seq` |
 //! | `<p>:{portfolio}:d<scope>:<day>` | HyperLogLog | counted recipients delivered that UTC day   | 31 days |
-//! | `<p>:{portfolio}:dv<scope>`      | sorted set  | recipient hash → last confirmed delivered (µs) | window |
-//! | `<p>:{portfolio}:sw`             | sorted set  | (sender, recipient) hash → window closes (µs)| service window |
+//! | `<p>:{portfolio}:dv<scope>`      | sorted set  | recipient hash → last confirmed delivered (µs) | window after its newest score |
+//! | `<p>:{portfolio}:sw`             | sorted set  | (sender, recipient) hash → window closes (µs)| its last closing time |
 //! | `<p>:{portfolio}:pf`             | hash        | quality, numbers, templates, alerts          | `store.state_ttl` |
 //! | `<p>:{portfolio}:opt`            | set         | opted-out recipient hashes                   | `store.state_ttl` |
+//! | `<p>:{portfolio}:i<scope>:<key>` | string      | an idempotency key's remembered Admit        | window after its score |
+//!
+//! TTLs run from the newest score a key holds (plus one second), never from now: scores can be
+//! ahead of the Redis clock (see `tg_ttl_until` in the scripts' prelude).
 //!
 //! [`keys`] names them. The scripts live in [`scripts`], each `.lua` beside the Rust types that
 //! encode its KEYS and ARGV and decode its reply; each documents its KEYS and ARGV at its top.
 //! [`config`] resolves the topology from the configuration.
+//!
+//! Every writing script (admit, apply, release) is told the moment its caller gives up, in the
+//! Redis clock ([`clock`]), and writes nothing when it starts later: when a stalled Redis resumes,
+//! the calls that were answered UNAVAILABLE meanwhile change nothing.
 
+mod clock;
 mod config;
 mod keys;
 mod scripts;
 
 pub use config::{redact_url, RedisOptions, Topology, TopologyConfig, TopologyError};
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -34,8 +44,11 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use redis::{ErrorKind, RedisError, ScriptInvocation, ServerErrorKind};
 use tokio::sync::Mutex;
 
+use self::clock::RedisClock;
 use self::keys::KeySpace;
-use self::scripts::{AdmitArgs, AdmitKeys, ApplyArgs, Call, PortfolioArgs, ReleaseArgs, SharedPolicyArgs, UsageArgs};
+use self::scripts::{
+    AdmitArgs, AdmitKeys, ApplyArgs, Call, ClockArgs, PortfolioArgs, ReleaseArgs, SharedPolicyArgs, UsageArgs,
+};
 use super::{
     day_of, Admission, AdmitOp, AdmitParams, Change, Clock, PortfolioState, ScopeReport, Store, StoreError,
     SystemClock, DAYS_KEPT, DAY_US,
@@ -55,6 +68,8 @@ pub struct RedisStore {
     keys: KeySpace,
     /// Names the daily keys a call may touch; the scripts pick among them by the Redis clock.
     clock: Arc<dyn Clock>,
+    /// The Redis clock as last seen, which writing scripts' deadlines are given in.
+    redis_clock: RedisClock,
 }
 
 fn transient(e: &RedisError) -> bool {
@@ -76,7 +91,19 @@ fn transient(e: &RedisError) -> bool {
         || matches!(e.code(), Some("OOM" | "BUSY" | "NOREPLICAS"))
 }
 
+/// The Redis clock a writing script's refusal reports, when it started after its deadline.
+fn refused_at(e: &RedisError) -> Option<Micros> {
+    if e.code() != Some(scripts::DEADLINE_PASSED) {
+        return None;
+    }
+    e.detail()?.split_whitespace().next()?.parse().ok()
+}
+
 fn store_error(e: RedisError) -> StoreError {
+    if e.code() == Some(scripts::DEADLINE_PASSED) {
+        // Redis stalled, or the call waited too long before it ran: nothing was written.
+        return StoreError::Unavailable("Redis ran the call after its deadline passed; it wrote nothing".into());
+    }
     if transient(&e) {
         StoreError::Unavailable(e.to_string())
     } else {
@@ -127,7 +154,8 @@ impl RedisStore {
             }
         };
         let keys = KeySpace::new(&opts.key_prefix);
-        Ok(RedisStore { conn: Arc::new(conn), opts, keys, clock: Arc::new(SystemClock) })
+        let redis_clock = RedisClock::new(matches!(conn, Connection::Cluster { .. }));
+        Ok(RedisStore { conn: Arc::new(conn), opts, keys, clock: Arc::new(SystemClock), redis_clock })
     }
 
     /// The store with another local clock (which only names candidate daily keys; every
@@ -149,53 +177,103 @@ impl RedisStore {
         u64::try_from(self.opts.state_ttl.max(self.opts.windows.window).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Runs one script call and decodes its reply.
+    /// Runs one script call and decodes its reply, within `store.timeout`.
     async fn call<C: Call>(&self, call: &C) -> Result<C::Reply, StoreError> {
-        let mut inv = C::script().prepare_invoke();
-        call.encode(&mut inv);
-        call.decode(self.run(&inv).await?)
+        self.within(Instant::now(), self.exchange(call)).await
     }
 
-    /// Runs one script invocation within the configured timeout.
-    async fn run(&self, inv: &ScriptInvocation<'_>) -> Result<redis::Value, StoreError> {
+    /// Runs one writing script within `store.timeout`, telling it its deadline: `make` builds the
+    /// call from that deadline, in the clock of the server that holds `key`.
+    async fn write<C: Call>(&self, key: &str, make: impl FnOnce(Micros) -> C) -> Result<C::Reply, StoreError> {
+        let started = Instant::now();
+        self.within(started, async {
+            let deadline = self.deadline(key, started).await?;
+            self.exchange(&make(deadline)).await
+        })
+        .await
+    }
+
+    /// The deadline of a writing call that started at `started`, by the clock of `key`'s server:
+    /// when the caller gives up, less the margin (see [`clock`]). The first call on a server
+    /// reads its clock first.
+    async fn deadline(&self, key: &str, started: Instant) -> Result<Micros, StoreError> {
         let timeout = self.opts.timeout;
-        let call = async {
-            match &*self.conn {
-                Connection::Standalone(m) => inv.invoke_async(&mut m.clone()).await,
-                Connection::Cluster { client, conn } => {
-                    let mut c = {
-                        let mut slot = conn.lock().await;
-                        match &*slot {
-                            Some(c) => c.clone(),
-                            None => {
-                                let c = client.get_async_connection().await?;
-                                *slot = Some(c.clone());
-                                c
-                            }
-                        }
-                    };
-                    inv.invoke_async(&mut c).await
-                }
-                Connection::Sentinel { client, conn, timeout } => {
-                    let mut c = sentinel_connection(client, conn, *timeout).await?;
-                    let result = inv.invoke_async(&mut c).await;
-                    if let Err(e) = &result {
-                        if transient(e) {
-                            // The master may have moved: ask the sentinels again next time.
-                            *conn.lock().await = None;
-                        }
-                    }
-                    result
-                }
-            }
-        };
-        match tokio::time::timeout(timeout, call).await {
-            Ok(result) => result.map_err(store_error),
+        let last_start = started + timeout - clock::margin(timeout);
+        if let Some(deadline) = self.redis_clock.redis_time(key, last_start) {
+            return Ok(deadline);
+        }
+        self.exchange(&ClockArgs { key }).await?;
+        self.redis_clock
+            .redis_time(key, last_start)
+            .ok_or_else(|| StoreError::Internal("the Redis clock is still unknown after reading it".into()))
+    }
+
+    /// Runs `fut` until `started` plus `store.timeout`; past it, the call fails as unavailable.
+    async fn within<T>(
+        &self,
+        started: Instant,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let timeout = self.opts.timeout;
+        match tokio::time::timeout_at((started + timeout).into(), fut).await {
+            Ok(result) => result,
             Err(_) => {
                 if let Connection::Sentinel { conn, .. } = &*self.conn {
                     *conn.lock().await = None;
                 }
                 Err(StoreError::Unavailable(format!("Redis did not answer within {timeout:?}")))
+            }
+        }
+    }
+
+    /// Sends one script call and decodes its reply, keeping the Redis clock it reports (a refusal
+    /// reports it too, so an offset that errs early cannot keep refusing calls).
+    async fn exchange<C: Call>(&self, call: &C) -> Result<C::Reply, StoreError> {
+        let mut inv = C::script().prepare_invoke();
+        call.encode(&mut inv);
+        let reply = self.invoke(&inv).await;
+        let received = Instant::now();
+        let reply = reply.map_err(|e| {
+            if let Some(now) = refused_at(&e) {
+                self.redis_clock.observe(call.key(), now, received);
+            }
+            store_error(e)
+        })?;
+        let reply = call.decode(reply)?;
+        if let Some(now) = C::ran_at(&reply) {
+            self.redis_clock.observe(call.key(), now, received);
+        }
+        Ok(reply)
+    }
+
+    /// Sends one script invocation on the connection of the topology.
+    async fn invoke(&self, inv: &ScriptInvocation<'_>) -> Result<redis::Value, RedisError> {
+        match &*self.conn {
+            Connection::Standalone(m) => inv.invoke_async(&mut m.clone()).await,
+            Connection::Cluster { client, conn } => {
+                let mut c = {
+                    let mut slot = conn.lock().await;
+                    match &*slot {
+                        Some(c) => c.clone(),
+                        None => {
+                            let c = client.get_async_connection().await?;
+                            *slot = Some(c.clone());
+                            c
+                        }
+                    }
+                };
+                inv.invoke_async(&mut c).await
+            }
+            Connection::Sentinel { client, conn, timeout } => {
+                let mut c = sentinel_connection(client, conn, *timeout).await?;
+                let result = inv.invoke_async(&mut c).await;
+                if let Err(e) = &result {
+                    if transient(e) {
+                        // The master may have moved: ask the sentinels again next time.
+                        *conn.lock().await = None;
+                    }
+                }
+                result
             }
         }
     }
@@ -232,38 +310,56 @@ impl Store for RedisStore {
         ops: &[AdmitOp],
     ) -> Result<Vec<Admission>, StoreError> {
         let pf = self.keys.portfolio(&scope.portfolio);
-        let args = AdmitArgs {
-            keys: AdmitKeys {
-                window: self.keys.window(scope),
-                meta: self.keys.meta(scope),
-                service_windows: pf.service_windows,
-                opted_out: pf.opted_out,
-                portfolio: pf.state,
-            },
-            window_us: self.window_us(),
-            fallback: &params.fallback,
-            state_ttl_ms: self.state_ttl_ms(),
-            reserve_bp: params.reserve_bp,
-            ops,
-        };
-        Ok(self.call(&args).await?.into_admissions())
+        let window = self.keys.window(scope);
+        let reply = self
+            .write(&window.clone(), |deadline| AdmitArgs {
+                keys: AdmitKeys {
+                    window,
+                    meta: self.keys.meta(scope),
+                    service_windows: pf.service_windows,
+                    opted_out: pf.opted_out,
+                    portfolio: pf.state,
+                    idempotency: ops
+                        .iter()
+                        .filter_map(|op| op.idempotency_key.as_ref().map(|key| self.keys.idempotency(scope, key)))
+                        .collect(),
+                },
+                window_us: self.window_us(),
+                fallback: &params.fallback,
+                state_ttl_ms: self.state_ttl_ms(),
+                reserve_bp: params.reserve_bp,
+                ops,
+                deadline,
+            })
+            .await?;
+        Ok(reply.into_admissions())
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
-        self.call(&ReleaseArgs { window: self.keys.window(&lease.scope), member: &lease.member, score: lease.score })
-            .await
+        let window = self.keys.window(&lease.scope);
+        let released = self
+            .write(&window.clone(), |deadline| ReleaseArgs {
+                window,
+                member: &lease.member,
+                score: lease.score,
+                deadline,
+            })
+            .await?;
+        Ok(released.removed)
     }
 
     async fn apply(&self, portfolio: &str, changes: &[Change]) -> Result<Micros, StoreError> {
-        self.call(&ApplyArgs {
+        let keys = self.keys.portfolio(portfolio);
+        self.write(&keys.state.clone(), |deadline| ApplyArgs {
             keys: &self.keys,
-            portfolio: self.keys.portfolio(portfolio),
+            portfolio: keys,
             state_ttl_ms: self.state_ttl_ms(),
             service_window_us: policy::micros(self.opts.windows.service_window),
             window_us: self.window_us(),
             day_ttl_ms: (DAYS_KEPT + 1) * (DAY_US / 1_000),
             now: self.clock.now(),
             changes,
+            deadline,
         })
         .await
     }
@@ -289,7 +385,8 @@ impl Store for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         // A script call exercises the same path as a decision (and loads nothing new).
-        self.call(&ReleaseArgs { window: self.keys.ping(), member: b"", score: 0 }).await.map(drop)
+        let window = self.keys.ping();
+        self.write(&window.clone(), |deadline| ReleaseArgs { window, member: b"", score: 0, deadline }).await.map(drop)
     }
 
     fn backend(&self) -> &'static str {
@@ -302,5 +399,23 @@ impl Store for RedisStore {
 
     async fn shared_policy(&self, policy: &str, replace: bool) -> Result<String, StoreError> {
         self.call(&SharedPolicyArgs { key: self.keys.shared_policy(), policy, replace }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_error(reply: &[u8]) -> RedisError {
+        redis::parse_redis_value(reply).unwrap().extract_error().unwrap_err()
+    }
+
+    #[test]
+    fn a_refusal_past_the_deadline_is_unavailable_and_tells_the_redis_clock() {
+        let e = server_error(b"-TGDEADLINE 1800000000000123 the call reached Redis after its deadline\r\n");
+        assert_eq!(refused_at(&e), Some(1_800_000_000_000_123));
+        assert!(matches!(store_error(e), StoreError::Unavailable(m) if m.contains("deadline")));
+        let other = server_error(b"-ERR 1800000000000123 something else\r\n");
+        assert_eq!(refused_at(&other), None);
     }
 }

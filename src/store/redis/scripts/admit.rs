@@ -7,7 +7,7 @@ use redis::{Script, ScriptInvocation, Value};
 
 use super::{bad_reply, positive, with_prelude, Call};
 use crate::policy::{Limit, Micros, Reason, Tier};
-use crate::store::{Admission, AdmitOp, StoreError, UsageSnapshot};
+use crate::store::{Admission, AdmitOp, Member, StoreError, UsageSnapshot};
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("admit.lua")));
 
@@ -24,7 +24,13 @@ pub struct AdmitKeys {
     pub opted_out: String,
     /// The portfolio's state hash.
     pub portfolio: String,
+    /// What the scope remembers under each idempotency key of the ops, in the order of the ops
+    /// that carry one.
+    pub idempotency: Vec<String>,
 }
+
+/// KEYS before the idempotency keys.
+const FIXED_KEYS: usize = 5;
 
 /// The arguments of one admission call.
 #[derive(Debug)]
@@ -41,10 +47,12 @@ pub struct AdmitArgs<'a> {
     pub reserve_bp: u32,
     /// The messages, decided in order.
     pub ops: &'a [AdmitOp],
+    /// When the script must have started, by the Redis clock (us); later, it writes nothing.
+    pub deadline: Micros,
 }
 
 /// Fields per message in ARGV and in the reply.
-const ARGS_PER_OP: usize = 7;
+const ARGS_PER_OP: usize = 8;
 const REPLIES_PER_OP: usize = 5;
 
 /// The script's answer for one message.
@@ -60,6 +68,8 @@ pub struct OpReply {
     pub counted: u64,
     /// When the oldest counted recipient leaves the window.
     pub next_slot_at: Option<Micros>,
+    /// For an answer replayed under an idempotency key: the recipient it named.
+    pub replay_of: Option<Member>,
 }
 
 /// The script's reply: the tier in force, the Redis clock, and one answer per message.
@@ -84,6 +94,7 @@ impl AdmitReply {
                 retry_after: op.retry_after,
                 usage: UsageSnapshot { tier: tier.clone(), counted: op.counted, next_slot_at: op.next_slot_at },
                 now,
+                replay_of: op.replay_of,
             })
             .collect()
     }
@@ -96,6 +107,10 @@ impl Call for AdmitArgs<'_> {
         &SCRIPT
     }
 
+    fn key(&self) -> &str {
+        &self.keys.window
+    }
+
     fn encode(&self, inv: &mut ScriptInvocation<'static>) {
         let k = &self.keys;
         inv.key(&k.window)
@@ -103,13 +118,18 @@ impl Call for AdmitArgs<'_> {
             .key(&k.service_windows)
             .key(&k.opted_out)
             .key(&k.portfolio)
+            .key(&k.idempotency[..])
             .arg(self.window_us)
             .arg(&self.fallback.name)
             .arg(self.fallback.limit.to_i64())
             .arg(self.state_ttl_ms)
-            .arg(self.reserve_bp);
+            .arg(self.reserve_bp)
+            .arg(self.deadline);
+        let mut keys = FIXED_KEYS..;
         for op in self.ops {
             let category = op.category.code().to_string();
+            // The ops with a key name KEYS[6..] in order.
+            let key = op.idempotency_key.as_ref().and_then(|_| keys.next()).map(|i| (i + 1).to_string());
             let args: [&[u8]; ARGS_PER_OP] = [
                 &op.member,
                 op.service_member.as_deref().unwrap_or(b""),
@@ -118,6 +138,7 @@ impl Call for AdmitArgs<'_> {
                 op.sender.as_deref().unwrap_or("").as_bytes(),
                 if op.sender_blocked { b"1" } else { b"0" },
                 op.template_language.as_deref().unwrap_or("").as_bytes(),
+                key.as_deref().unwrap_or("").as_bytes(),
             ];
             for arg in args {
                 inv.arg(arg);
@@ -126,18 +147,20 @@ impl Call for AdmitArgs<'_> {
     }
 
     fn decode(&self, reply: Value) -> Result<AdmitReply, StoreError> {
-        let (name, limit, now, flat): (String, i64, i64, Vec<i64>) =
+        let (name, limit, now, flat, replayed): (String, i64, i64, Vec<i64>, Vec<Vec<u8>>) =
             redis::from_redis_value(reply).map_err(|_| bad_reply("admit"))?;
-        if flat.len() != self.ops.len() * REPLIES_PER_OP {
+        if flat.len() != self.ops.len() * REPLIES_PER_OP || replayed.len() != self.ops.len() {
             return Err(StoreError::Internal(format!(
-                "admit script returned {} values for {} ops",
+                "admit script returned {} values and {} replays for {} ops",
                 flat.len(),
+                replayed.len(),
                 self.ops.len()
             )));
         }
         let ops = flat
             .chunks_exact(REPLIES_PER_OP)
-            .map(|c| {
+            .zip(replayed)
+            .map(|(c, replayed)| {
                 let [reason, lease, retry, counted, next_slot] = c else { unreachable!("chunks of {REPLIES_PER_OP}") };
                 Ok(OpReply {
                     // The store never answers STORE_UNAVAILABLE: that is the limiter's, when it cannot ask.
@@ -148,9 +171,14 @@ impl Call for AdmitArgs<'_> {
                     retry_after: positive(*retry).map(Duration::from_micros),
                     counted: positive(*counted).unwrap_or(0),
                     next_slot_at: positive(*next_slot),
+                    replay_of: (!replayed.is_empty()).then_some(replayed),
                 })
             })
             .collect::<Result<_, StoreError>>()?;
         Ok(AdmitReply { tier: Tier { name, limit: Limit::from_i64(limit) }, now: positive(now).unwrap_or(0), ops })
+    }
+
+    fn ran_at(reply: &AdmitReply) -> Option<Micros> {
+        Some(reply.now)
     }
 }

@@ -19,7 +19,9 @@
 -- KEYS[4..] also the windows, delivered sets and daily HyperLogLogs that deliveries name by index
 -- ARGV[1]  state TTL (ms), ARGV[2] service window (us), ARGV[3] rolling window (us),
 -- ARGV[4]  TTL of a daily HyperLogLog (ms)
--- ARGV[5..] changes, each an op name (OP_* in the prelude) and its arguments:
+-- ARGV[5]  deadline (us, by this clock): started later, the script writes nothing and answers
+--          the DEADLINE_PASSED error with now (see tg_deadline_passed)
+-- ARGV[6..] changes, each an op name (OP_* in the prelude) and its arguments:
 --   tier <key index> <name> <limit> <at>  sets the tier; `since` moves to now when the name changes
 --   (for tier, sst, tst and tlst, <at> is when the event happened, '' = now; an event older than
 --   the last one applied to the same item is skipped: its time is kept in `tat`, s:<sender>:at,
@@ -42,6 +44,9 @@
 -- Returns the server's time (us). `apply.rs` encodes the arguments and decodes the reply.
 
 local now = tg_now()
+if now > tonumber(ARGV[5]) then
+  return tg_deadline_passed(now)
+end
 local ttl = ARGV[1]
 local service_window = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
@@ -69,7 +74,7 @@ local function set_or_clear(key, field, value)
   end
 end
 
-local i = 5
+local i = 6
 while i <= #ARGV do
   local op = ARGV[i]
   if op == OP_TIER then
@@ -130,7 +135,9 @@ while i <= #ARGV do
     local at = tg_event_time(ARGV[i + 2], now)
     redis.call('ZADD', KEYS[3], 'GT', tg_fmt(at + service_window), ARGV[i + 1])
     redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tg_fmt(now))
-    redis.call('PEXPIRE', KEYS[3], math.floor(service_window / 1000) + 1000)
+    -- Until the last window closes, which may be later than one from now (opened before this
+    -- clock stepped back).
+    tg_keep_scores(KEYS[3], 0, now)
     i = i + 3
   elseif op == OP_DELIVERY then
     local window_key, delivered_key = KEYS[tonumber(ARGV[i + 1])], KEYS[tonumber(ARGV[i + 2])]
@@ -142,7 +149,7 @@ while i <= #ARGV do
     local contact = tonumber(redis.call('ZSCORE', window_key, member))
     if status == 'd' then
       redis.call('ZADD', delivered_key, 'GT', tg_fmt(at), member)
-      redis.call('PEXPIRE', delivered_key, math.floor(window / 1000) + 1000)
+      tg_keep_scores(delivered_key, window, now)
       if contact then
         -- The day of the delivery by this clock, among the three keys around the caller's.
         local offset = math.floor(at / DAY_US) - tonumber(ARGV[i + 6])
@@ -190,6 +197,6 @@ end
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 for key in pairs(touched) do
-  redis.call('PEXPIRE', key, ttl)
+  tg_keep_meta(key, ttl, window, now)
 end
 return now

@@ -30,6 +30,8 @@ pub struct ApplyArgs<'a> {
     pub now: Micros,
     /// The changes, applied in order.
     pub changes: &'a [Change],
+    /// When the script must have started, by the Redis clock (us); later, it writes nothing.
+    pub deadline: Micros,
 }
 
 impl Call for ApplyArgs<'_> {
@@ -38,6 +40,10 @@ impl Call for ApplyArgs<'_> {
 
     fn script() -> &'static Script {
         &SCRIPT
+    }
+
+    fn key(&self) -> &str {
+        &self.portfolio.state
     }
 
     fn encode(&self, inv: &mut ScriptInvocation<'static>) {
@@ -54,10 +60,8 @@ impl Call for ApplyArgs<'_> {
             };
             i.to_string()
         };
-        let mut args: Vec<Vec<u8>> = [self.state_ttl_ms, self.service_window_us, self.window_us, self.day_ttl_ms]
-            .iter()
-            .map(|n| n.to_string().into_bytes())
-            .collect();
+        let fixed = [self.state_ttl_ms, self.service_window_us, self.window_us, self.day_ttl_ms, self.deadline];
+        let mut args: Vec<Vec<u8>> = fixed.iter().map(|n| n.to_string().into_bytes()).collect();
         let mut push = |parts: &[&[u8]]| args.extend(parts.iter().map(|p| p.to_vec()));
         for change in self.changes {
             match change {
@@ -153,5 +157,9 @@ impl Call for ApplyArgs<'_> {
 
     fn decode(&self, reply: Value) -> Result<Micros, StoreError> {
         redis::from_redis_value(reply).map_err(|_| bad_reply("apply"))
+    }
+
+    fn ran_at(reply: &Micros) -> Option<Micros> {
+        Some(*reply)
     }
 }

@@ -9,6 +9,7 @@
 
 mod admit;
 mod apply;
+mod clock;
 mod portfolio;
 mod release;
 mod shared_policy;
@@ -20,12 +21,13 @@ use redis::{Script, ScriptInvocation, Value};
 
 pub use admit::{AdmitArgs, AdmitKeys};
 pub use apply::ApplyArgs;
+pub use clock::ClockArgs;
 pub use portfolio::PortfolioArgs;
 pub use release::ReleaseArgs;
 pub use shared_policy::SharedPolicyArgs;
 pub use usage::UsageArgs;
 
-use crate::policy::{self, Category, Reason, SenderStatus};
+use crate::policy::{self, Category, Micros, Reason, SenderStatus};
 use crate::store::{StoreError, DAY_US};
 
 /// Declares string constants shared with the scripts: each becomes a Rust `pub const` and a Lua
@@ -94,6 +96,10 @@ pub mod field {
     }
 }
 
+/// The error code of a writing script's reply when it started after its deadline (an ARGV of
+/// each): the caller had given up, so it wrote nothing. `store::redis` answers it as unavailable.
+pub const DEADLINE_PASSED: &str = "TGDEADLINE";
+
 /// Op names of the `apply` script's change list.
 pub mod op {
     shared_strings! {
@@ -154,6 +160,7 @@ pub fn constants() -> String {
     // Daily keys are named by `store::day_of`; the scripts find today's by the Redis clock with
     // the same division.
     line("DAY_US".into(), DAY_US.to_string());
+    line("DEADLINE_PASSED".into(), lua_string(DEADLINE_PASSED));
     for (name, value) in field::ALL {
         line(format!("FIELD_{name}"), lua_string(value));
     }
@@ -181,11 +188,21 @@ pub trait Call {
     /// The script, built once.
     fn script() -> &'static Script;
 
+    /// A key of the call: it names the Cluster slot the script runs on, and so the server whose
+    /// clock answers.
+    fn key(&self) -> &str;
+
     /// Adds KEYS and ARGV, in the order the script's header documents.
     fn encode(&self, inv: &mut ScriptInvocation<'static>);
 
     /// Checks and decodes the script's reply.
     fn decode(&self, reply: Value) -> Result<Self::Reply, StoreError>;
+
+    /// The Redis clock when the script ran, when the reply carries it; the store keeps its idea
+    /// of that clock from every reply.
+    fn ran_at(_reply: &Self::Reply) -> Option<Micros> {
+        None
+    }
 }
 
 /// The error for a reply of the wrong shape; names the script, never echoes the reply.
@@ -243,5 +260,6 @@ mod tests {
         assert!(lua.contains("local MIN_RETRY_AFTER = 1000\n"), "{lua}");
         assert!(lua.contains("local FIELD_TIER_AT = \"tat\"\n"), "{lua}");
         assert!(lua.contains("local OP_INBOUND = \"in\"\n"), "{lua}");
+        assert!(lua.contains("local DEADLINE_PASSED = \"TGDEADLINE\"\n"), "{lua}");
     }
 }

@@ -30,6 +30,10 @@ impl Call for PortfolioArgs {
         &SCRIPT
     }
 
+    fn key(&self) -> &str {
+        &self.state
+    }
+
     fn encode(&self, inv: &mut ScriptInvocation<'static>) {
         inv.key(&self.state).key(&self.opted_out);
     }

@@ -1,5 +1,5 @@
--- Shared by the admit, usage and apply scripts (prepended to each, after the constants that
--- scripts/mod.rs generates from Rust: REASON_*, CATEGORY_*, FIELD_*, OP_*, ...).
+-- Shared by the scripts (prepended to each but portfolio's, after the constants that
+-- scripts/mod.rs generates from Rust: REASON_*, CATEGORY_*, FIELD_*, OP_*, DEADLINE_PASSED, ...).
 --
 -- Times are microseconds since the Unix epoch, from the Redis server's clock, so sidecars with
 -- skewed clocks agree. They stay below 2^53, so Lua's doubles hold them exactly; numbers sent
@@ -12,6 +12,17 @@ end
 
 local function tg_fmt(n)
   return string.format('%.0f', n)
+end
+
+-- The reply of a writing script that started at `now`, after its deadline: every writing script
+-- takes one (us, by this clock), the moment its caller gives up less a margin
+-- (`store::redis::clock`), and checks it before anything else. Past it, the caller has answered
+-- UNAVAILABLE or is about to, so the script writes nothing: a stalled Redis that resumes must not
+-- count what was reported failed. The error carries `now` first, so the caller keeps its idea of
+-- this clock from refusals too.
+local function tg_deadline_passed(now)
+  local why = ' the call reached Redis after its deadline; it wrote nothing'
+  return redis.error_reply(DEADLINE_PASSED .. ' ' .. tg_fmt(now) .. why)
 end
 
 -- The scope's tier (persisted, else the caller's fallback) and the last score handed out.
@@ -36,6 +47,35 @@ end
 -- Drops contacts that have left the rolling window.
 local function tg_expire(window_key, now, window)
   redis.call('ZREMRANGEBYSCORE', window_key, '-inf', tg_fmt(now - window))
+end
+
+-- The newest (highest) score of a sorted set, or nil when it is empty.
+local function tg_newest(key)
+  local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  return newest[2] and tonumber(newest[2])
+end
+
+-- A TTL (ms) that keeps a key until `last` (us, by this clock), and one second more. What a key
+-- holds can end later than now plus its window: scores move forward past the clock when it
+-- steps back or when many Admits land in one microsecond (`policy::next_score`), so every TTL of
+-- a key that holds scores is counted from its newest score, never from now.
+local function tg_ttl_until(last, now)
+  return math.floor(math.max(last - now, 0) / 1000) + 1000
+end
+
+-- Keeps a sorted set until its newest score plus `span` (us) has passed.
+local function tg_keep_scores(key, span, now)
+  local newest = tg_newest(key)
+  if newest then
+    redis.call('PEXPIRE', key, tg_ttl_until(newest + span, now))
+  end
+end
+
+-- Keeps a scope's state hash for the state TTL (ms), and at least until the contacts scored up
+-- to its last score (`seq`) have left the window, so the next score stays above theirs.
+local function tg_keep_meta(meta_key, state_ttl, window, now)
+  local seq = tonumber(redis.call('HGET', meta_key, FIELD_SEQ)) or 0
+  redis.call('PEXPIRE', meta_key, math.max(tonumber(state_ttl), tg_ttl_until(seq + window, now)))
 end
 
 -- A portfolio hash field: `<kind>:<name>`, or `<kind>:<name>:<attribute>` for senders and templates.

@@ -4,12 +4,11 @@ use std::sync::LazyLock;
 
 use redis::{Script, ScriptInvocation, Value};
 
-use super::{bad_reply, Call};
+use super::{bad_reply, with_prelude, Call};
 use crate::policy::Micros;
 use crate::store::StoreError;
 
-// No prelude: the script shares nothing with Rust but its arguments.
-static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("release.lua")));
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("release.lua")));
 
 /// The arguments of one release.
 #[derive(Debug)]
@@ -20,22 +19,40 @@ pub struct ReleaseArgs<'a> {
     pub member: &'a [u8],
     /// The lease's score, which names exactly one Admit.
     pub score: Micros,
+    /// When the script must have started, by the Redis clock (us); later, it writes nothing.
+    pub deadline: Micros,
+}
+
+/// The script's reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// Whether the contact was removed.
+    pub removed: bool,
+    /// The Redis clock when the script ran.
+    pub now: Micros,
 }
 
 impl Call for ReleaseArgs<'_> {
-    /// Whether the contact was removed.
-    type Reply = bool;
+    type Reply = Released;
 
     fn script() -> &'static Script {
         &SCRIPT
     }
 
-    fn encode(&self, inv: &mut ScriptInvocation<'static>) {
-        inv.key(&self.window).arg(self.member).arg(self.score);
+    fn key(&self) -> &str {
+        &self.window
     }
 
-    fn decode(&self, reply: Value) -> Result<bool, StoreError> {
-        let removed: i64 = redis::from_redis_value(reply).map_err(|_| bad_reply("release"))?;
-        Ok(removed == 1)
+    fn encode(&self, inv: &mut ScriptInvocation<'static>) {
+        inv.key(&self.window).arg(self.member).arg(self.score).arg(self.deadline);
+    }
+
+    fn decode(&self, reply: Value) -> Result<Released, StoreError> {
+        let (removed, now): (i64, Micros) = redis::from_redis_value(reply).map_err(|_| bad_reply("release"))?;
+        Ok(Released { removed: removed == 1, now })
+    }
+
+    fn ran_at(reply: &Released) -> Option<Micros> {
+        Some(reply.now)
     }
 }

@@ -29,6 +29,10 @@ impl Call for SharedPolicyArgs<'_> {
         &SCRIPT
     }
 
+    fn key(&self) -> &str {
+        &self.key
+    }
+
     fn encode(&self, inv: &mut ScriptInvocation<'static>) {
         inv.key(&self.key).arg(self.policy).arg(if self.replace { "1" } else { "0" });
     }

@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 use redis::{Script, ScriptInvocation, Value};
 
 use super::{bad_reply, positive, with_prelude, Call};
-use crate::policy::{Limit, Tier};
+use crate::policy::{Limit, Micros, Tier};
 use crate::store::{ScopeReport, StoreError, UsageSnapshot};
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("usage.lua")));
@@ -37,6 +37,10 @@ impl Call for UsageArgs<'_> {
         &SCRIPT
     }
 
+    fn key(&self) -> &str {
+        &self.window
+    }
+
     fn encode(&self, inv: &mut ScriptInvocation<'static>) {
         inv.key(&self.window).key(&self.meta).key(&self.days[..]);
         inv.arg(self.window_us).arg(&self.fallback.name).arg(self.fallback.limit.to_i64()).arg(self.today);
@@ -59,5 +63,9 @@ impl Call for UsageArgs<'_> {
             flagged_since: positive(flag),
             now: positive(now).unwrap_or(0),
         })
+    }
+
+    fn ran_at(reply: &ScopeReport) -> Option<Micros> {
+        Some(reply.now)
     }
 }
