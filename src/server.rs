@@ -40,7 +40,7 @@ pub enum RunError {
 /// Builds the configured store.
 pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match &settings.store {
-        StoreSettings::Memory { .. } => Arc::new(MemoryStore::new(settings.windows)),
+        StoreSettings::Memory { .. } => Arc::new(MemoryStore::new(settings.windows).with_state_ttl(settings.state_ttl)),
         StoreSettings::Redis { options, .. } => Arc::new(RedisStore::new(options.clone())?),
     })
 }

@@ -308,6 +308,8 @@ pub struct Settings {
     pub blocked_senders: BTreeMap<String, BTreeSet<String>>,
     /// Set when both webhook secrets are.
     pub webhooks: Option<WebhookSettings>,
+    /// How long persisted state outlives a portfolio's last activity (`store.state_ttl`).
+    pub state_ttl: Duration,
 }
 
 /// Secrets of the webhook endpoint.
@@ -507,6 +509,7 @@ impl Config {
             wabas,
             blocked_senders,
             webhooks,
+            state_ttl: s.state_ttl,
         })
     }
 
