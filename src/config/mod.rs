@@ -39,6 +39,7 @@ pub struct Config {
     /// Static per-portfolio settings.
     pub portfolios: Vec<PortfolioConfig>,
     pub webhooks: WebhooksConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// `[webhooks]`: Meta's WhatsApp webhooks on the admin server; without both secrets the
@@ -94,6 +95,21 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             admin_token: None,
         }
+    }
+}
+
+/// `[metrics]`: what `/metrics` exports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// The most portfolios (and the most numbers) with label values of their own; the rest are
+    /// folded into `portfolio="_other"` (counters) or not exported (gauges).
+    pub max_portfolios: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { max_portfolios: 1_000 }
     }
 }
 
@@ -308,6 +324,9 @@ pub struct Settings {
     pub blocked_senders: BTreeMap<String, BTreeSet<String>>,
     /// Set when both webhook secrets are.
     pub webhooks: Option<WebhookSettings>,
+    /// Every `[[portfolios]]` id, in the order listed.
+    pub portfolios: Vec<String>,
+    pub metrics: MetricsConfig,
     /// How long persisted state outlives a portfolio's last activity (`store.state_ttl`).
     pub state_ttl: Duration,
 }
@@ -509,6 +528,8 @@ impl Config {
             wabas,
             blocked_senders,
             webhooks,
+            portfolios: self.portfolios.iter().map(|p| p.id.clone()).collect(),
+            metrics: self.metrics.clone(),
             state_ttl: s.state_ttl,
         })
     }

@@ -151,11 +151,11 @@ impl Limiter {
         let answers: Vec<AdmitAnswer> = answers.into_iter().map(|a| a.expect("every request answered")).collect();
         metrics::admit_latency(started.elapsed());
         for a in &answers {
-            metrics::decision(&a.usage.scope.portfolio, a.reason);
+            metrics::decision(&self.labels, &a.usage.scope.portfolio, a.reason);
         }
         for group in &groups {
             let last = group.places.last().and_then(|&i| answers.get(i)).expect("group is not empty");
-            metrics::usage(&group.scope, &last.usage.snapshot);
+            metrics::usage(&self.labels, &group.scope, &last.usage.snapshot);
         }
         self.remember(groups.into_iter().map(|g| g.scope));
         Ok(answers)

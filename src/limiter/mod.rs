@@ -53,6 +53,8 @@ pub struct Limiter {
     seen: Mutex<HashSet<ScopeKey>>,
     /// Portfolios already logged for a webhook limit that was business-wide only (per-number scope).
     no_number_limit_logged: Mutex<HashSet<String>>,
+    /// Which portfolios and numbers have metric labels of their own.
+    labels: metrics::Labels,
 }
 
 impl Limiter {
@@ -73,6 +75,7 @@ impl Limiter {
             service_window: settings.windows.service_window,
             seen: Mutex::new(HashSet::new()),
             no_number_limit_logged: Mutex::new(HashSet::new()),
+            labels: metrics::Labels::new(settings.metrics.max_portfolios, settings.portfolios.iter().cloned()),
         }
     }
 

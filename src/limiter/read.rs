@@ -108,7 +108,7 @@ impl Limiter {
                 usage.push(Usage { scope: whole, snapshot: report.usage, detail: None });
             }
         }
-        metrics::portfolio(portfolio, &state);
+        metrics::portfolio(&self.labels, portfolio, &state);
         Ok(PortfolioView {
             portfolio: portfolio.to_owned(),
             blocked_senders: self.blocked_senders.get(portfolio).cloned().unwrap_or_default(),
@@ -130,9 +130,9 @@ impl Limiter {
             }
             None => usage,
         };
-        metrics::usage(scope, &usage.snapshot);
+        metrics::usage(&self.labels, scope, &usage.snapshot);
         if let Some(d) = &usage.detail {
-            metrics::projection(scope, d.quality, d.unique_7d, &d.projection);
+            metrics::projection(&self.labels, scope, d.quality, d.unique_7d, &d.projection);
         }
         Ok(usage)
     }
