@@ -33,6 +33,8 @@ pub enum Kind {
     Unavailable,
     /// The store answered something that makes no sense.
     Internal,
+    /// The request is larger than `server.max_request_bytes`.
+    ResourceExhausted,
 }
 
 impl Kind {
@@ -52,6 +54,9 @@ impl Kind {
             // A store answer that makes no sense (a bug, a mismatched deployment, a key of the
             // wrong type): retrying cannot fix it, so neither answer says "come back later".
             Kind::Internal => (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+            // A request over `server.max_request_bytes`, refused before it is read: gRPC's code
+            // for a message too large (tonic's own answer, OUT_OF_RANGE, is rewritten to it).
+            Kind::ResourceExhausted => (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE),
         }
     }
 
@@ -93,6 +98,25 @@ impl From<Error> for tonic::Status {
     }
 }
 
+/// How much of an input an error message quotes, in bytes (escaped).
+const QUOTED: usize = 32;
+
+/// An input as an error message may quote it: escaped and in quotes like `{:?}`, but only its
+/// first 32 or so bytes, then `…(N bytes)`, so a hostile megabyte is never echoed (clients drop
+/// a status whose message is too large for their metadata limit).
+pub fn quote(input: &str) -> String {
+    let mut out = String::from("\"");
+    for c in input.chars() {
+        let escaped: String = c.escape_debug().collect();
+        if out.len() + escaped.len() > QUOTED + 1 {
+            return format!("{out}\"…({} bytes)", input.len());
+        }
+        out.push_str(&escaped);
+    }
+    out.push('"');
+    out
+}
+
 /// Compares a secret in constant time, so the time taken does not reveal how much of it was
 /// guessed. `None` (nothing given) is [`Kind::Unauthenticated`], a mismatch
 /// [`Kind::PermissionDenied`].
@@ -120,6 +144,22 @@ mod tests {
         let invalid = Error::InvalidArgument { field: "recipient".into(), message: "must not be empty".into() };
         assert_eq!(invalid.kind().answer(), (Code::InvalidArgument, StatusCode::BAD_REQUEST));
         assert_eq!(tonic::Status::from(invalid).message(), "recipient: must not be empty");
+    }
+
+    #[test]
+    fn quotes_are_short_whatever_the_input() {
+        assert_eq!(quote("TIER_2K"), "\"TIER_2K\"");
+        assert_eq!(quote("a\"b\n"), "\"a\\\"b\\n\"");
+        assert_eq!(quote(&"x".repeat(32)), format!("\"{}\"", "x".repeat(32)));
+        assert_eq!(quote(&"x".repeat(1 << 20)), format!("\"{}\"…(1048576 bytes)", "x".repeat(32)));
+        // Escapes and multi-byte characters count as what they print.
+        assert!(quote(&"\u{1}".repeat(1000)).len() < 64, "{}", quote(&"\u{1}".repeat(1000)));
+        assert!(quote(&"é".repeat(1000)).starts_with("\"éé"));
+    }
+
+    #[test]
+    fn oversized_requests_have_their_row() {
+        assert_eq!(Kind::ResourceExhausted.answer(), (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE));
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Running the sidecar: the gRPC server (Limiter, health, reflection) and the admin HTTP server
 //! (/metrics, /livez, /readyz), with a graceful shutdown.
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -14,9 +17,12 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codegen::{http, Service};
+use tonic::server::NamedService;
 
 use crate::api::LimiterApi;
 use crate::config::{Settings, StoreSettings, TierSource};
+use crate::error::Kind;
 use crate::limiter::Limiter;
 use crate::pb;
 use crate::store::memory::MemoryStore;
@@ -70,6 +76,45 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
     }
 }
 
+/// A gRPC service that answers a request over its decoding limit (`server.max_request_bytes`)
+/// RESOURCE_EXHAUSTED, as gRPC specifies, instead of tonic's OUT_OF_RANGE. No Limiter call answers
+/// OUT_OF_RANGE itself (see [`Kind`]), so each one it sends is that refusal.
+#[derive(Clone)]
+struct Oversized<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S: NamedService> NamedService for Oversized<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for Oversized<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (answer, limit) = (self.inner.call(request), self.limit);
+        Box::pin(async move {
+            let response = answer.await?;
+            if tonic::Status::from_header_map(response.headers()).map(|s| s.code()) != Some(tonic::Code::OutOfRange) {
+                return Ok(response);
+            }
+            let message = format!("the request is larger than server.max_request_bytes ({limit} bytes)");
+            Ok(tonic::Status::new(Kind::ResourceExhausted.grpc(), message).into_http())
+        })
+    }
+}
+
 /// Serves until `shutdown` resolves, then reports NOT_SERVING, stops accepting, and lets
 /// in-flight calls finish for up to `server.shutdown_grace`.
 pub async fn run(
@@ -114,20 +159,26 @@ pub async fn run(
 
     let grpc_addr = grpc.local_addr()?;
     let admin_addr = admin.local_addr()?;
+    let max_request = settings.server.max_request_bytes;
+    let limiter_server =
+        pb::limiter_server::LimiterServer::new(LimiterApi::new(limiter.clone(), settings.server.admin_token.clone()))
+            .max_decoding_message_size(max_request);
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::limiter_server::LimiterServer::new(LimiterApi::new(
-            limiter.clone(),
-            settings.server.admin_token.clone(),
-        )))
+        .add_service(Oversized { inner: limiter_server, limit: max_request })
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
     let router = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .with_state(AdminState { metrics: metrics.clone(), store: store.clone(), stopping: stopping.clone() })
-        .merge(crate::webhooks::router(limiter.clone(), settings.webhooks.clone(), settings.wabas.clone()));
+        .merge(crate::webhooks::router(
+            limiter.clone(),
+            settings.webhooks.clone(),
+            settings.wabas.clone(),
+            max_request,
+        ));
     if settings.webhooks.is_some() {
         tracing::info!(path = crate::webhooks::PATH, "Receiving Meta webhooks on the admin server.");
     }

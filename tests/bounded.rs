@@ -1,14 +1,18 @@
 //! Bounded state and hostile input, against a real sidecar:
 //! - reads create nothing in Redis;
 //! - metric label sets stay bounded under reads and denials of random portfolios;
+//! - oversized fields and requests are refused, naming the field without echoing it;
 
 mod common;
 
 use common::calls::usage;
 use common::redis::RedisServer;
-use common::requests::{self, SERVICE};
+use common::requests::{self, SERVICE, UTILITY};
 use common::server::{Sidecar, TestServer};
+use common::webhooks::sign;
 use tiergate::pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
 
 /// The series a Prometheus scrape holds: lines that are neither comments nor blank.
 fn series(metrics: &str) -> Vec<&str> {
@@ -77,4 +81,81 @@ async fn reads_of_unknown_portfolios_create_no_redis_keys() {
         c.get_portfolio(requests::portfolio(&format!("nobody-{i}"))).await.unwrap();
     }
     assert_eq!(redis.cli(&["DBSIZE"]), "0", "keys: {}", redis.cli(&["--scan"]));
+}
+
+#[tokio::test]
+async fn oversized_fields_are_refused_naming_the_field_without_echoing_it() {
+    let server = TestServer::start("").await;
+    let mut c = server.client().await;
+    let huge = "T".repeat(1 << 20);
+    let e = c.set_tier(requests::set_tier("acme", "", &huge)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", &e.message()[..e.message().len().min(300)]);
+    assert!(e.message().len() < 200, "{} bytes: {}", e.message().len(), &e.message()[..300.min(e.message().len())]);
+    assert!(e.message().starts_with("tier: "), "{}", e.message());
+
+    let mut long_recipient = UTILITY.to("acme", "s1", &"1".repeat(1 << 20));
+    let e = c.admit(long_recipient.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("recipient: ") && e.message().len() < 200, "{}", e.message());
+    long_recipient.recipient = "+1 415 555 0100".into();
+    long_recipient.portfolio_id = "p".repeat(1 << 20);
+    let e = c.admit(long_recipient).await.unwrap_err();
+    assert!(e.message().starts_with("portfolio_id: ") && e.message().len() < 200, "{}", e.message());
+
+    let update = pb::UpdatePortfolioRequest {
+        portfolio_id: "acme".into(),
+        templates: vec![pb::TemplateUpdate { name: "t".into(), status: "S".repeat(1 << 16), ..Default::default() }],
+        ..Default::default()
+    };
+    let e = c.update_portfolio(update).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("templates[0].status: ") && e.message().len() < 200, "{}", e.message());
+}
+
+#[tokio::test]
+async fn requests_over_the_size_limit_are_resource_exhausted() {
+    // The default limit (4 MiB).
+    let server = TestServer::start("").await;
+    let mut c = server.client().await;
+    let big = UTILITY.template("x").to("acme", "s1", "+15550000001");
+    let big = pb::AdmitRequest { template: "x".repeat(5 << 20), ..big };
+    let e = c.admit(big).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("server.max_request_bytes"), "{e:?}");
+    // The connection still serves.
+    assert_eq!(usage(&mut c, "acme", "").await.unique_recipients, 0);
+
+    // A configured limit, on gRPC and on the webhook endpoint of the admin server.
+    let secret = "bounded-app-secret";
+    let server = TestServer::start(&format!(
+        "[server]\nmax_request_bytes = 65536\n[webhooks]\napp_secret = \"{secret}\"\nverify_token = \"v\"\n"
+    ))
+    .await;
+    let mut c = server.client().await;
+    let batch = pb::AdmitBatchRequest {
+        requests: (0..600).map(|i| UTILITY.template("t").to(&"p".repeat(120), "s1", &format!("+1555{i:07}"))).collect(),
+    };
+    assert!(prost::Message::encoded_len(&batch) > 65_536);
+    assert_eq!(c.admit_batch(batch).await.unwrap_err().code(), Code::ResourceExhausted);
+    let body = format!("{{\"entry\":[],\"pad\":\"{}\"}}", "x".repeat(70_000));
+    assert_eq!(post_tolerant(server.admin_addr, secret, &body).await, 413);
+    assert_eq!(post_tolerant(server.admin_addr, secret, "{\"entry\":[]}").await, 200);
+}
+
+/// POSTs a signed webhook delivery and returns the HTTP status, tolerating a server that answers
+/// and closes before reading the whole body.
+async fn post_tolerant(admin: std::net::SocketAddr, secret: &str, body: &str) -> u16 {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let head = format!(
+        "POST /webhooks/whatsapp HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         X-Hub-Signature-256: {}\r\nContent-Length: {}\r\n\r\n",
+        sign(secret, body.as_bytes()),
+        body.len()
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let _ = s.write_all(body.as_bytes()).await;
+    let mut buf = vec![0u8; 64];
+    let n = s.read(&mut buf).await.unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status line: {text:?}"))
 }

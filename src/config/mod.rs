@@ -85,6 +85,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// When set, SetTier, SetOptOut and UpdatePortfolio need `authorization: Bearer <token>`.
     pub admin_token: Option<String>,
+    /// The largest request accepted: a gRPC message (RESOURCE_EXHAUSTED above it) or a webhook
+    /// body (413 above it).
+    pub max_request_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -94,9 +97,18 @@ impl Default for ServerConfig {
             admin_listen: ([127, 0, 0, 1], 9090).into(),
             shutdown_grace: Duration::from_secs(10),
             admin_token: None,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 }
+
+/// The default of `server.max_request_bytes`: gRPC's customary 4 MiB, which holds the largest
+/// valid request (an AdmitBatch of 1,000 messages with 512-byte templates and 128-character ids
+/// is about 1 MiB) and Meta's largest webhook deliveries (up to 3 MB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// The smallest `server.max_request_bytes`: room for any single valid Admit.
+const MIN_MAX_REQUEST_BYTES: usize = 4 * 1024;
 
 /// `[metrics]`: what `/metrics` exports.
 #[derive(Debug, Clone, Deserialize)]
@@ -474,6 +486,9 @@ impl Config {
         };
         if self.server.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(err("server.admin_token", "must be at least 16 characters"));
+        }
+        if self.server.max_request_bytes < MIN_MAX_REQUEST_BYTES {
+            return Err(err("server.max_request_bytes", format!("must be at least {MIN_MAX_REQUEST_BYTES}")));
         }
         let s = &self.store;
         if s.timeout.is_zero() {
