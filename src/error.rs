@@ -18,6 +18,9 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The request names something this sidecar does not serve; `field` as for `InvalidArgument`.
+    #[error("{field}: {message}")]
+    NotFound { field: String, message: String },
 }
 
 /// The kinds of failure an edge answers, each with one gRPC code and one HTTP status.
@@ -33,6 +36,8 @@ pub enum Kind {
     Unavailable,
     /// The store answered something that makes no sense.
     Internal,
+    /// The request names a portfolio this sidecar does not serve (`server.portfolios`).
+    NotFound,
     /// The request is larger than `server.max_request_bytes`.
     ResourceExhausted,
 }
@@ -54,6 +59,9 @@ impl Kind {
             // A store answer that makes no sense (a bug, a mismatched deployment, a key of the
             // wrong type): retrying cannot fix it, so neither answer says "come back later".
             Kind::Internal => (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+            // `server.portfolios = "configured"` and the portfolio is neither configured nor
+            // known to the store: the same call fails until an operator adds it.
+            Kind::NotFound => (Code::NotFound, StatusCode::NOT_FOUND),
             // A request over `server.max_request_bytes`, refused before it is read: gRPC's code
             // for a message too large (tonic's own answer, OUT_OF_RANGE, is rewritten to it).
             Kind::ResourceExhausted => (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE),
@@ -78,6 +86,7 @@ impl Error {
             Error::InvalidArgument { .. } => Kind::InvalidArgument,
             Error::Store(StoreError::Unavailable(_)) => Kind::Unavailable,
             Error::Store(StoreError::Internal(_)) => Kind::Internal,
+            Error::NotFound { .. } => Kind::NotFound,
         }
     }
 }
@@ -93,6 +102,7 @@ impl From<Error> for tonic::Status {
                 tracing::error!(error = %m, "Store call failed.");
                 m
             }
+            Error::NotFound { .. } => e.to_string(),
         };
         tonic::Status::new(kind.grpc(), message)
     }
@@ -158,7 +168,10 @@ mod tests {
     }
 
     #[test]
-    fn oversized_requests_have_their_row() {
+    fn unknown_portfolios_and_oversized_requests_have_their_rows() {
+        let missing = Error::NotFound { field: "portfolio_id".into(), message: "is not served".into() };
+        assert_eq!(missing.kind().answer(), (Code::NotFound, StatusCode::NOT_FOUND));
+        assert_eq!(tonic::Status::from(missing).message(), "portfolio_id: is not served");
         assert_eq!(Kind::ResourceExhausted.answer(), (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE));
     }
 

@@ -2,6 +2,7 @@
 //! - reads create nothing in Redis;
 //! - metric label sets stay bounded under reads and denials of random portfolios;
 //! - oversized fields and requests are refused, naming the field without echoing it;
+//! - the portfolio allow-list (`server.portfolios = "configured"`);
 
 mod common;
 
@@ -81,6 +82,47 @@ async fn reads_of_unknown_portfolios_create_no_redis_keys() {
         c.get_portfolio(requests::portfolio(&format!("nobody-{i}"))).await.unwrap();
     }
     assert_eq!(redis.cli(&["DBSIZE"]), "0", "keys: {}", redis.cli(&["--scan"]));
+}
+
+const ALLOW_LIST: &str = r#"
+[server]
+portfolios = "configured"
+
+[[portfolios]]
+id = "acme"
+"#;
+
+#[tokio::test]
+async fn an_allow_list_answers_not_found_for_portfolios_neither_configured_nor_stored() {
+    let server = TestServer::start(ALLOW_LIST).await;
+    let mut c = server.client().await;
+    assert_eq!(usage(&mut c, "acme", "").await.portfolio_id, "acme");
+    let e = c.get_usage(requests::usage("stranger", "")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().starts_with("portfolio_id: "), "{e:?}");
+    assert_eq!(c.get_portfolio(requests::portfolio("stranger")).await.unwrap_err().code(), Code::NotFound);
+    let e = c.admit(UTILITY.to("stranger", "s1", "+15550000001")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = c.record_inbound(requests::inbound("stranger", "s1", "+15550000001")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let batch = pb::AdmitBatchRequest {
+        requests: vec![UTILITY.to("acme", "s1", "+15550000001"), UTILITY.to("stranger", "s1", "+15550000002")],
+    };
+    let e = c.admit_batch(batch).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().starts_with("requests[1].portfolio_id: "), "{e:?}");
+    assert_eq!(usage(&mut c, "acme", "").await.unique_recipients, 0, "the rejected batch recorded nothing");
+
+    // An operator makes a portfolio known by giving the store state for it.
+    c.set_tier(requests::set_tier("newco", "", "TIER_2K")).await.unwrap();
+    assert_eq!(usage(&mut c, "newco", "").await.limit, 2_000);
+    let ok = c.admit(UTILITY.to("newco", "s1", "+15550000001")).await.unwrap().into_inner();
+    assert_eq!(ok.reason(), pb::Reason::NewRecipient);
+
+    // By default, any portfolio is served.
+    let open = TestServer::start("").await;
+    let mut c = open.client().await;
+    assert_eq!(usage(&mut c, "stranger", "").await.unique_recipients, 0);
 }
 
 #[tokio::test]

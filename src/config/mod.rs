@@ -85,6 +85,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// When set, SetTier, SetOptOut and UpdatePortfolio need `authorization: Bearer <token>`.
     pub admin_token: Option<String>,
+    /// Which portfolios Admit, AdmitBatch, RecordInbound, GetUsage and GetPortfolio serve.
+    pub portfolios: PortfolioAccess,
     /// The largest request accepted: a gRPC message (RESOURCE_EXHAUSTED above it) or a webhook
     /// body (413 above it).
     pub max_request_bytes: usize,
@@ -97,9 +99,22 @@ impl Default for ServerConfig {
             admin_listen: ([127, 0, 0, 1], 9090).into(),
             shutdown_grace: Duration::from_secs(10),
             admin_token: None,
+            portfolios: PortfolioAccess::Any,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
+}
+
+/// `server.portfolios`: whom the sending and reading calls serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortfolioAccess {
+    /// Any well-formed portfolio id.
+    #[default]
+    Any,
+    /// Only portfolios listed in `[[portfolios]]` or known to the store (a tier, numbers,
+    /// templates, opt-outs… set for them); others are answered NOT_FOUND.
+    Configured,
 }
 
 /// The default of `server.max_request_bytes`: gRPC's customary 4 MiB, which holds the largest
@@ -703,6 +718,28 @@ mod tests {
         assert_eq!(topo("sentinels = [\"s1:26379\"]").unwrap_err().key, "store.master_name");
         assert_eq!(topo("").unwrap_err().key, "store.url");
         assert_eq!(topo("url = \"http://h\"").unwrap_err().key, "store.url");
+    }
+
+    #[test]
+    fn bounds_on_callers_resolve() {
+        let s = Config::default().validate().unwrap();
+        assert_eq!(s.server.portfolios, PortfolioAccess::Any);
+        assert_eq!(s.server.max_request_bytes, 4 << 20);
+        assert_eq!(s.metrics.max_portfolios, 1_000);
+        let s = Config::from_toml(
+            "[server]\nportfolios = \"configured\"\nmax_request_bytes = 65536\n[metrics]\nmax_portfolios = 5\n\
+             [[portfolios]]\nid = \"b\"\n[[portfolios]]\nid = \"a\"\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!((s.server.portfolios, s.server.max_request_bytes), (PortfolioAccess::Configured, 65_536));
+        assert_eq!((s.metrics.max_portfolios, s.portfolios), (5, vec!["b".to_string(), "a".to_string()]));
+        let c = Config::load(None, env(&[("TIERGATE_METRICS_MAX_PORTFOLIOS", "7")])).unwrap();
+        assert_eq!(c.metrics.max_portfolios, 7);
+        let e = Config::from_toml("[server]\nmax_request_bytes = 100").unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "server.max_request_bytes");
+        assert_eq!(Config::from_toml("[server]\nportfolios = \"some\"").unwrap_err().key, "server.portfolios");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! one store call per scope, an unchecked message is let through only when the store is down and
 //! `store.on_error = "allow"`, and a batch that fails half way gives back what it had counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::config::OnError;
@@ -66,6 +66,7 @@ impl Limiter {
     /// Decides one message.
     pub async fn admit(&self, input: &AdmitInput) -> Result<AdmitAnswer, Error> {
         let prepared = self.prepare(input, FieldPath::TOP)?;
+        self.require_served(&prepared.scope, FieldPath::TOP).await?;
         let mut answers = self.decide(vec![prepared]).await?;
         Ok(answers.pop().expect("one answer per request"))
     }
@@ -82,6 +83,12 @@ impl Limiter {
             .enumerate()
             .map(|(i, input)| self.prepare(input, FieldPath::batch(i)))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut checked = HashSet::new();
+        for (i, p) in prepared.iter().enumerate() {
+            if checked.insert(&p.scope.portfolio) {
+                self.require_served(&p.scope, FieldPath::batch(i)).await?;
+            }
+        }
         self.decide(prepared).await
     }
 

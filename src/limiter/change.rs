@@ -155,6 +155,8 @@ impl Limiter {
         let portfolio = PortfolioId::parse(portfolio, FieldPath::TOP)?;
         let sender = SenderId::parse(sender, FieldPath::TOP)?;
         let recipient = Recipient::parse(recipient, FieldPath::TOP)?;
+        let scope = self.scope_of(portfolio.as_str(), sender.as_str());
+        self.require_served(&scope, FieldPath::TOP).await?;
         let now = self.apply(portfolio.as_str(), &[self.inbound(&sender, &recipient, None)]).await?;
         metrics::inbound();
         Ok(now.saturating_add(policy::micros(self.service_window)))
@@ -196,7 +198,7 @@ impl Limiter {
         if !changes.is_empty() {
             self.apply(id.as_str(), &changes).await?;
         }
-        self.portfolio(id.as_str()).await
+        self.view(&id).await
     }
 
     /// Applies what Meta reported about a portfolio in one atomic store call. Returns how many

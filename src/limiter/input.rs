@@ -41,6 +41,11 @@ impl FieldPath {
     pub fn invalid(self, name: &str, message: impl Into<String>) -> Error {
         Error::InvalidArgument { field: self.field(name), message: message.into() }
     }
+
+    /// The error for field `name` here naming something this sidecar does not serve.
+    pub fn not_found(self, name: &str, message: impl Into<String>) -> Error {
+        Error::NotFound { field: self.field(name), message: message.into() }
+    }
 }
 
 /// A portfolio id: 1–128 characters of `[A-Za-z0-9_.:-]`.

@@ -10,7 +10,8 @@
 //! - `simulate`: applying the ruleset's tier moves when `policy.tier_source = "simulate"`.
 //!
 //! This module holds the [`Limiter`] itself and what every path shares: the scope and fallback
-//! tier of a request, and the store calls with their error metrics.
+//! tier of a request, which portfolios are served (`server.portfolios`), and the store calls with
+//! their error metrics.
 
 mod admit;
 mod change;
@@ -23,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::{OnError, Settings, TierSource};
+use crate::config::{OnError, PortfolioAccess, Settings, TierSource};
 use crate::hashing::RecipientHasher;
 use crate::metrics;
 use crate::policy::{Ladder, Micros, Ruleset, ScopeKey, ScopeMode, Tier};
@@ -55,7 +56,16 @@ pub struct Limiter {
     no_number_limit_logged: Mutex<HashSet<String>>,
     /// Which portfolios and numbers have metric labels of their own.
     labels: metrics::Labels,
+    /// Whether only configured or stored portfolios are served.
+    access: PortfolioAccess,
+    /// The `[[portfolios]]` ids.
+    configured: HashSet<String>,
+    /// Portfolios found in the store while `access` is `Configured` (at most [`MAX_KNOWN`]).
+    known: Mutex<HashSet<String>>,
 }
+
+/// The most portfolios remembered as found in the store; beyond, each call asks the store again.
+const MAX_KNOWN: usize = 10_000;
 
 impl Limiter {
     /// A limiter over `store` with the validated settings.
@@ -76,6 +86,9 @@ impl Limiter {
             seen: Mutex::new(HashSet::new()),
             no_number_limit_logged: Mutex::new(HashSet::new()),
             labels: metrics::Labels::new(settings.metrics.max_portfolios, settings.portfolios.iter().cloned()),
+            access: settings.server.portfolios,
+            configured: settings.portfolios.iter().cloned().collect(),
+            known: Mutex::new(HashSet::new()),
         }
     }
 
@@ -105,5 +118,37 @@ impl Limiter {
     /// The store's report on a scope's usage.
     async fn report(&self, scope: &ScopeKey) -> Result<ScopeReport, Error> {
         Ok(self.store.usage(scope, self.fallback(scope)).await.inspect_err(|e| metrics::store_error("usage", e))?)
+    }
+
+    /// With `server.portfolios = "configured"`, refuses a scope whose portfolio is neither in
+    /// `[[portfolios]]` nor known to the store: it has stored state (numbers, templates, quality,
+    /// alerts, opt-outs), or a tier was set for the scope or for the whole portfolio. `at` names
+    /// the field at fault. A portfolio found in the store is remembered, so it is asked once.
+    pub(super) async fn require_served(&self, scope: &ScopeKey, at: FieldPath) -> Result<(), Error> {
+        let portfolio = &scope.portfolio;
+        if self.access == PortfolioAccess::Any || self.configured.contains(portfolio) {
+            return Ok(());
+        }
+        if self.known.lock().unwrap_or_else(|e| e.into_inner()).contains(portfolio) {
+            return Ok(());
+        }
+        let whole = ScopeKey { portfolio: portfolio.clone(), sender: None };
+        let stored = self.state(portfolio).await? != PortfolioState::default()
+            || self.report(&whole).await?.tier_since.is_some()
+            || (scope.sender.is_some() && self.report(scope).await?.tier_since.is_some());
+        if !stored {
+            return Err(at.not_found(
+                "portfolio_id",
+                format!(
+                    "portfolio {} is neither in [[portfolios]] nor known to the store (server.portfolios = \"configured\")",
+                    crate::error::quote(portfolio)
+                ),
+            ));
+        }
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() < MAX_KNOWN {
+            known.insert(portfolio.clone());
+        }
+        Ok(())
     }
 }
