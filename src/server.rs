@@ -15,22 +15,28 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Mutex};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codegen::{http, Service};
 use tonic::server::NamedService;
+use tonic_health::server::HealthReporter;
 
 use crate::api::LimiterApi;
 use crate::config::{Settings, StoreSettings, TierSource};
 use crate::error::Kind;
-use crate::limiter::Limiter;
+use crate::limiter::{Limiter, StoreWatch};
 use crate::pb;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
 
-/// How often the gRPC health status follows the store.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the gRPC health of the Limiter asks the store whether it answers.
+pub const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The longest one health probe waits for the store's answer. With [`HEALTH_INTERVAL`], an
+/// outage shows as NOT_SERVING within 450 ms even with no call made; a call that fails with
+/// UNAVAILABLE shows it before it answers (see [`LimiterHealth`]).
+pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +79,39 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
     match s.store.ping().await {
         Ok(()) => (StatusCode::OK, "ok\n".into()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
+/// The gRPC health of `tiergate.v1.Limiter`, which follows the store: set by the probe every
+/// [`HEALTH_INTERVAL`], and to NOT_SERVING by any call whose store call fails with a transient
+/// error, before that call answers. One lock orders the two, so the last word is the latest.
+struct LimiterHealth {
+    reporter: HealthReporter,
+    serving: Mutex<bool>,
+}
+
+impl LimiterHealth {
+    async fn set(&self, serving: bool, why: Option<&StoreError>) {
+        let mut current = self.serving.lock().await;
+        if *current == serving {
+            return;
+        }
+        *current = serving;
+        if serving {
+            tracing::info!("Store answers again; serving.");
+            self.reporter.set_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
+        } else {
+            let error = why.map(ToString::to_string).unwrap_or_default();
+            tracing::warn!(error, "Store does not answer; gRPC health reports NOT_SERVING.");
+            self.reporter.set_not_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl StoreWatch for LimiterHealth {
+    async fn unavailable(&self, error: &StoreError) {
+        self.set(false, Some(error)).await;
     }
 }
 
@@ -141,10 +180,10 @@ pub async fn run(
             "Store does not answer yet; serving anyway and retrying on every call."
         ),
     }
-    let limiter = Arc::new(Limiter::new(&settings, store.clone()));
-
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
+    let limiter_health = Arc::new(LimiterHealth { reporter: health.clone(), serving: Mutex::new(true) });
+    let limiter = Arc::new(Limiter::new(&settings, store.clone()).with_store_watch(limiter_health.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -189,29 +228,24 @@ pub async fn run(
         })
     });
 
-    // The Limiter's gRPC health follows the store, so gRPC readiness probes see an outage.
-    let watch_health = health.clone();
+    // The Limiter's gRPC health follows the store, so gRPC readiness probes see an outage: a
+    // bounded ping every HEALTH_INTERVAL, besides the calls that fail (see LimiterHealth).
     let watch_store = store.clone();
     let mut watch_stop = stop_rx.clone();
     tokio::spawn(async move {
-        let mut serving = true;
+        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                _ = tick.tick() => {}
                 _ = watch_stop.wait_for(|s| *s) => return,
             }
             metrics.run_upkeep();
-            let ok = watch_store.ping().await.is_ok();
-            if ok != serving {
-                serving = ok;
-                if ok {
-                    tracing::info!("Store answers again; serving.");
-                    watch_health.set_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
-                } else {
-                    tracing::warn!("Store does not answer; gRPC health reports NOT_SERVING.");
-                    watch_health.set_not_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
-                }
-            }
+            let answer = match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, watch_store.ping()).await {
+                Ok(answer) => answer,
+                Err(_) => Err(StoreError::Unavailable(format!("no answer to a ping within {HEALTH_PROBE_TIMEOUT:?}"))),
+            };
+            limiter_health.set(answer.is_ok(), answer.as_ref().err()).await;
         }
     });
 
@@ -255,4 +289,16 @@ pub async fn run(
         Err(_) => tracing::warn!("In-flight calls did not finish within shutdown_grace; stopping anyway."),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_sees_an_outage_within_half_a_second_without_any_call() {
+        // A store failing right after a probe answered is seen by the next probe: at most one
+        // interval later, once that probe has waited its bound.
+        assert!(HEALTH_INTERVAL + HEALTH_PROBE_TIMEOUT <= Duration::from_millis(500));
+    }
 }

@@ -3,8 +3,11 @@
 //! - metric label sets stay bounded under reads and denials of random portfolios;
 //! - oversized fields and requests are refused, naming the field without echoing it;
 //! - the portfolio allow-list (`server.portfolios = "configured"`);
+//! - gRPC health follows the store at once.
 
 mod common;
+
+use std::time::{Duration, Instant};
 
 use common::calls::usage;
 use common::redis::RedisServer;
@@ -14,6 +17,11 @@ use common::webhooks::sign;
 use tiergate::pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const LIMITER: &str = "tiergate.v1.Limiter";
 
 /// The series a Prometheus scrape holds: lines that are neither comments nor blank.
 fn series(metrics: &str) -> Vec<&str> {
@@ -200,4 +208,57 @@ async fn post_tolerant(admin: std::net::SocketAddr, secret: &str, body: &str) ->
     let n = s.read(&mut buf).await.unwrap_or(0);
     let text = String::from_utf8_lossy(&buf[..n]);
     text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status line: {text:?}"))
+}
+
+async fn limiter_health(health: &mut HealthClient<tonic::transport::Channel>) -> ServingStatus {
+    health.check(HealthCheckRequest { service: LIMITER.into() }).await.unwrap().into_inner().status()
+}
+
+fn redis_config(redis: &RedisServer) -> String {
+    format!(
+        "[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"300ms\"\nhash_key = \"bounded-test-hash-key\"\n",
+        redis.url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_call_failing_unavailable_turns_health_not_serving_before_it_answers() {
+    let mut redis = RedisServer::start();
+    let server = TestServer::start(&redis_config(&redis)).await;
+    let mut c = server.client().await;
+    let mut health = HealthClient::new(server.channel().await);
+    assert_eq!(
+        c.admit(UTILITY.to("acme", "s1", "+15550000001")).await.unwrap().into_inner().reason(),
+        pb::Reason::NewRecipient
+    );
+    assert_eq!(limiter_health(&mut health).await, ServingStatus::Serving);
+
+    redis.kill();
+    let e = c.admit(UTILITY.to("acme", "s1", "+15550000002")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    // No wait: the failed call flipped health before it answered.
+    assert_eq!(limiter_health(&mut health).await, ServingStatus::NotServing);
+
+    redis.restart();
+    let started = Instant::now();
+    while limiter_health(&mut health).await != ServingStatus::Serving {
+        assert!(started.elapsed() < Duration::from_secs(15), "health did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("SERVING again {:?} after Redis came back", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_a_store_outage_without_any_call() {
+    let mut redis = RedisServer::start();
+    let server = TestServer::start(&redis_config(&redis)).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health.watch(HealthCheckRequest { service: LIMITER.into() }).await.unwrap().into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    redis.kill();
+    let started = Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.expect("NOT_SERVING in time");
+    assert_eq!(next.unwrap().unwrap().status(), ServingStatus::NotServing);
+    // Reported, not asserted: a loaded machine may be slower than the probe interval promises.
+    println!("NOT_SERVING {:?} after Redis was killed", started.elapsed());
 }

@@ -128,7 +128,7 @@ impl Limiter {
             let admissions = match self.store.admit(scope, &params, ops).await {
                 Ok(a) => a,
                 Err(e) => {
-                    metrics::store_error("admit", &e);
+                    self.store_failed("admit", &e).await;
                     if self.on_error == OnError::Allow && e.is_transient() {
                         tracing::warn!(portfolio = %scope.portfolio, error = %e, "Store unavailable; admitting unchecked because store.on_error = \"allow\".");
                         for &i in places {

@@ -11,7 +11,7 @@
 //!
 //! This module holds the [`Limiter`] itself and what every path shares: the scope and fallback
 //! tier of a request, which portfolios are served (`server.portfolios`), and the store calls with
-//! their error metrics.
+//! their error metrics and the [`StoreWatch`] told of an outage.
 
 mod admit;
 mod change;
@@ -24,11 +24,13 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
+
 use crate::config::{OnError, PortfolioAccess, Settings, TierSource};
 use crate::hashing::RecipientHasher;
 use crate::metrics;
 use crate::policy::{Ladder, Micros, Ruleset, ScopeKey, ScopeMode, Tier};
-use crate::store::{Change, PortfolioState, ScopeReport, Store};
+use crate::store::{Change, PortfolioState, ScopeReport, Store, StoreError};
 
 pub use crate::error::Error;
 pub use admit::{AdmitAnswer, AdmitInput, MAX_BATCH};
@@ -62,10 +64,20 @@ pub struct Limiter {
     configured: HashSet<String>,
     /// Portfolios found in the store while `access` is `Configured` (at most [`MAX_KNOWN`]).
     known: Mutex<HashSet<String>>,
+    /// Told when a store call fails with a transient error.
+    store_watch: Option<Arc<dyn StoreWatch>>,
 }
 
 /// The most portfolios remembered as found in the store; beyond, each call asks the store again.
 const MAX_KNOWN: usize = 10_000;
+
+/// Told, before the failed call answers, when a store call fails with a transient error, so
+/// readiness (gRPC health) follows an outage at once rather than at the next probe.
+#[async_trait]
+pub trait StoreWatch: Send + Sync + 'static {
+    /// A store call failed with `error`, which retrying may cure.
+    async fn unavailable(&self, error: &StoreError);
+}
 
 impl Limiter {
     /// A limiter over `store` with the validated settings.
@@ -89,6 +101,21 @@ impl Limiter {
             access: settings.server.portfolios,
             configured: settings.portfolios.iter().cloned().collect(),
             known: Mutex::new(HashSet::new()),
+            store_watch: None,
+        }
+    }
+
+    /// The same limiter, telling `watch` of every transient store failure.
+    pub fn with_store_watch(mut self, watch: Arc<dyn StoreWatch>) -> Limiter {
+        self.store_watch = Some(watch);
+        self
+    }
+
+    /// Counts a failed store call of `op` and, when retrying may cure it, tells the watch.
+    async fn store_failed(&self, op: &'static str, e: &StoreError) {
+        metrics::store_error(op, e);
+        if let (true, Some(watch)) = (e.is_transient(), &self.store_watch) {
+            watch.unavailable(e).await;
         }
     }
 
@@ -107,17 +134,35 @@ impl Limiter {
 
     /// Applies changes to a portfolio's persisted state; returns the store's clock.
     async fn apply(&self, portfolio: &str, changes: &[Change]) -> Result<Micros, Error> {
-        Ok(self.store.apply(portfolio, changes).await.inspect_err(|e| metrics::store_error("apply", e))?)
+        match self.store.apply(portfolio, changes).await {
+            Ok(now) => Ok(now),
+            Err(e) => {
+                self.store_failed("apply", &e).await;
+                Err(e.into())
+            }
+        }
     }
 
     /// Everything persisted about a portfolio, as stored.
     async fn state(&self, portfolio: &str) -> Result<PortfolioState, Error> {
-        Ok(self.store.portfolio(portfolio).await.inspect_err(|e| metrics::store_error("portfolio", e))?)
+        match self.store.portfolio(portfolio).await {
+            Ok(state) => Ok(state),
+            Err(e) => {
+                self.store_failed("portfolio", &e).await;
+                Err(e.into())
+            }
+        }
     }
 
     /// The store's report on a scope's usage.
     async fn report(&self, scope: &ScopeKey) -> Result<ScopeReport, Error> {
-        Ok(self.store.usage(scope, self.fallback(scope)).await.inspect_err(|e| metrics::store_error("usage", e))?)
+        match self.store.usage(scope, self.fallback(scope)).await {
+            Ok(report) => Ok(report),
+            Err(e) => {
+                self.store_failed("usage", &e).await;
+                Err(e.into())
+            }
+        }
     }
 
     /// With `server.portfolios = "configured"`, refuses a scope whose portfolio is neither in
