@@ -18,6 +18,9 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The request names something this sidecar does not serve; `field` as for `InvalidArgument`.
+    #[error("{field}: {message}")]
+    NotFound { field: String, message: String },
 }
 
 /// The kinds of failure an edge answers, each with one gRPC code and one HTTP status.
@@ -35,6 +38,10 @@ pub enum Kind {
     Internal,
     /// This sidecar refuses to serve until an operator fixes its configuration.
     FailedPrecondition,
+    /// The request names a portfolio this sidecar does not serve (`server.portfolios`).
+    NotFound,
+    /// The request is larger than `server.max_request_bytes`.
+    ResourceExhausted,
 }
 
 impl Kind {
@@ -58,6 +65,12 @@ impl Kind {
             // retry to this sidecar helps until an operator acts, but another sidecar (or Meta's
             // redelivery, for a webhook) may succeed, so HTTP says "unavailable".
             Kind::FailedPrecondition => (Code::FailedPrecondition, StatusCode::SERVICE_UNAVAILABLE),
+            // `server.portfolios = "configured"` and the portfolio is neither configured nor
+            // known to the store: the same call fails until an operator adds it.
+            Kind::NotFound => (Code::NotFound, StatusCode::NOT_FOUND),
+            // A request over `server.max_request_bytes`, refused before it is read: gRPC's code
+            // for a message too large (tonic's own answer, OUT_OF_RANGE, is rewritten to it).
+            Kind::ResourceExhausted => (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE),
         }
     }
 
@@ -80,6 +93,7 @@ impl Error {
             Error::Store(StoreError::Unavailable(_)) => Kind::Unavailable,
             Error::Store(StoreError::Internal(_)) => Kind::Internal,
             Error::Store(StoreError::Refused(_)) => Kind::FailedPrecondition,
+            Error::NotFound { .. } => Kind::NotFound,
         }
     }
 }
@@ -96,9 +110,29 @@ impl From<Error> for tonic::Status {
                 m
             }
             Error::Store(StoreError::Refused(m)) => m,
+            Error::NotFound { .. } => e.to_string(),
         };
         tonic::Status::new(kind.grpc(), message)
     }
+}
+
+/// How much of an input an error message quotes, in bytes (escaped).
+const QUOTED: usize = 32;
+
+/// An input as an error message may quote it: escaped and in quotes like `{:?}`, but only its
+/// first 32 or so bytes, then `…(N bytes)`, so a hostile megabyte is never echoed (clients drop
+/// a status whose message is too large for their metadata limit).
+pub fn quote(input: &str) -> String {
+    let mut out = String::from("\"");
+    for c in input.chars() {
+        let escaped: String = c.escape_debug().collect();
+        if out.len() + escaped.len() > QUOTED + 1 {
+            return format!("{out}\"…({} bytes)", input.len());
+        }
+        out.push_str(&escaped);
+    }
+    out.push('"');
+    out
 }
 
 /// Compares a secret in constant time, so the time taken does not reveal how much of it was
@@ -128,6 +162,25 @@ mod tests {
         let invalid = Error::InvalidArgument { field: "recipient".into(), message: "must not be empty".into() };
         assert_eq!(invalid.kind().answer(), (Code::InvalidArgument, StatusCode::BAD_REQUEST));
         assert_eq!(tonic::Status::from(invalid).message(), "recipient: must not be empty");
+    }
+
+    #[test]
+    fn quotes_are_short_whatever_the_input() {
+        assert_eq!(quote("TIER_2K"), "\"TIER_2K\"");
+        assert_eq!(quote("a\"b\n"), "\"a\\\"b\\n\"");
+        assert_eq!(quote(&"x".repeat(32)), format!("\"{}\"", "x".repeat(32)));
+        assert_eq!(quote(&"x".repeat(1 << 20)), format!("\"{}\"…(1048576 bytes)", "x".repeat(32)));
+        // Escapes and multi-byte characters count as what they print.
+        assert!(quote(&"\u{1}".repeat(1000)).len() < 64, "{}", quote(&"\u{1}".repeat(1000)));
+        assert!(quote(&"é".repeat(1000)).starts_with("\"éé"));
+    }
+
+    #[test]
+    fn unknown_portfolios_and_oversized_requests_have_their_rows() {
+        let missing = Error::NotFound { field: "portfolio_id".into(), message: "is not served".into() };
+        assert_eq!(missing.kind().answer(), (Code::NotFound, StatusCode::NOT_FOUND));
+        assert_eq!(tonic::Status::from(missing).message(), "portfolio_id: is not served");
+        assert_eq!(Kind::ResourceExhausted.answer(), (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE));
     }
 
     #[test]

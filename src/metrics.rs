@@ -1,7 +1,12 @@
 //! Metric names, their descriptions, and the Prometheus recorder. Every metric tiergate exports
 //! is named here once.
+//!
+//! Label values that callers choose (`portfolio`, `sender`) are bounded by [`Labels`]: the first
+//! `metrics.max_portfolios` portfolios, and as many numbers, get series of their own; the rest
+//! are folded, so a caller reading random portfolios cannot grow a scrape without bound.
 
-use std::sync::OnceLock;
+use std::collections::HashSet;
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -42,6 +47,12 @@ pub const UPGRADE_ELIGIBLE: &str = "tiergate_upgrade_eligible";
 pub const WEBHOOK_DELIVERIES: &str = "tiergate_webhook_deliveries_total";
 /// Webhook changes, by `field` and `outcome` (applied, ignored).
 pub const WEBHOOK_CHANGES: &str = "tiergate_webhook_changes_total";
+/// Metric updates of portfolios or numbers beyond `metrics.max_portfolios`: counted under
+/// [`OTHER`], or (gauges) not exported.
+pub const PORTFOLIOS_FOLDED: &str = "tiergate_metrics_portfolios_folded_total";
+
+/// The `portfolio` label value that portfolios without one of their own share.
+pub const OTHER: &str = "_other";
 
 /// Buckets of [`ADMIT_SECONDS`]: from 50 µs (memory store) to 1 s (a struggling Redis).
 const LATENCY_BUCKETS: &[f64] =
@@ -83,18 +94,91 @@ fn describe() {
     describe_gauge!(UPGRADE_ELIGIBLE, "1 when the scope meets every condition of its next upgrade.");
     describe_counter!(WEBHOOK_DELIVERIES, "Webhook deliveries by outcome.");
     describe_counter!(WEBHOOK_CHANGES, "Webhook changes by field and outcome.");
+    describe_counter!(
+        PORTFOLIOS_FOLDED,
+        "Metric updates of portfolios or numbers beyond metrics.max_portfolios, counted under portfolio=\"_other\" \
+         or, for gauges, not exported."
+    );
 }
 
-/// Counts one decision, and denials per portfolio.
-pub fn decision(portfolio: &str, reason: Reason) {
-    counter!(DECISIONS, "decision" => reason.decision().as_str(), "reason" => reason.as_str()).increment(1);
-    if reason.decision() == Decision::Denied {
-        counter!(DENIALS, "portfolio" => portfolio.to_owned(), "reason" => reason.as_str()).increment(1);
+/// Which portfolios and numbers have label values of their own: the first `max` portfolios seen
+/// (configured ones first) and the first `max` (portfolio, number) pairs seen among those. The
+/// others are folded: counters count them under `portfolio="_other"`, and their gauges are not
+/// exported (a gauge of many scopes at once would be the last one written, not a sum). A
+/// portfolio named `_other` is always folded.
+pub struct Labels {
+    max: usize,
+    seen: RwLock<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    portfolios: HashSet<String>,
+    senders: HashSet<(String, String)>,
+}
+
+impl Labels {
+    /// Room for `max` portfolios and `max` numbers, the `configured` portfolios taking theirs first.
+    pub fn new(max: usize, configured: impl IntoIterator<Item = String>) -> Labels {
+        let labels = Labels { max, seen: RwLock::new(Seen::default()) };
+        for portfolio in configured {
+            labels.admit(&portfolio, None);
+        }
+        labels
+    }
+
+    /// Whether the portfolio (and number) have labels of their own, giving them theirs while
+    /// there is room; a folded update is counted.
+    fn admit(&self, portfolio: &str, sender: Option<&str>) -> bool {
+        let sender = sender.filter(|s| !s.is_empty());
+        let pair = |s: &str| (portfolio.to_owned(), s.to_owned());
+        {
+            let seen = self.seen.read().unwrap_or_else(|e| e.into_inner());
+            if seen.portfolios.contains(portfolio) && sender.is_none_or(|s| seen.senders.contains(&pair(s))) {
+                return true;
+            }
+        }
+        let mut seen = self.seen.write().unwrap_or_else(|e| e.into_inner());
+        let own = portfolio != OTHER
+            && (seen.portfolios.contains(portfolio) || seen.portfolios.len() < self.max)
+            && sender.is_none_or(|s| seen.senders.contains(&pair(s)) || seen.senders.len() < self.max);
+        if own {
+            seen.portfolios.insert(portfolio.to_owned());
+            if let Some(s) = sender {
+                seen.senders.insert(pair(s));
+            }
+        } else {
+            counter!(PORTFOLIOS_FOLDED).increment(1);
+        }
+        own
+    }
+
+    /// The `portfolio` label value of a counter: the portfolio's own, or [`OTHER`].
+    fn portfolio(&self, portfolio: &str) -> String {
+        if self.admit(portfolio, None) {
+            portfolio.to_owned()
+        } else {
+            OTHER.to_owned()
+        }
+    }
+
+    /// The `portfolio` and `sender` labels of a scope's gauges, or `None` when they are folded.
+    fn scope(&self, portfolio: &str, sender: Option<&str>) -> Option<[(&'static str, String); 2]> {
+        self.admit(portfolio, sender)
+            .then(|| [("portfolio", portfolio.to_owned()), ("sender", sender.unwrap_or_default().to_owned())])
     }
 }
 
-fn scope_labels(scope: &ScopeKey) -> [(&'static str, String); 2] {
-    [("portfolio", scope.portfolio.clone()), ("sender", scope.sender.clone().unwrap_or_default())]
+/// Counts one decision, and denials per portfolio.
+pub fn decision(labels: &Labels, portfolio: &str, reason: Reason) {
+    counter!(DECISIONS, "decision" => reason.decision().as_str(), "reason" => reason.as_str()).increment(1);
+    if reason.decision() == Decision::Denied {
+        counter!(DENIALS, "portfolio" => labels.portfolio(portfolio), "reason" => reason.as_str()).increment(1);
+    }
+}
+
+fn scope_labels(labels: &Labels, scope: &ScopeKey) -> Option<[(&'static str, String); 2]> {
+    labels.scope(&scope.portfolio, scope.sender.as_deref())
 }
 
 fn quality_value(q: Quality) -> f64 {
@@ -107,8 +191,8 @@ fn quality_value(q: Quality) -> f64 {
 }
 
 /// Publishes a scope's quality and upgrade projection.
-pub fn projection(scope: &ScopeKey, quality: Quality, unique_7d: u64, p: &Projection) {
-    let labels = scope_labels(scope);
+pub fn projection(labels: &Labels, scope: &ScopeKey, quality: Quality, unique_7d: u64, p: &Projection) {
+    let Some(labels) = scope_labels(labels, scope) else { return };
     gauge!(QUALITY, &labels).set(quality_value(quality));
     gauge!(UNIQUE_7D, &labels).set(unique_7d as f64);
     gauge!(UPGRADE_THRESHOLD, &labels).set(p.threshold as f64);
@@ -116,9 +200,9 @@ pub fn projection(scope: &ScopeKey, quality: Quality, unique_7d: u64, p: &Projec
 }
 
 /// Publishes the status of each known number of a portfolio.
-pub fn portfolio(portfolio: &str, state: &PortfolioState) {
+pub fn portfolio(labels: &Labels, portfolio: &str, state: &PortfolioState) {
     for (sender, s) in &state.senders {
-        let labels = [("portfolio", portfolio.to_owned()), ("sender", sender.clone())];
+        let Some(labels) = labels.scope(portfolio, Some(sender)) else { continue };
         gauge!(QUALITY, &labels).set(quality_value(s.quality));
         for status in [
             SenderStatus::Connected,
@@ -154,8 +238,8 @@ pub fn admit_latency(elapsed: Duration) {
 }
 
 /// Publishes a scope's usage versus its tier.
-pub fn usage(scope: &ScopeKey, usage: &UsageSnapshot) {
-    let labels = scope_labels(scope);
+pub fn usage(labels: &Labels, scope: &ScopeKey, usage: &UsageSnapshot) {
+    let Some(labels) = scope_labels(labels, scope) else { return };
     gauge!(UNIQUE_RECIPIENTS, &labels).set(usage.counted as f64);
     let limit = match usage.tier.limit {
         Limit::Limited(n) => n as f64,
@@ -187,4 +271,28 @@ pub fn release(released: bool) {
 /// Counts an inbound message.
 pub fn inbound() {
     counter!(INBOUND).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_portfolios_and_numbers_keep_their_labels_and_the_rest_fold() {
+        let labels = Labels::new(2, ["configured".to_string()]);
+        assert_eq!(labels.portfolio("configured"), "configured");
+        assert_eq!(labels.portfolio("first"), "first");
+        assert_eq!(labels.portfolio("second"), OTHER, "configured portfolios took their room first");
+        assert_eq!(labels.portfolio("first"), "first", "a labelled portfolio keeps its label");
+        assert_eq!(labels.portfolio(OTHER), OTHER);
+        assert!(labels.scope("first", None).is_some());
+        assert!(labels.scope("second", None).is_none(), "gauges of folded portfolios are not exported");
+        // Numbers are bounded too, and only within labelled portfolios.
+        assert!(labels.scope("first", Some("n1")).is_some());
+        assert!(labels.scope("first", Some("n2")).is_some());
+        assert!(labels.scope("first", Some("n3")).is_none());
+        assert!(labels.scope("first", Some("n1")).is_some());
+        assert!(labels.scope("second", Some("n1")).is_none());
+        assert_eq!(labels.scope("first", Some("")).unwrap()[1], ("sender", String::new()));
+    }
 }

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::error::quote;
+
 /// Microseconds since the Unix epoch. Every store time is one of these.
 pub type Micros = u64;
 
@@ -237,6 +239,9 @@ pub struct Ladder {
 /// Names of the built-in ladders.
 pub const LADDER_PRESETS: [&str; 2] = ["meta-2025", "legacy"];
 
+/// The longest tier name, in bytes, of a ladder or a request.
+pub const MAX_TIER_NAME_LEN: usize = 128;
+
 impl Ladder {
     /// Meta's portfolio-wide ladder from October 2025: 250 → 2K → 10K → 100K → unlimited.
     pub fn meta_2025() -> Ladder {
@@ -281,11 +286,18 @@ impl Ladder {
             if t.name.trim().is_empty() {
                 return Err(format!("tier #{} has an empty name", i + 1));
             }
+            if t.name.len() > MAX_TIER_NAME_LEN {
+                return Err(format!(
+                    "tier #{} has a name of {} bytes; at most {MAX_TIER_NAME_LEN}",
+                    i + 1,
+                    t.name.len()
+                ));
+            }
             if tiers[..i].iter().any(|o| o.name == t.name) {
-                return Err(format!("tier name {:?} appears twice", t.name));
+                return Err(format!("tier name {} appears twice", quote(&t.name)));
             }
             if t.limit == Limit::Limited(0) {
-                return Err(format!("tier {:?} has limit 0; omit `limit` for unlimited", t.name));
+                return Err(format!("tier {} has limit 0; omit `limit` for unlimited", quote(&t.name)));
             }
         }
         Ok(Ladder { tiers })
@@ -349,6 +361,10 @@ pub fn validate_id(value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest recipient accepted as written, in bytes: room for any phone number with its
+/// spaces, dashes and parentheses, and for a business-scoped user id.
+pub const MAX_RECIPIENT_LEN: usize = 128;
+
 /// Normalises a recipient to the form that is hashed: a phone number becomes its 7–15 digits
 /// (`+` or the international prefix `00`, spaces, dashes and parentheses allowed around them),
 /// so every way of writing one number opts out and counts as one user; a business-scoped user id
@@ -356,6 +372,9 @@ pub fn validate_id(value: &str) -> Result<(), String> {
 ///
 /// The error message never repeats the input, so it is safe to return to a client or log.
 pub fn normalize_recipient(raw: &str) -> Result<String, String> {
+    if raw.len() > MAX_RECIPIENT_LEN {
+        return Err(format!("is {} bytes long; at most {MAX_RECIPIENT_LEN} are allowed", raw.len()));
+    }
     let s = raw.trim();
     if s.is_empty() {
         return Err("must not be empty".into());
@@ -1413,6 +1432,9 @@ mod tests {
         assert!(Ladder::custom(vec![Tier::limited("A", 1), Tier::limited("A", 2)]).is_err());
         assert!(Ladder::custom(vec![Tier::limited("A", 0)]).is_err());
         assert!(Ladder::custom(vec![Tier::limited("T5", 5), Tier::unlimited("UNL")]).is_ok());
+        let long = "L".repeat(MAX_TIER_NAME_LEN + 1);
+        let e = Ladder::custom(vec![Tier::limited(&long, 5)]).unwrap_err();
+        assert!(e.len() < 100, "{e}");
     }
 
     #[test]
@@ -1452,5 +1474,7 @@ mod tests {
         assert!(normalize_recipient("00123456").is_err());
         assert_eq!(normalize_recipient("001234567").unwrap(), "1234567");
         assert_eq!(normalize_recipient("0041234567890123").unwrap(), "41234567890123");
+        let padded = format!("+1 415 555 0100{}", " ".repeat(MAX_RECIPIENT_LEN));
+        assert_eq!(normalize_recipient(&padded).unwrap_err(), "is 143 bytes long; at most 128 are allowed");
     }
 }

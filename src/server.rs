@@ -1,9 +1,12 @@
 //! Running the sidecar: the gRPC server (Limiter, health, reflection) and the admin HTTP server
 //! (/metrics, /livez, /readyz), with a graceful shutdown.
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -12,20 +15,29 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Mutex};
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codegen::{http, Service};
+use tonic::server::NamedService;
+use tonic_health::server::HealthReporter;
 
 use crate::api::LimiterApi;
 use crate::config::{Settings, StoreSettings, TierSource};
-use crate::limiter::Limiter;
+use crate::error::Kind;
+use crate::limiter::{Limiter, StoreWatch};
 use crate::pb;
 use crate::shared_policy::{PolicyGuard, SharedPolicy};
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
 use crate::store::{Store, StoreError};
 
-/// How often the gRPC health status follows the store.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the gRPC health of the Limiter asks the store whether it answers.
+pub const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The longest one health probe waits for the store's answer. With [`HEALTH_INTERVAL`], an
+/// outage shows as NOT_SERVING within 450 ms even with no call made; a call that fails with
+/// UNAVAILABLE shows it before it answers (see [`LimiterHealth`]).
+pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +53,7 @@ pub enum RunError {
 /// Builds the configured store.
 pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match &settings.store {
-        StoreSettings::Memory { .. } => Arc::new(MemoryStore::new(settings.windows)),
+        StoreSettings::Memory { .. } => Arc::new(MemoryStore::new(settings.windows).with_state_ttl(settings.state_ttl)),
         StoreSettings::Redis { options, .. } => Arc::new(RedisStore::new(options.clone())?),
     })
 }
@@ -68,6 +80,78 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
     match s.store.ping().await {
         Ok(()) => (StatusCode::OK, "ok\n".into()),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
+/// The gRPC health of `tiergate.v1.Limiter`, which follows the store: set by the probe every
+/// [`HEALTH_INTERVAL`], and to NOT_SERVING by any call whose store call fails with a transient
+/// error, before that call answers. One lock orders the two, so the last word is the latest.
+struct LimiterHealth {
+    reporter: HealthReporter,
+    serving: Mutex<bool>,
+}
+
+impl LimiterHealth {
+    async fn set(&self, serving: bool, why: Option<&StoreError>) {
+        let mut current = self.serving.lock().await;
+        if *current == serving {
+            return;
+        }
+        *current = serving;
+        if serving {
+            tracing::info!("Store answers again; serving.");
+            self.reporter.set_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
+        } else {
+            let error = why.map(ToString::to_string).unwrap_or_default();
+            tracing::warn!(error, "Cannot use the store; gRPC health reports NOT_SERVING.");
+            self.reporter.set_not_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl StoreWatch for LimiterHealth {
+    async fn unavailable(&self, error: &StoreError) {
+        self.set(false, Some(error)).await;
+    }
+}
+
+/// A gRPC service that answers a request over its decoding limit (`server.max_request_bytes`)
+/// RESOURCE_EXHAUSTED, as gRPC specifies, instead of tonic's OUT_OF_RANGE. No Limiter call answers
+/// OUT_OF_RANGE itself (see [`Kind`]), so each one it sends is that refusal.
+#[derive(Clone)]
+struct Oversized<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S: NamedService> NamedService for Oversized<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for Oversized<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (answer, limit) = (self.inner.call(request), self.limit);
+        Box::pin(async move {
+            let response = answer.await?;
+            if tonic::Status::from_header_map(response.headers()).map(|s| s.code()) != Some(tonic::Code::OutOfRange) {
+                return Ok(response);
+            }
+            let message = format!("the request is larger than server.max_request_bytes ({limit} bytes)");
+            Ok(tonic::Status::new(Kind::ResourceExhausted.grpc(), message).into_http())
+        })
     }
 }
 
@@ -107,14 +191,14 @@ pub async fn run(
             false
         }
     };
-    let limiter = Arc::new(Limiter::new(&settings, store.clone()));
-
     let (health, health_service) = tonic_health::server::health_reporter();
     if ready {
         health.set_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
     } else {
         health.set_not_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
     }
+    let limiter_health = Arc::new(LimiterHealth { reporter: health.clone(), serving: Mutex::new(ready) });
+    let limiter = Arc::new(Limiter::new(&settings, store.clone()).with_store_watch(limiter_health.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -129,21 +213,29 @@ pub async fn run(
 
     let grpc_addr = grpc.local_addr()?;
     let admin_addr = admin.local_addr()?;
+    let max_request = settings.server.max_request_bytes;
+    let limiter_server = pb::limiter_server::LimiterServer::new(LimiterApi::new(
+        limiter.clone(),
+        settings.server.sender_token.clone(),
+        settings.server.admin_token.clone(),
+    ))
+    .max_decoding_message_size(max_request);
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::limiter_server::LimiterServer::new(LimiterApi::new(
-            limiter.clone(),
-            settings.server.sender_token.clone(),
-            settings.server.admin_token.clone(),
-        )))
+        .add_service(Oversized { inner: limiter_server, limit: max_request })
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
     let router = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .with_state(AdminState { metrics: metrics.clone(), store: store.clone(), stopping: stopping.clone() })
-        .merge(crate::webhooks::router(limiter.clone(), settings.webhooks.clone(), settings.wabas.clone()));
+        .merge(crate::webhooks::router(
+            limiter.clone(),
+            settings.webhooks.clone(),
+            settings.wabas.clone(),
+            max_request,
+        ));
     if settings.webhooks.is_some() {
         tracing::info!(path = crate::webhooks::PATH, "Receiving Meta webhooks on the admin server.");
     }
@@ -154,31 +246,24 @@ pub async fn run(
         })
     });
 
-    // The Limiter's gRPC health follows the store, so gRPC readiness probes see an outage.
-    let watch_health = health.clone();
+    // The Limiter's gRPC health follows the store, so gRPC readiness probes see an outage: a
+    // bounded ping every HEALTH_INTERVAL, besides the calls that fail (see LimiterHealth).
     let watch_store = store.clone();
     let mut watch_stop = stop_rx.clone();
     tokio::spawn(async move {
-        let mut serving = ready;
+        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                _ = tick.tick() => {}
                 _ = watch_stop.wait_for(|s| *s) => return,
             }
             metrics.run_upkeep();
-            let pinged = watch_store.ping().await;
-            let ok = pinged.is_ok();
-            if ok != serving {
-                serving = ok;
-                if ok {
-                    tracing::info!("Store answers again; serving.");
-                    watch_health.set_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
-                } else {
-                    let error = pinged.err().map(|e| e.to_string()).unwrap_or_default();
-                    tracing::warn!(%error, "Cannot use the store; gRPC health reports NOT_SERVING.");
-                    watch_health.set_not_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
-                }
-            }
+            let answer = match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, watch_store.ping()).await {
+                Ok(answer) => answer,
+                Err(_) => Err(StoreError::Unavailable(format!("no answer to a ping within {HEALTH_PROBE_TIMEOUT:?}"))),
+            };
+            limiter_health.set(answer.is_ok(), answer.as_ref().err()).await;
         }
     });
 
@@ -222,4 +307,16 @@ pub async fn run(
         Err(_) => tracing::warn!("In-flight calls did not finish within shutdown_grace; stopping anyway."),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_sees_an_outage_within_half_a_second_without_any_call() {
+        // A store failing right after a probe answered is seen by the next probe: at most one
+        // interval later, once that probe has waited its bound.
+        assert!(HEALTH_INTERVAL + HEALTH_PROBE_TIMEOUT <= Duration::from_millis(500));
+    }
 }

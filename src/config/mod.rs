@@ -39,6 +39,7 @@ pub struct Config {
     /// Static per-portfolio settings.
     pub portfolios: Vec<PortfolioConfig>,
     pub webhooks: WebhooksConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// `[webhooks]`: Meta's WhatsApp webhooks on the admin server; without both secrets the
@@ -88,6 +89,11 @@ pub struct ServerConfig {
     /// When set, every other Limiter call needs `authorization: Bearer <token>` (this token or
     /// `admin_token`); health and reflection stay open.
     pub sender_token: Option<String>,
+    /// Which portfolios Admit, AdmitBatch, RecordInbound, GetUsage and GetPortfolio serve.
+    pub portfolios: PortfolioAccess,
+    /// The largest request accepted: a gRPC message (RESOURCE_EXHAUSTED above it) or a webhook
+    /// body (413 above it).
+    pub max_request_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +104,8 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             admin_token: None,
             sender_token: None,
+            portfolios: PortfolioAccess::Any,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 }
@@ -127,6 +135,41 @@ impl ServerConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// `server.portfolios`: whom the sending and reading calls serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortfolioAccess {
+    /// Any well-formed portfolio id.
+    #[default]
+    Any,
+    /// Only portfolios listed in `[[portfolios]]` or known to the store (a tier, numbers,
+    /// templates, opt-outs… set for them); others are answered NOT_FOUND.
+    Configured,
+}
+
+/// The default of `server.max_request_bytes`: gRPC's customary 4 MiB, which holds the largest
+/// valid request (an AdmitBatch of 1,000 messages with 512-byte templates and 128-character ids
+/// is about 1 MiB) and Meta's largest webhook deliveries (up to 3 MB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// The smallest `server.max_request_bytes`: room for any single valid Admit.
+const MIN_MAX_REQUEST_BYTES: usize = 4 * 1024;
+
+/// `[metrics]`: what `/metrics` exports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// The most portfolios (and the most numbers) with label values of their own; the rest are
+    /// folded into `portfolio="_other"` (counters) or not exported (gauges).
+    pub max_portfolios: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { max_portfolios: 1_000 }
     }
 }
 
@@ -347,6 +390,11 @@ pub struct Settings {
     pub blocked_senders: BTreeMap<String, BTreeSet<String>>,
     /// Set when both webhook secrets are.
     pub webhooks: Option<WebhookSettings>,
+    /// Every `[[portfolios]]` id, in the order listed.
+    pub portfolios: Vec<String>,
+    pub metrics: MetricsConfig,
+    /// How long persisted state outlives a portfolio's last activity (`store.state_ttl`).
+    pub state_ttl: Duration,
 }
 
 /// Secrets of the webhook endpoint.
@@ -491,6 +539,9 @@ impl Config {
             (_, Some(_)) => return Err(err("webhooks.app_secret", "is required with webhooks.verify_token")),
         };
         self.server.check_tokens()?;
+        if self.server.max_request_bytes < MIN_MAX_REQUEST_BYTES {
+            return Err(err("server.max_request_bytes", format!("must be at least {MIN_MAX_REQUEST_BYTES}")));
+        }
         let s = &self.store;
         if s.timeout.is_zero() {
             return Err(err("store.timeout", "must be longer than zero"));
@@ -544,6 +595,9 @@ impl Config {
             wabas,
             blocked_senders,
             webhooks,
+            portfolios: self.portfolios.iter().map(|p| p.id.clone()).collect(),
+            metrics: self.metrics.clone(),
+            state_ttl: s.state_ttl,
         })
     }
 
@@ -701,6 +755,28 @@ mod tests {
         assert_eq!(topo("sentinels = [\"s1:26379\"]").unwrap_err().key, "store.master_name");
         assert_eq!(topo("").unwrap_err().key, "store.url");
         assert_eq!(topo("url = \"http://h\"").unwrap_err().key, "store.url");
+    }
+
+    #[test]
+    fn bounds_on_callers_resolve() {
+        let s = Config::default().validate().unwrap();
+        assert_eq!(s.server.portfolios, PortfolioAccess::Any);
+        assert_eq!(s.server.max_request_bytes, 4 << 20);
+        assert_eq!(s.metrics.max_portfolios, 1_000);
+        let s = Config::from_toml(
+            "[server]\nportfolios = \"configured\"\nmax_request_bytes = 65536\n[metrics]\nmax_portfolios = 5\n\
+             [[portfolios]]\nid = \"b\"\n[[portfolios]]\nid = \"a\"\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!((s.server.portfolios, s.server.max_request_bytes), (PortfolioAccess::Configured, 65_536));
+        assert_eq!((s.metrics.max_portfolios, s.portfolios), (5, vec!["b".to_string(), "a".to_string()]));
+        let c = Config::load(None, env(&[("TIERGATE_METRICS_MAX_PORTFOLIOS", "7")])).unwrap();
+        assert_eq!(c.metrics.max_portfolios, 7);
+        let e = Config::from_toml("[server]\nmax_request_bytes = 100").unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "server.max_request_bytes");
+        assert_eq!(Config::from_toml("[server]\nportfolios = \"some\"").unwrap_err().key, "server.portfolios");
     }
 
     #[test]

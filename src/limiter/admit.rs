@@ -2,7 +2,7 @@
 //! one store call per scope, an unchecked message is let through only when the store is down and
 //! `store.on_error = "allow"`, and a batch that fails half way gives back what it had counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::config::OnError;
@@ -69,6 +69,7 @@ impl Limiter {
     /// Decides one message.
     pub async fn admit(&self, input: &AdmitInput) -> Result<AdmitAnswer, Error> {
         let prepared = self.prepare(input, FieldPath::TOP)?;
+        self.require_served(&prepared.scope, FieldPath::TOP).await?;
         let mut answers = self.decide(vec![prepared]).await?;
         Ok(answers.pop().expect("one answer per request"))
     }
@@ -85,6 +86,12 @@ impl Limiter {
             .enumerate()
             .map(|(i, input)| self.prepare(input, FieldPath::batch(i)))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut checked = HashSet::new();
+        for (i, p) in prepared.iter().enumerate() {
+            if checked.insert(&p.scope.portfolio) {
+                self.require_served(&p.scope, FieldPath::batch(i)).await?;
+            }
+        }
         self.decide(prepared).await
     }
 
@@ -126,7 +133,7 @@ impl Limiter {
             let admissions = match self.store.admit(scope, &params, ops).await {
                 Ok(a) => a,
                 Err(e) => {
-                    metrics::store_error("admit", &e);
+                    self.store_failed("admit", &e).await;
                     if self.on_error == OnError::Allow && e.is_transient() {
                         tracing::warn!(portfolio = %scope.portfolio, error = %e, "Store unavailable; admitting unchecked because store.on_error = \"allow\".");
                         for &i in places {
@@ -161,11 +168,11 @@ impl Limiter {
         let answers: Vec<AdmitAnswer> = answers.into_iter().map(|a| a.expect("every request answered")).collect();
         metrics::admit_latency(started.elapsed());
         for a in &answers {
-            metrics::decision(&a.usage.scope.portfolio, a.reason);
+            metrics::decision(&self.labels, &a.usage.scope.portfolio, a.reason);
         }
         for group in &groups {
             let last = group.places.last().and_then(|&i| answers.get(i)).expect("group is not empty");
-            metrics::usage(&group.scope, &last.usage.snapshot);
+            metrics::usage(&self.labels, &group.scope, &last.usage.snapshot);
         }
         self.remember(groups.into_iter().map(|g| g.scope));
         Ok(answers)

@@ -18,6 +18,9 @@ use super::Limiter;
 /// The most portfolios remembered as logged for a webhook without a per-number limit.
 const MAX_LOGGED_PORTFOLIOS: usize = 10_000;
 
+/// The longest template status event UpdatePortfolio takes (Meta's are words like PAUSED).
+const MAX_TEMPLATE_STATUS_LEN: usize = 64;
+
 /// A change to a portfolio asked for through UpdatePortfolio: every field is optional.
 #[derive(Debug, Clone, Default)]
 pub struct PortfolioUpdate {
@@ -152,6 +155,8 @@ impl Limiter {
         let portfolio = PortfolioId::parse(portfolio, FieldPath::TOP)?;
         let sender = SenderId::parse(sender, FieldPath::TOP)?;
         let recipient = Recipient::parse(recipient, FieldPath::TOP)?;
+        let scope = self.scope_of(portfolio.as_str(), sender.as_str());
+        self.require_served(&scope, FieldPath::TOP).await?;
         let now = self.apply(portfolio.as_str(), &[self.inbound(&sender, &recipient, None)]).await?;
         metrics::inbound();
         Ok(now.saturating_add(policy::micros(self.service_window)))
@@ -184,12 +189,16 @@ impl Limiter {
             let at = FieldPath::item("templates", i);
             let name = TemplateName::parse(name, at, "name")?;
             let language = TemplateLanguage::optional(language, at, "language")?;
+            if status.as_ref().is_some_and(|s| s.len() > MAX_TEMPLATE_STATUS_LEN || s.contains(char::is_control)) {
+                let message = format!("must be a status of at most {MAX_TEMPLATE_STATUS_LEN} bytes (e.g. PAUSED)");
+                return Err(at.invalid("status", message));
+            }
             changes.extend(template_changes(name.as_str(), language.as_ref(), status.as_deref(), *quality, None));
         }
         if !changes.is_empty() {
             self.apply(id.as_str(), &changes).await?;
         }
-        self.portfolio(id.as_str()).await
+        self.view(&id).await
     }
 
     /// Applies what Meta reported about a portfolio in one atomic store call. Returns how many

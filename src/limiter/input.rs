@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::error::Error;
+use crate::error::{quote, Error};
 use crate::policy::{self, ScopeKey, ScopeMode, Tier};
 
 use super::Limiter;
@@ -40,6 +40,11 @@ impl FieldPath {
     /// The error for field `name` here.
     pub fn invalid(self, name: &str, message: impl Into<String>) -> Error {
         Error::InvalidArgument { field: self.field(name), message: message.into() }
+    }
+
+    /// The error for field `name` here naming something this sidecar does not serve.
+    pub fn not_found(self, name: &str, message: impl Into<String>) -> Error {
+        Error::NotFound { field: self.field(name), message: message.into() }
     }
 }
 
@@ -223,10 +228,16 @@ impl Limiter {
         Ok((scope, sender))
     }
 
-    /// The ladder's tier named in field `tier`.
+    /// The ladder's tier named in field `tier`; the error quotes at most the start of the name.
     pub(super) fn parse_tier(&self, name: &str) -> Result<Tier, Error> {
+        if name.len() > policy::MAX_TIER_NAME_LEN {
+            let limit = policy::MAX_TIER_NAME_LEN;
+            let message = format!("is {} bytes long; a tier name has at most {limit}", name.len());
+            return Err(FieldPath::TOP.invalid("tier", message));
+        }
         self.ladder.get(name).cloned().ok_or_else(|| {
-            FieldPath::TOP.invalid("tier", format!("unknown tier {name:?}; the ladder has {}", self.ladder.names()))
+            let message = format!("unknown tier {}; the ladder has {}", quote(name), self.ladder.names());
+            FieldPath::TOP.invalid("tier", message)
         })
     }
 }

@@ -10,7 +10,8 @@
 //! - `simulate`: applying the ruleset's tier moves when `policy.tier_source = "simulate"`.
 //!
 //! This module holds the [`Limiter`] itself and what every path shares: the scope and fallback
-//! tier of a request, and the store calls with their error metrics.
+//! tier of a request, which portfolios are served (`server.portfolios`), and the store calls with
+//! their error metrics and the [`StoreWatch`] told of an outage.
 
 mod admit;
 mod change;
@@ -23,11 +24,13 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::{OnError, Settings, TierSource};
+use async_trait::async_trait;
+
+use crate::config::{OnError, PortfolioAccess, Settings, TierSource};
 use crate::hashing::{LeaseSigner, RecipientHasher};
 use crate::metrics;
 use crate::policy::{Ladder, Micros, Ruleset, ScopeKey, ScopeMode, Tier};
-use crate::store::{Change, PortfolioState, ScopeReport, Store};
+use crate::store::{Change, PortfolioState, ScopeReport, Store, StoreError};
 
 pub use crate::error::Error;
 pub use admit::{AdmitAnswer, AdmitInput, MAX_BATCH};
@@ -55,6 +58,27 @@ pub struct Limiter {
     no_number_limit_logged: Mutex<HashSet<String>>,
     /// Signs the leases Admit hands out and checks those Release gets, under the store's key.
     leases: LeaseSigner,
+    /// Which portfolios and numbers have metric labels of their own.
+    labels: metrics::Labels,
+    /// Whether only configured or stored portfolios are served.
+    access: PortfolioAccess,
+    /// The `[[portfolios]]` ids.
+    configured: HashSet<String>,
+    /// Portfolios found in the store while `access` is `Configured` (at most [`MAX_KNOWN`]).
+    known: Mutex<HashSet<String>>,
+    /// Told when a store call fails with a transient error.
+    store_watch: Option<Arc<dyn StoreWatch>>,
+}
+
+/// The most portfolios remembered as found in the store; beyond, each call asks the store again.
+const MAX_KNOWN: usize = 10_000;
+
+/// Told, before the failed call answers, when a store call fails with a transient error, so
+/// readiness (gRPC health) follows an outage at once rather than at the next probe.
+#[async_trait]
+pub trait StoreWatch: Send + Sync + 'static {
+    /// A store call failed with `error`, which retrying may cure.
+    async fn unavailable(&self, error: &StoreError);
 }
 
 impl Limiter {
@@ -76,6 +100,25 @@ impl Limiter {
             seen: Mutex::new(HashSet::new()),
             no_number_limit_logged: Mutex::new(HashSet::new()),
             leases: settings.store.hasher().lease_signer(),
+            labels: metrics::Labels::new(settings.metrics.max_portfolios, settings.portfolios.iter().cloned()),
+            access: settings.server.portfolios,
+            configured: settings.portfolios.iter().cloned().collect(),
+            known: Mutex::new(HashSet::new()),
+            store_watch: None,
+        }
+    }
+
+    /// The same limiter, telling `watch` of every transient store failure.
+    pub fn with_store_watch(mut self, watch: Arc<dyn StoreWatch>) -> Limiter {
+        self.store_watch = Some(watch);
+        self
+    }
+
+    /// Counts a failed store call of `op` and, when retrying may cure it, tells the watch.
+    async fn store_failed(&self, op: &'static str, e: &StoreError) {
+        metrics::store_error(op, e);
+        if let (true, Some(watch)) = (e.is_transient(), &self.store_watch) {
+            watch.unavailable(e).await;
         }
     }
 
@@ -94,16 +137,66 @@ impl Limiter {
 
     /// Applies changes to a portfolio's persisted state; returns the store's clock.
     async fn apply(&self, portfolio: &str, changes: &[Change]) -> Result<Micros, Error> {
-        Ok(self.store.apply(portfolio, changes).await.inspect_err(|e| metrics::store_error("apply", e))?)
+        match self.store.apply(portfolio, changes).await {
+            Ok(now) => Ok(now),
+            Err(e) => {
+                self.store_failed("apply", &e).await;
+                Err(e.into())
+            }
+        }
     }
 
     /// Everything persisted about a portfolio, as stored.
     async fn state(&self, portfolio: &str) -> Result<PortfolioState, Error> {
-        Ok(self.store.portfolio(portfolio).await.inspect_err(|e| metrics::store_error("portfolio", e))?)
+        match self.store.portfolio(portfolio).await {
+            Ok(state) => Ok(state),
+            Err(e) => {
+                self.store_failed("portfolio", &e).await;
+                Err(e.into())
+            }
+        }
     }
 
     /// The store's report on a scope's usage.
     async fn report(&self, scope: &ScopeKey) -> Result<ScopeReport, Error> {
-        Ok(self.store.usage(scope, self.fallback(scope)).await.inspect_err(|e| metrics::store_error("usage", e))?)
+        match self.store.usage(scope, self.fallback(scope)).await {
+            Ok(report) => Ok(report),
+            Err(e) => {
+                self.store_failed("usage", &e).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// With `server.portfolios = "configured"`, refuses a scope whose portfolio is neither in
+    /// `[[portfolios]]` nor known to the store: it has stored state (numbers, templates, quality,
+    /// alerts, opt-outs), or a tier was set for the scope or for the whole portfolio. `at` names
+    /// the field at fault. A portfolio found in the store is remembered, so it is asked once.
+    pub(super) async fn require_served(&self, scope: &ScopeKey, at: FieldPath) -> Result<(), Error> {
+        let portfolio = &scope.portfolio;
+        if self.access == PortfolioAccess::Any || self.configured.contains(portfolio) {
+            return Ok(());
+        }
+        if self.known.lock().unwrap_or_else(|e| e.into_inner()).contains(portfolio) {
+            return Ok(());
+        }
+        let whole = ScopeKey { portfolio: portfolio.clone(), sender: None };
+        let stored = self.state(portfolio).await? != PortfolioState::default()
+            || self.report(&whole).await?.tier_since.is_some()
+            || (scope.sender.is_some() && self.report(scope).await?.tier_since.is_some());
+        if !stored {
+            return Err(at.not_found(
+                "portfolio_id",
+                format!(
+                    "portfolio {} is neither in [[portfolios]] nor known to the store (server.portfolios = \"configured\")",
+                    crate::error::quote(portfolio)
+                ),
+            ));
+        }
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() < MAX_KNOWN {
+            known.insert(portfolio.clone());
+        }
+        Ok(())
     }
 }

@@ -82,13 +82,20 @@ impl Limiter {
     /// The usage of a scope now, with its quality and upgrade projection.
     pub async fn usage(&self, portfolio: &str, sender: &str) -> Result<Usage, Error> {
         let (scope, _) = self.parse_scope(portfolio, sender, FieldPath::TOP)?;
+        self.require_served(&scope, FieldPath::TOP).await?;
         let state = self.state(portfolio).await?;
         self.scope_usage(&scope, &state).await
     }
 
     /// Everything known about a portfolio, with the usage of its scope (or of each known number).
     pub async fn portfolio(&self, portfolio: &str) -> Result<PortfolioView, Error> {
-        let portfolio = PortfolioId::parse(portfolio, FieldPath::TOP)?;
+        let id = PortfolioId::parse(portfolio, FieldPath::TOP)?;
+        self.require_served(&ScopeKey { portfolio: id.as_str().to_owned(), sender: None }, FieldPath::TOP).await?;
+        self.view(&id).await
+    }
+
+    /// [`Limiter::portfolio`] of a portfolio already served.
+    pub(super) async fn view(&self, portfolio: &PortfolioId) -> Result<PortfolioView, Error> {
         let portfolio = portfolio.as_str();
         let state = self.state(portfolio).await?;
         let scopes: Vec<ScopeKey> = match self.scope_mode {
@@ -108,7 +115,7 @@ impl Limiter {
                 usage.push(Usage { scope: whole, snapshot: report.usage, detail: None });
             }
         }
-        metrics::portfolio(portfolio, &state);
+        metrics::portfolio(&self.labels, portfolio, &state);
         Ok(PortfolioView {
             portfolio: portfolio.to_owned(),
             blocked_senders: self.blocked_senders.get(portfolio).cloned().unwrap_or_default(),
@@ -130,9 +137,9 @@ impl Limiter {
             }
             None => usage,
         };
-        metrics::usage(scope, &usage.snapshot);
+        metrics::usage(&self.labels, scope, &usage.snapshot);
         if let Some(d) = &usage.detail {
-            metrics::projection(scope, d.quality, d.unique_7d, &d.projection);
+            metrics::projection(&self.labels, scope, d.quality, d.unique_7d, &d.projection);
         }
         Ok(usage)
     }

@@ -13,7 +13,13 @@ impl Limiter {
     /// A lease this store's sidecars did not sign is invalid.
     pub async fn release(&self, token: &str) -> Result<bool, Error> {
         let lease = self.leases.verify(token).map_err(|m| FieldPath::TOP.invalid("lease", m))?;
-        let released = self.store.release(&lease).await.inspect_err(|e| metrics::store_error("release", e))?;
+        let released = match self.store.release(&lease).await {
+            Ok(released) => released,
+            Err(e) => {
+                self.store_failed("release", &e).await;
+                return Err(e.into());
+            }
+        };
         metrics::release(released);
         Ok(released)
     }

@@ -1,8 +1,16 @@
 //! The embedded store: everything in this process, behind one mutex. For a laptop, a test, or a
 //! single sender process; sidecars that must agree share a Redis store instead.
+//!
+//! Reads create nothing, and what nobody writes to is forgotten when Redis would expire it: a
+//! scope's contacts a window and a second after its last admit (the window key's TTL), and
+//! persisted state (tiers, statuses, templates, opt-outs) once its portfolio or scope has seen no
+//! write for `store.state_ttl`; a scope or portfolio with nothing left goes (see
+//! [`MemoryStore::held`]). Until then contacts leave the window lazily, when their scope is next
+//! read or written, as on Redis.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -35,6 +43,11 @@ struct ScopeState {
     delivered: HashMap<Member, Micros>,
     /// What each idempotency key (hashed) remembers, until its contact leaves the window.
     remembered: HashMap<Member, Remembered>,
+    /// The last write (an admit, or a change naming the scope): persisted fields outlive it by
+    /// the state TTL.
+    active: Micros,
+    /// The last admit: the contacts outlive it by the window and [`WINDOW_KEPT_EXTRA`].
+    admitted: Micros,
 }
 
 impl ScopeState {
@@ -47,6 +60,13 @@ impl ScopeState {
             let (_, member) = self.by_score.pop_first().expect("first exists");
             self.contacts.remove(&member);
         }
+        self.expire_kept(now, windows);
+    }
+
+    /// Drops what no answer reads any more: confirmations older than the window, and daily counts
+    /// older than the longest count.
+    fn expire_kept(&mut self, now: Micros, windows: &Windows) {
+        let start = policy::window_start(now, windows.window);
         self.delivered.retain(|_, at| *at > start);
         self.remembered.retain(|_, r| r.score > start);
         let oldest_day = day_of(now).saturating_sub(DAYS_KEPT - 1);
@@ -75,6 +95,43 @@ impl ScopeState {
         all.len() as u64
     }
 
+    /// Whether anything outlives the window: a tier or simulation state.
+    fn persists(&self) -> bool {
+        self.tier.is_some()
+            || self.tier_since.is_some()
+            || self.eligible_since.is_some()
+            || self.flagged_since.is_some()
+    }
+
+    /// Whether the contacts are gone as Redis's window key is: a window and
+    /// [`WINDOW_KEPT_EXTRA`] after the last admit, every contact has left the window.
+    fn window_gone(&self, now: Micros, windows: &Windows) -> bool {
+        let kept = policy::micros(windows.window + WINDOW_KEPT_EXTRA);
+        now.saturating_sub(self.admitted) > kept
+    }
+
+    /// Drops the contacts once [`Self::window_gone`], what no answer reads any more, and, after
+    /// `state_ttl` without a write, the persisted fields; returns whether nothing is left, so the
+    /// scope can be forgotten. A forgotten scope starts its scores again from the clock, so it is
+    /// forgotten only once the clock has passed the last score handed out (no later lease can then
+    /// name an earlier score).
+    fn sweep(&mut self, now: Micros, windows: &Windows, state_ttl: Micros) -> bool {
+        if self.window_gone(now, windows) {
+            self.contacts.clear();
+            self.by_score.clear();
+        }
+        self.expire_kept(now, windows);
+        if now.saturating_sub(self.active) > state_ttl {
+            (self.tier, self.tier_since, self.tier_at) = (None, None, 0);
+            (self.eligible_since, self.flagged_since) = (None, None);
+        }
+        self.contacts.is_empty()
+            && self.delivered.is_empty()
+            && self.days.is_empty()
+            && !self.persists()
+            && now > self.last_score
+    }
+
     fn touch(&mut self, member: &Member, now: Micros) -> Micros {
         let score = policy::next_score(now, self.last_score);
         self.last_score = score;
@@ -94,6 +151,9 @@ struct Portfolio {
     state: PortfolioState,
     /// When the last status event of each number (`s:<id>`) happened (templates keep theirs).
     event_at: HashMap<String, Micros>,
+    /// The last write (an admit in any of its scopes, or a change): persisted state outlives it
+    /// by the state TTL.
+    active: Micros,
 }
 
 impl Portfolio {
@@ -109,12 +169,48 @@ impl Portfolio {
     }
 }
 
+impl Portfolio {
+    /// Closes service windows past and, after `state_ttl` without a write, drops persisted state;
+    /// returns whether nothing is left.
+    fn sweep(&mut self, now: Micros, state_ttl: Micros) -> bool {
+        self.service.retain(|_, closes| *closes > now);
+        if now.saturating_sub(self.active) > state_ttl {
+            self.opted_out.clear();
+            self.state = PortfolioState::default();
+            self.event_at.clear();
+        }
+        self.service.is_empty()
+            && self.opted_out.is_empty()
+            && self.event_at.is_empty()
+            && self.state == PortfolioState::default()
+    }
+}
+
 #[derive(Default)]
 struct State {
     scopes: HashMap<ScopeKey, ScopeState>,
     portfolios: HashMap<String, Portfolio>,
     /// The recorded [shared policy](crate::shared_policy).
     shared_policy: Option<String>,
+    /// When the next write sweeps every scope and portfolio.
+    next_sweep: Micros,
+}
+
+/// How long a scope's contacts outlive the window after its last admit: Redis's window key is
+/// kept that much longer (`PEXPIRE` of the window and a second, by `admit.lua`).
+const WINDOW_KEPT_EXTRA: Duration = Duration::from_secs(1);
+
+/// How often, at most, writes sweep what has expired.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// The state TTL of [`MemoryStore::new`]: `store.state_ttl`'s default.
+const DEFAULT_STATE_TTL: Duration = Duration::from_secs(400 * 24 * 3600);
+
+/// How many scopes and portfolios a memory store holds state for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub scopes: usize,
+    pub portfolios: usize,
 }
 
 /// The embedded in-memory store.
@@ -122,6 +218,9 @@ pub struct MemoryStore {
     state: Mutex<State>,
     windows: Windows,
     clock: Arc<dyn Clock>,
+    /// How long persisted state outlives the last write, in µs (never shorter than the window,
+    /// as on Redis).
+    state_ttl: Micros,
 }
 
 impl MemoryStore {
@@ -132,7 +231,35 @@ impl MemoryStore {
 
     /// A store on the given clock.
     pub fn with_clock(windows: Windows, clock: Arc<dyn Clock>) -> MemoryStore {
-        MemoryStore { state: Mutex::new(State::default()), windows, clock }
+        let state_ttl = policy::micros(DEFAULT_STATE_TTL.max(windows.window));
+        MemoryStore { state: Mutex::new(State::default()), windows, clock, state_ttl }
+    }
+
+    /// The same store keeping persisted state for `ttl` (`store.state_ttl`) after the last write.
+    pub fn with_state_ttl(mut self, ttl: Duration) -> MemoryStore {
+        self.state_ttl = policy::micros(ttl.max(self.windows.window));
+        self
+    }
+
+    /// How many scopes and portfolios the store holds state for now (after a sweep).
+    pub fn held(&self) -> Held {
+        let mut state = self.lock();
+        self.sweep(&mut state, self.clock.now());
+        Held { scopes: state.scopes.len(), portfolios: state.portfolios.len() }
+    }
+
+    /// Forgets every scope and portfolio with nothing left in force (see [`ScopeState::sweep`]).
+    fn sweep(&self, state: &mut State, now: Micros) {
+        state.scopes.retain(|_, s| !s.sweep(now, &self.windows, self.state_ttl));
+        state.portfolios.retain(|_, p| !p.sweep(now, self.state_ttl));
+        state.next_sweep = now.saturating_add(policy::micros(SWEEP_EVERY));
+    }
+
+    /// Sweeps when the last sweep is [`SWEEP_EVERY`] old: a write's amortised share of it.
+    fn sweep_due(&self, state: &mut State, now: Micros) {
+        if now >= state.next_sweep {
+            self.sweep(state, now);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -140,6 +267,13 @@ impl MemoryStore {
         // decision behind: a poisoned lock is still consistent.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The scope a change names, created if need be and marked written at `now`.
+fn written<'s>(scopes: &'s mut HashMap<ScopeKey, ScopeState>, scope: &ScopeKey, now: Micros) -> &'s mut ScopeState {
+    let s = scopes.entry(scope.clone()).or_default();
+    s.active = now;
+    s
 }
 
 fn sender_banned(p: Option<&Portfolio>, sender: Option<&String>) -> bool {
@@ -178,8 +312,13 @@ impl Store for MemoryStore {
         let now = self.clock.now();
         let mut guard = self.lock();
         let state = &mut *guard;
-        let portfolio = state.portfolios.get(&scope.portfolio);
+        self.sweep_due(state, now);
+        let portfolio = state.portfolios.get_mut(&scope.portfolio).map(|p| {
+            p.active = now;
+            &*p
+        });
         let s = state.scopes.entry(scope.clone()).or_default();
+        (s.active, s.admitted) = (now, now);
         s.expire(now, &self.windows);
         let limit = s.tier.as_ref().unwrap_or(&params.fallback).limit;
         let limits = Limits::new(limit, params.reserve_bp);
@@ -230,9 +369,10 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, StoreError> {
+        let now = self.clock.now();
         let mut state = self.lock();
         let Some(s) = state.scopes.get_mut(&lease.scope) else { return Ok(false) };
-        if s.contacts.get(&lease.member) != Some(&lease.score) {
+        if s.window_gone(now, &self.windows) || s.contacts.get(&lease.member) != Some(&lease.score) {
             return Ok(false);
         }
         s.forget(&lease.member);
@@ -243,11 +383,13 @@ impl Store for MemoryStore {
         let now = self.clock.now();
         let mut guard = self.lock();
         let state = &mut *guard;
+        self.sweep_due(state, now);
         for change in changes {
             let p = state.portfolios.entry(portfolio.to_owned()).or_default();
+            p.active = now;
             match change {
                 Change::Tier { scope, tier, at } => {
-                    let s = state.scopes.entry(scope.clone()).or_default();
+                    let s = written(&mut state.scopes, scope, now);
                     let at = at.unwrap_or(now);
                     if at < s.tier_at {
                         continue;
@@ -258,12 +400,8 @@ impl Store for MemoryStore {
                     }
                     s.tier = Some(tier.clone());
                 }
-                Change::Eligible { scope, since } => {
-                    state.scopes.entry(scope.clone()).or_default().eligible_since = *since
-                }
-                Change::Flagged { scope, since } => {
-                    state.scopes.entry(scope.clone()).or_default().flagged_since = *since
-                }
+                Change::Eligible { scope, since } => written(&mut state.scopes, scope, now).eligible_since = *since,
+                Change::Flagged { scope, since } => written(&mut state.scopes, scope, now).flagged_since = *since,
                 Change::Quality(q) => p.state.quality = *q,
                 Change::SenderStatus { sender, status, at } => {
                     if !p.newer(format!("s:{sender}"), at.unwrap_or(now)) {
@@ -315,7 +453,7 @@ impl Store for MemoryStore {
                     p.state.senders.entry(sender.clone()).or_default().throughput_mps = Some(*mps);
                 }
                 Change::Delivery { scope, member, status, at } => {
-                    let s = state.scopes.entry(scope.clone()).or_default();
+                    let s = written(&mut state.scopes, scope, now);
                     s.expire(now, &self.windows);
                     let at = event_time(*at, now);
                     match status {
@@ -343,7 +481,9 @@ impl Store for MemoryStore {
     async fn usage(&self, scope: &ScopeKey, fallback: &Tier) -> Result<ScopeReport, StoreError> {
         let now = self.clock.now();
         let mut state = self.lock();
-        let s = state.scopes.entry(scope.clone()).or_default();
+        // A read creates nothing: a scope never written to reads as an empty one.
+        let mut unknown = ScopeState::default();
+        let s = state.scopes.get_mut(scope).unwrap_or(&mut unknown);
         s.expire(now, &self.windows);
         let today = day_of(now);
         Ok(ScopeReport {
@@ -377,5 +517,136 @@ impl Store for MemoryStore {
             state.shared_policy = Some(policy.to_owned());
         }
         Ok(state.shared_policy.clone().unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::hashing::RecipientHasher;
+    use crate::policy::{Category, Reason};
+
+    const HOUR: Micros = 3_600_000_000;
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    struct ManualClock(AtomicU64);
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Micros {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl ManualClock {
+        fn advance(&self, us: Micros) {
+            self.0.fetch_add(us, Ordering::SeqCst);
+        }
+    }
+
+    /// A store with a one-day window and a 30-day state TTL on a manual clock.
+    fn store() -> (MemoryStore, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock(AtomicU64::new(1_800_000_000_000_000)));
+        let store = MemoryStore::with_clock(Windows::default(), clock.clone()).with_state_ttl(30 * DAY);
+        (store, clock)
+    }
+
+    fn scope(portfolio: &str) -> ScopeKey {
+        ScopeKey { portfolio: portfolio.into(), sender: None }
+    }
+
+    fn op(recipient: &str) -> AdmitOp {
+        let member = RecipientHasher::new(b"memory-store-tests").unwrap().recipient(recipient);
+        AdmitOp { member, category: Category::Utility, ..AdmitOp::default() }
+    }
+
+    fn params() -> AdmitParams {
+        AdmitParams { fallback: Tier::limited("T2", 2), reserve_bp: 0 }
+    }
+
+    async fn admit(store: &MemoryStore, portfolio: &str, recipient: &str) -> Reason {
+        store.admit(&scope(portfolio), &params(), &[op(recipient)]).await.unwrap()[0].reason
+    }
+
+    fn held(scopes: usize, portfolios: usize) -> Held {
+        Held { scopes, portfolios }
+    }
+
+    #[tokio::test]
+    async fn reads_create_nothing() {
+        let (store, _) = store();
+        for i in 0..100 {
+            let report = store.usage(&scope(&format!("p{i}")), &Tier::limited("T2", 2)).await.unwrap();
+            assert_eq!(report.usage.counted, 0);
+            assert_eq!(store.portfolio(&format!("p{i}")).await.unwrap(), PortfolioState::default());
+        }
+        assert_eq!(store.held(), held(0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_scope_is_forgotten_once_nothing_is_counted_in_its_window_and_not_before() {
+        let (store, clock) = store();
+        assert_eq!(admit(&store, "acme", "1111111").await, Reason::NewRecipient);
+        clock.advance(23 * HOUR);
+        assert_eq!(store.held(), held(1, 0), "a contact in the window keeps its scope");
+        assert_eq!(admit(&store, "acme", "2222222").await, Reason::NewRecipient);
+        assert_eq!(admit(&store, "acme", "3333333").await, Reason::LimitReached, "exact: the first still counts");
+        clock.advance(2 * HOUR);
+        assert_eq!(store.held(), held(1, 0), "the second contact is still in the window");
+        clock.advance(23 * HOUR);
+        assert_eq!(store.held(), held(0, 0), "nothing left in the window");
+        // A denied write leaves nothing to keep either.
+        let full = AdmitOp { category: Category::Service, ..op("4444444") };
+        store.admit(&scope("other"), &params(), &[full]).await.unwrap();
+        clock.advance(1);
+        assert_eq!(store.held(), held(0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_lease_gives_back_nothing_once_its_window_is_gone_as_on_redis() {
+        let (store, clock) = store();
+        let counted = store.admit(&scope("acme"), &params(), &[op("1111111")]).await.unwrap();
+        let lease =
+            Lease { scope: scope("acme"), member: op("1111111").member, score: counted[0].lease_score.unwrap() };
+        clock.advance(24 * HOUR + 500_000);
+        assert!(store.release(&lease).await.unwrap(), "left the window, but lazily, as Redis keeps the key a second");
+        store.admit(&scope("acme"), &params(), &[op("1111111")]).await.unwrap();
+        let again = store.admit(&scope("acme"), &params(), &[op("2222222")]).await.unwrap();
+        let lease = Lease { scope: scope("acme"), member: op("2222222").member, score: again[0].lease_score.unwrap() };
+        clock.advance(24 * HOUR + 1_000_001);
+        assert!(!store.release(&lease).await.unwrap(), "a window and a second after the last admit");
+    }
+
+    #[tokio::test]
+    async fn persisted_state_is_kept_until_the_state_ttl_passes_without_a_write() {
+        let (store, clock) = store();
+        let tier = Change::Tier { scope: scope("acme"), tier: Tier::limited("T1", 1), at: None };
+        let opt_out = Change::OptOut { member: op("5555555").member, opted_out: true };
+        store.apply("acme", &[tier, opt_out]).await.unwrap();
+        clock.advance(20 * 24 * HOUR);
+        // An Admit is a write: it renews both the scope's and the portfolio's state.
+        assert_eq!(admit(&store, "acme", "1111111").await, Reason::NewRecipient);
+        assert_eq!(admit(&store, "acme", "2222222").await, Reason::LimitReached, "the persisted tier holds");
+        clock.advance(29 * 24 * HOUR);
+        assert_eq!(store.held(), held(1, 1));
+        assert_eq!(store.portfolio("acme").await.unwrap().opted_out, 1);
+        assert_eq!(store.usage(&scope("acme"), &params().fallback).await.unwrap().usage.tier.name, "T1");
+        clock.advance(2 * 24 * HOUR);
+        assert_eq!(store.held(), held(0, 0), "31 days without a write");
+        assert_eq!(store.portfolio("acme").await.unwrap().opted_out, 0);
+        assert_eq!(store.usage(&scope("acme"), &params().fallback).await.unwrap().usage.tier.name, "T2");
+    }
+
+    #[tokio::test]
+    async fn writes_sweep_what_expired_without_a_read() {
+        let (store, clock) = store();
+        for i in 0..50 {
+            admit(&store, &format!("p{i}"), "1111111").await;
+        }
+        clock.advance(25 * HOUR);
+        admit(&store, "acme", "1111111").await;
+        let state = store.lock();
+        assert_eq!((state.scopes.len(), state.portfolios.len()), (1, 0), "the 50 idle scopes are gone");
     }
 }

@@ -33,9 +33,6 @@ use crate::metrics;
 /// The path Meta is configured to call.
 pub const PATH: &str = "/webhooks/whatsapp";
 
-/// The largest delivery accepted (Meta batches up to 1,000 changes).
-const MAX_BODY: usize = 8 * 1024 * 1024;
-
 struct Receiver {
     limiter: Arc<Limiter>,
     settings: WebhookSettings,
@@ -44,13 +41,19 @@ struct Receiver {
     unmapped: Mutex<HashSet<String>>,
 }
 
-/// The webhook routes, or none (so the path answers 404) without both secrets.
-pub fn router(limiter: Arc<Limiter>, settings: Option<WebhookSettings>, wabas: BTreeMap<String, String>) -> Router {
+/// The webhook routes, or none (so the path answers 404) without both secrets. A body over
+/// `max_body` bytes (`server.max_request_bytes`) is refused with 413 before it is read.
+pub fn router(
+    limiter: Arc<Limiter>,
+    settings: Option<WebhookSettings>,
+    wabas: BTreeMap<String, String>,
+    max_body: usize,
+) -> Router {
     let Some(settings) = settings else { return Router::new() };
     let receiver = Arc::new(Receiver { limiter, settings, wabas, unmapped: Mutex::new(HashSet::new()) });
     Router::new()
         .route(PATH, get(verify).post(deliver))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(receiver)
 }
 

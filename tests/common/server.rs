@@ -187,6 +187,11 @@ impl Sidecar {
         client(self.grpc_addr).await
     }
 
+    /// The process id, e.g. to read its memory use.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the sidecar wrote to stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("stderr.log")).unwrap_or_default()

@@ -496,7 +496,7 @@ async fn play(subject: Subject, steps: &[Step], seen: &Seen) -> Result<(), Strin
                 let Some(lease) = leases.get(usize::from(*lease) % leases.len().max(1)) else { continue };
                 let got = store.release(lease).await.map_err(failed)?;
                 saw(seen, if got { "release given back" } else { "release refused" });
-                let want = model.release(lease);
+                let want = model.release(subject.now(), lease);
                 if got != want {
                     return Err(differ(&got, &want));
                 }
@@ -509,7 +509,7 @@ async fn play(subject: Subject, steps: &[Step], seen: &Seen) -> Result<(), Strin
                     score: last + u64::from(*score_offset) + 1,
                 };
                 let got = store.release(&lease).await.map_err(failed)?;
-                let want = model.release(&lease);
+                let want = model.release(subject.now(), &lease);
                 if got != want {
                     return Err(differ(&got, &want));
                 }

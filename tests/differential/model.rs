@@ -36,6 +36,8 @@ struct Scope {
     /// Idempotency key (hashed) → what it remembers; never dropped here, since whether it still
     /// replays is asked at each use.
     remembered: BTreeMap<Member, Remembered>,
+    /// When the scope was last admitted for: its window is kept a window and a second after.
+    admitted: Micros,
 }
 
 impl Scope {
@@ -130,6 +132,7 @@ impl Model {
         let portfolio = self.portfolios.get(&scope.portfolio);
         let s = self.scopes.entry(scope.clone()).or_default();
         s.forget_old(now, &windows);
+        s.admitted = now;
         let limit = s.tier.as_ref().unwrap_or(&params.fallback).limit;
         let limits = Limits::new(limit, params.reserve_bp);
         let mut out = Vec::new();
@@ -193,9 +196,15 @@ impl Model {
         out
     }
 
-    /// What `Store::release` must answer.
-    pub fn release(&mut self, lease: &Lease) -> bool {
+    /// What `Store::release` must answer at `now`. Contacts leave the window lazily, so a lease
+    /// of one that left it may still give it back, until the window is gone altogether: a
+    /// window and a second after the scope's last admit (the TTL of Redis's window key).
+    pub fn release(&mut self, now: Micros, lease: &Lease) -> bool {
         let Some(s) = self.scopes.get_mut(&lease.scope) else { return false };
+        let kept = policy::micros(self.windows.window + std::time::Duration::from_secs(1));
+        if now.saturating_sub(s.admitted) > kept {
+            return false;
+        }
         if s.contacts.get(&lease.member) != Some(&lease.score) {
             return false;
         }
