@@ -100,7 +100,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             grpc_listen: ([127, 0, 0, 1], 50051).into(),
-            admin_listen: ([127, 0, 0, 1], 9090).into(),
+            admin_listen: ([127, 0, 0, 1], 9477).into(),
             shutdown_grace: Duration::from_secs(10),
             admin_token: None,
             sender_token: None,
