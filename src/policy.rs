@@ -674,13 +674,11 @@ impl Remembered {
         written.map(|score| Remembered { reason, member: member.to_vec(), score })
     }
 
-    /// Whether a retry at `now` gets this answer back: while the contact it wrote is inside the
-    /// window and still the recipient's latest (`current` is the score the window holds for the
-    /// recipient). Once Release or a failed delivery gave the slot back, the retry is decided
-    /// again, so a message that is then sent is counted, even when another message has counted
-    /// the recipient again since: the old lease would name a contact that is gone.
-    pub fn replays(&self, now: Micros, window: Duration, current: Option<Micros>) -> bool {
-        current == Some(self.score) && self.score > window_start(now, window)
+    /// Whether a retry at `now` gets this answer back: while the contact is inside the window and
+    /// its recipient is still counted (`counted`). Once Release or a failed delivery gave the
+    /// slot back, the retry is decided again, so a message that is then sent is counted.
+    pub fn replays(&self, now: Micros, window: Duration, counted: bool) -> bool {
+        counted && self.score > window_start(now, window)
     }
 
     /// The lease score a replay carries: the first Admit's, when it counted a new recipient.

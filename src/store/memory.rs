@@ -326,7 +326,7 @@ impl Store for MemoryStore {
         for op in ops {
             let remembered = op.idempotency_key.as_ref().and_then(|key| s.remembered.get(key));
             let window = self.windows.window;
-            if let Some(r) = remembered.filter(|r| r.replays(now, window, s.contacts.get(&r.member).copied())) {
+            if let Some(r) = remembered.filter(|r| r.replays(now, window, s.contacts.contains_key(&r.member))) {
                 out.push(Admission {
                     reason: r.reason,
                     lease_score: r.lease_score(),

@@ -575,18 +575,6 @@ fn regressions() -> Vec<(&'static str, Vec<Step>)> {
     let status = |language, status| Chg::TemplateStatus { template: 2, language, status, at: When::Now };
     vec![
         (
-            // A replay here would hand out a lease naming a contact that is gone; the memory
-            // store, which forgets a scope's keys when its sweep finds no contact, disagreed with
-            // the model when the keys replayed on any later count of the recipient.
-            "a key whose slot was given back is decided again even once its recipient is counted again",
-            vec![
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(2, 0)] },
-                Step::Release { lease: 0 },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![one(2)] },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(0, 0)] },
-            ],
-        ),
-        (
             "an idempotency key replays what it counted, also for another recipient, until the slot is given back",
             vec![
                 Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(0, 0), keyed(0, 0)] },

@@ -138,7 +138,7 @@ impl Model {
         let mut out = Vec::new();
         for op in ops {
             let remembered = op.idempotency_key.as_ref().and_then(|key| s.remembered.get(key));
-            if let Some(r) = remembered.filter(|r| r.replays(now, windows.window, s.contacts.get(&r.member).copied())) {
+            if let Some(r) = remembered.filter(|r| r.replays(now, windows.window, s.contacts.contains_key(&r.member))) {
                 out.push(Admission {
                     reason: r.reason,
                     lease_score: r.lease_score(),

@@ -25,7 +25,7 @@
 -- Categories in MAY_BE_MARKETING get the marketing rules: a message without a category may be one.
 -- Admits write no daily count: only confirmed deliveries do (see the `dlv` op of apply.lua).
 -- A message whose idempotency key remembers a decision that still replays (`policy::Remembered`:
--- the contact it wrote is in the window and still its recipient's latest) gets that decision back and
+-- its contact is in the window and its recipient still counted) gets that decision back and
 -- writes nothing; otherwise its key remembers its decision if it wrote, and forgets it if not.
 --
 -- Returns {tier, limit, now (us), {reason, lease score, retry after (us), counted, next slot (us)}
@@ -47,7 +47,7 @@ end
 local out, replayed = {}, {}
 
 -- What an idempotency key remembers, if it still replays (`policy::Remembered::replays`): the
--- contact it wrote is inside the window and still its recipient's latest (so not given back since).
+-- contact is inside the window, and its recipient still counted (so not released since).
 local function replay(key)
   local v = redis.call('GET', key)
   if not v then
@@ -57,7 +57,7 @@ local function replay(key)
   local b = string.find(v, ':', a + 1, true)
   local r = {reason = tonumber(string.sub(v, 1, a - 1)), score = tonumber(string.sub(v, a + 1, b - 1)),
     member = string.sub(v, b + 1)}
-  if r.score > now - window and tonumber(redis.call('ZSCORE', KEYS[1], r.member)) == r.score then
+  if r.score > now - window and redis.call('ZSCORE', KEYS[1], r.member) then
     return r
   end
   return nil
