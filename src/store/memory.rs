@@ -110,7 +110,9 @@ impl ScopeState {
         now.saturating_sub(self.admitted) > kept
     }
 
-    /// Drops the contacts once [`Self::window_gone`], what no answer reads any more, and, after
+    /// Drops the contacts once [`Self::window_gone`], what no answer reads any more (idempotency
+    /// keys only once their contact has left the window: a key replays whenever its recipient is
+    /// counted again meanwhile, as Redis keeps it), and, after
     /// `state_ttl` without a write, the persisted fields; returns whether nothing is left, so the
     /// scope can be forgotten. A forgotten scope starts its scores again from the clock, so it is
     /// forgotten only once the clock has passed the last score handed out (no later lease can then
@@ -127,6 +129,7 @@ impl ScopeState {
         }
         self.contacts.is_empty()
             && self.delivered.is_empty()
+            && self.remembered.is_empty()
             && self.days.is_empty()
             && !self.persists()
             && now > self.last_score

@@ -575,6 +575,18 @@ fn regressions() -> Vec<(&'static str, Vec<Step>)> {
     let status = |language, status| Chg::TemplateStatus { template: 2, language, status, at: When::Now };
     vec![
         (
+            // The memory store's sweep forgot a scope with no contact left, and with it the keys
+            // that replay once their recipient is counted again.
+            "a key replays after its slot was given back and its recipient counted again, however long the scope was idle",
+            vec![
+                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(2, 0)] },
+                Step::Release { lease: 0 },
+                Step::Wait { eighths: 1 },
+                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![one(2)] },
+                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(0, 0)] },
+            ],
+        ),
+        (
             "an idempotency key replays what it counted, also for another recipient, until the slot is given back",
             vec![
                 Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(0, 0), keyed(0, 0)] },
