@@ -5,14 +5,14 @@
 //! ```text
 //! cargo bench --bench load -- [--store memory|redis | --target HOST:PORT [--token TOKEN]]
 //!     [--callers N] [--connections K] [--batch B] [--portfolios P] [--seconds S] [--warmup S]
-//!     [--label NAME]
+//!     [--label NAME] [--binary PATH]
 //! cargo bench --bench load -- --ceiling [--callers N] [--pipeline P] [--requests R] [--label NAME]
 //! ```
 //!
 //! `--store` (default `memory`) starts the release binary `tiergate serve`, and for `redis` a
 //! redis-server on a free port, with one unlimited tier, so every decision is a real
 //! NEW_RECIPIENT write, and reports that process's resident memory. `--target` loads a sidecar
-//! that is already running instead. `--batch 0` (the default) sends Admit; `--batch B` sends
+//! that is already running instead; `--binary` starts another build of tiergate, to compare two. `--batch 0` (the default) sends Admit; `--batch B` sends
 //! AdmitBatch of B messages of one portfolio. Caller `i` uses connection `i mod K` (K defaults to
 //! at most 4), and each call takes the next of P portfolios. Calls that start in the warm-up are
 //! not counted.
@@ -21,11 +21,16 @@
 //! script's work for one recipient (TIME, trim, ZSCORE, ZCARD, ZADD) as one EVALSHA on one
 //! window, with random recipients, from N clients, `--pipeline` commands in flight on each.
 //!
+//! Each run also prints the CPU time the sidecar, its redis-server and this load generator took
+//! in the measured seconds, on a core and waiting for one (from `/proc/<pid>/task/*/schedstat`),
+//! and per decision: where the time goes on a machine they share.
+//!
 //! The last line printed is `RESULT key=value ...`, which `scripts/bench-load` reads.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +46,8 @@ use tiergate::pb::{self, Reason};
 use tonic::transport::Channel;
 
 const USAGE: &str = "usage: cargo bench --bench load -- [--store memory|redis | --target HOST:PORT [--token TOKEN]] \
-[--callers N] [--connections K] [--batch B] [--portfolios P] [--seconds S] [--warmup S] [--label NAME]\n       \
+[--callers N] [--connections K] [--batch B] [--portfolios P] [--seconds S] [--warmup S] [--label NAME] \
+[--binary PATH]\n       \
 cargo bench --bench load -- --ceiling [--callers N] [--pipeline P] [--requests R] [--label NAME]";
 
 /// The hash key of the sidecars this starts (any key will do: each run has its own Redis).
@@ -77,6 +83,7 @@ enum Backend {
 struct Args {
     store: Backend,
     target: Option<String>,
+    binary: Option<PathBuf>,
     token: Option<String>,
     callers: usize,
     connections: Option<usize>,
@@ -95,6 +102,7 @@ impl Args {
         let mut a = Args {
             store: Backend::Memory,
             target: None,
+            binary: None,
             token: None,
             callers: 32,
             connections: None,
@@ -122,6 +130,7 @@ impl Args {
                 }
                 "--target" => a.target = Some(value()?),
                 "--token" => a.token = Some(value()?),
+                "--binary" => a.binary = Some(value()?.into()),
                 "--callers" => a.callers = number(&flag, value()?)?,
                 "--connections" => a.connections = Some(number(&flag, value()?)?),
                 "--batch" => a.batch = number(&flag, value()?)?,
@@ -303,12 +312,33 @@ fn memory_kb(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU time of every thread of a process so far: (on a core, waiting for one).
+fn cpu(pid: u32) -> (Duration, Duration) {
+    let (mut on, mut waiting) = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        let mut ns = stat.split_whitespace().map(|n| n.parse::<u64>().unwrap_or(0));
+        on += ns.next().unwrap_or(0);
+        waiting += ns.next().unwrap_or(0);
+    }
+    (Duration::from_nanos(on), Duration::from_nanos(waiting))
+}
+
+/// The processes whose CPU time a run reports, by name.
+fn processes(sidecar: Option<&Sidecar>, redis: Option<&RedisServer>) -> Vec<(&'static str, u32)> {
+    let mut all = vec![("load generator", std::process::id())];
+    all.extend(sidecar.map(|s| ("sidecar", s.pid())));
+    all.extend(redis.and_then(RedisServer::pid).map(|pid| ("redis-server", pid)));
+    all
+}
+
 async fn load(a: &Args) {
     let (redis, sidecar) = match &a.target {
         Some(_) => (None, None),
         None => {
             let redis = (a.store == Backend::Redis).then(RedisServer::start);
-            let sidecar = Sidecar::spawn(&config(redis.as_ref()), &[HASH_KEY]);
+            let binary = a.binary.clone().unwrap_or_else(|| env!("CARGO_BIN_EXE_tiergate").into());
+            let sidecar = Sidecar::spawn_program(&binary, &config(redis.as_ref()), &[HASH_KEY]);
             (redis, Some(sidecar))
         }
     };
@@ -353,10 +383,24 @@ async fn load(a: &Args) {
     let callers: Vec<_> = (0..a.callers)
         .map(|i| tokio::spawn(caller(connections[i % connections.len()].clone(), plan.clone())))
         .collect();
+    let watched = processes(sidecar.as_ref(), redis.as_ref());
+    let pids: Vec<u32> = watched.iter().map(|(_, pid)| *pid).collect();
+    let cpu_from = tokio::spawn(async move {
+        tokio::time::sleep_until(from.into()).await;
+        pids.into_iter().map(cpu).collect::<Vec<_>>()
+    });
     let mut tally = Tally::new();
     for c in callers {
         tally.add(c.await.unwrap());
     }
+    let cpu_used: Vec<_> = watched
+        .iter()
+        .zip(cpu_from.await.unwrap())
+        .map(|((name, pid), (on, waiting))| {
+            let (on_now, waiting_now) = cpu(*pid);
+            (*name, on_now.saturating_sub(on), waiting_now.saturating_sub(waiting))
+        })
+        .collect();
     let (rss, peak) = sidecar.as_ref().map(|s| memory_kb(s.pid())).unwrap_or((0, 0));
     drop(sidecar);
     drop(redis);
@@ -378,6 +422,19 @@ async fn load(a: &Args) {
         ms(q(0.999)),
         ms(tally.latency.max())
     );
+    let per_decision = |cpu: Duration| cpu.as_nanos() as f64 / 1000.0 / tally.decisions.max(1) as f64;
+    let cpu_line: Vec<String> = cpu_used
+        .iter()
+        .map(|(name, on, waiting)| {
+            format!(
+                "{name} {:.1}s (+{:.1}s waiting), {:.1} µs per decision",
+                on.as_secs_f64(),
+                waiting.as_secs_f64(),
+                per_decision(*on)
+            )
+        })
+        .collect();
+    println!("  CPU: {}", cpu_line.join("; "));
     if let Some(e) = &tally.first_error {
         println!("  first error: {e}");
     }
@@ -390,7 +447,7 @@ async fn load(a: &Args) {
     }
     println!(
         "RESULT label={} kind=tiergate store={} batch={} callers={} connections={} portfolios={} decisions_per_s={decisions_s:.0} \
-         calls_per_s={calls_s:.0} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} rss_kb={rss} hwm_kb={peak} errors={} not_new={}",
+         calls_per_s={calls_s:.0} p50_us={} p90_us={} p99_us={} p999_us={} max_us={} rss_kb={rss} hwm_kb={peak} errors={} not_new={} {}",
         a.label(),
         if a.target.is_some() { "target".into() } else { format!("{:?}", a.store).to_lowercase() },
         a.batch,
@@ -403,7 +460,12 @@ async fn load(a: &Args) {
         q(0.999),
         tally.latency.max(),
         tally.errors,
-        tally.not_new
+        tally.not_new,
+        cpu_used
+            .iter()
+            .map(|(name, on, _)| format!("{}_cpu_ns={:.0}", name.replace(['-', ' '], "_"), per_decision(*on) * 1000.0))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 }
 
