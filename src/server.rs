@@ -12,13 +12,14 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codegen::{http, Service};
 use tonic::server::NamedService;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 use crate::api::LimiterApi;
@@ -224,7 +225,10 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(Oversized { inner: limiter_server, limit: max_request })
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx.clone()));
+        // TCP_NODELAY on every accepted connection (tonic logs a failure and serves anyway):
+        // with Nagle's algorithm, a response written while the previous one is unacknowledged
+        // waits for the client's delayed ACK, up to 40 ms.
+        .serve_with_incoming_shutdown(TcpIncoming::from(grpc).with_nodelay(Some(true)), stopped(stop_rx.clone()));
     let router = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/livez", get(livez))
@@ -239,6 +243,12 @@ pub async fn run(
     if settings.webhooks.is_some() {
         tracing::info!(path = crate::webhooks::PATH, "Receiving Meta webhooks on the admin server.");
     }
+    // TCP_NODELAY on the admin server's connections too, for the same reason.
+    let admin = admin.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::warn!(%error, "Cannot set TCP_NODELAY on an admin connection; serving it anyway.");
+        }
+    });
     let admin_server = axum::serve(admin, router).with_graceful_shutdown(stopped(stop_rx.clone()));
     let mut servers = std::pin::pin!(async {
         tokio::try_join!(async { grpc_server.await.map_err(RunError::from) }, async {

@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -120,9 +121,14 @@ impl Sidecar {
     /// until it serves or exits (a sidecar that refuses its configuration exits, and the test can
     /// read why from [`Sidecar::log`]). Starts again on new ports if another process took one.
     pub fn spawn(config_toml: &str, env: &[(&str, &str)]) -> Sidecar {
+        Sidecar::spawn_program(env!("CARGO_BIN_EXE_tiergate").as_ref(), config_toml, env)
+    }
+
+    /// [`Sidecar::spawn`] with another build of `tiergate`, e.g. to compare two.
+    pub fn spawn_program(program: &Path, config_toml: &str, env: &[(&str, &str)]) -> Sidecar {
         let mut last_log = String::new();
         for _ in 0..PORT_RETRIES {
-            let mut sidecar = Sidecar::start(config_toml, env);
+            let mut sidecar = Sidecar::start(program, config_toml, env);
             let deadline = Instant::now() + START_TIMEOUT;
             loop {
                 if sidecar.serving() {
@@ -148,14 +154,14 @@ impl Sidecar {
     }
 
     /// Spawns the process on new ports without waiting.
-    fn start(config_toml: &str, env: &[(&str, &str)]) -> Sidecar {
+    fn start(program: &Path, config_toml: &str, env: &[(&str, &str)]) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiergate.toml");
         std::fs::File::create(&path).unwrap().write_all(config_toml.as_bytes()).unwrap();
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", ports::free_port()).parse().unwrap();
         let admin_addr: SocketAddr = format!("127.0.0.1:{}", ports::free_port()).parse().unwrap();
         let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        let child = Command::new(program)
             .arg("serve")
             .arg("--config")
             .arg(&path)
@@ -213,6 +219,11 @@ impl Sidecar {
             assert!(Instant::now() < deadline, "sidecar still running after {limit:?}: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id, e.g. to read its memory from `/proc/<pid>/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

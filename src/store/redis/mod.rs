@@ -40,8 +40,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
+use redis::io::tcp::TcpSettings;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{ErrorKind, RedisError, ScriptInvocation, ServerErrorKind};
+use redis::{ErrorKind, IntoConnectionInfo, RedisError, ScriptInvocation, ServerErrorKind};
 use tokio::sync::Mutex;
 
 use self::clock::RedisClock;
@@ -99,6 +100,13 @@ fn refused_at(e: &RedisError) -> Option<Micros> {
     e.detail()?.split_whitespace().next()?.parse().ok()
 }
 
+/// TCP settings of every connection to Redis: TCP_NODELAY, which redis-rs leaves off. Calls share
+/// a multiplexed connection, and with Nagle's algorithm a call written while an earlier one is
+/// unacknowledged waits for Redis's delayed ACK.
+fn tcp_settings() -> TcpSettings {
+    TcpSettings::default().set_nodelay(true)
+}
+
 fn store_error(e: RedisError) -> StoreError {
     if e.code() == Some(scripts::DEADLINE_PASSED) {
         // Redis stalled, or the call waited too long before it ran: nothing was written.
@@ -118,7 +126,8 @@ impl RedisStore {
         let invalid = |e: RedisError| StoreError::Internal(format!("invalid Redis configuration: {e}"));
         let conn = match &opts.topology {
             Topology::Standalone { url } => {
-                let client = redis::Client::open(url.as_str()).map_err(invalid)?;
+                let info = url.as_str().into_connection_info().map_err(invalid)?.set_tcp_settings(tcp_settings());
+                let client = redis::Client::open(info).map_err(invalid)?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(opts.timeout))
                     .set_response_timeout(Some(opts.timeout))
@@ -131,25 +140,28 @@ impl RedisStore {
                     .connection_timeout(opts.timeout)
                     .response_timeout(opts.timeout)
                     .retries(1)
+                    .tcp_settings(tcp_settings())
                     .build()
                     .map_err(invalid)?;
                 Connection::Cluster { client, conn: Mutex::new(None) }
             }
             Topology::Sentinel { sentinels, master_name, master_url } => {
+                let node = SentinelNodeConnectionInfo::default().set_tcp_settings(tcp_settings());
                 let node = match master_url {
                     Some(url) => {
-                        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).map_err(invalid)?;
-                        SentinelNodeConnectionInfo::default().set_redis_connection_info(info.redis_settings().clone())
+                        let info = url.as_str().into_connection_info().map_err(invalid)?;
+                        node.set_redis_connection_info(info.redis_settings().clone())
                     }
-                    None => SentinelNodeConnectionInfo::default(),
+                    None => node,
                 };
-                let client = SentinelClient::build(
-                    sentinels.iter().map(String::as_str).collect(),
-                    master_name.clone(),
-                    Some(node),
-                    SentinelServerType::Master,
-                )
-                .map_err(invalid)?;
+                let sentinels = sentinels
+                    .iter()
+                    .map(|s| Ok(s.as_str().into_connection_info()?.set_tcp_settings(tcp_settings())))
+                    .collect::<Result<Vec<_>, RedisError>>()
+                    .map_err(invalid)?;
+                let client =
+                    SentinelClient::build(sentinels, master_name.clone(), Some(node), SentinelServerType::Master)
+                        .map_err(invalid)?;
                 Connection::Sentinel { client: Mutex::new(client), conn: Mutex::new(None), timeout: opts.timeout }
             }
         };
