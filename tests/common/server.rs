@@ -220,11 +220,6 @@ impl Sidecar {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-
-    /// The process id, e.g. to read its memory from `/proc/<pid>/status`.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
 }
 
 impl Drop for Sidecar {
