@@ -167,6 +167,11 @@ impl Labels {
         self.admit(portfolio, sender)
             .then(|| [("portfolio", portfolio.to_owned()), ("sender", sender.unwrap_or_default().to_owned())])
     }
+
+    /// The portfolios with label values of their own: at most `max`, configured ones first.
+    pub fn portfolios(&self) -> Vec<String> {
+        self.seen.read().unwrap_or_else(|e| e.into_inner()).portfolios.iter().cloned().collect()
+    }
 }
 
 /// Counts one decision, and denials per portfolio.

@@ -94,6 +94,15 @@ impl Limiter {
         self.view(&id).await
     }
 
+    /// The portfolios this sidecar tracks, sorted: those in `[[portfolios]]` and those with metric
+    /// labels of their own (the first `metrics.max_portfolios` seen since it started). The status
+    /// page shows these and no others.
+    pub fn tracked(&self) -> Vec<String> {
+        let mut ids: BTreeSet<String> = self.configured.iter().cloned().collect();
+        ids.extend(self.labels.portfolios());
+        ids.into_iter().collect()
+    }
+
     /// [`Limiter::portfolio`] of a portfolio already served.
     pub(super) async fn view(&self, portfolio: &PortfolioId) -> Result<PortfolioView, Error> {
         let portfolio = portfolio.as_str();
