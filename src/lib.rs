@@ -21,6 +21,8 @@
 //! - [`config`] reads and validates the configuration; [`server`] runs the gRPC and admin HTTP
 //!   servers and shuts them down gracefully. [`shared_policy`] keeps sidecars whose
 //!   configurations disagree from sharing one store.
+//! - [`status`] is the status page on the admin server: what the limiter reads, as HTML for
+//!   people.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -32,6 +34,7 @@ pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod shared_policy;
+pub mod status;
 pub mod store;
 pub mod webhooks;
 

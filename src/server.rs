@@ -240,6 +240,13 @@ pub async fn run(
             settings.wabas.clone(),
             max_request,
         ));
+    // The status page, at `/` and `/portfolios/<id>`, guarded like the read RPCs.
+    let router = router.merge(crate::status::router(
+        limiter.clone(),
+        store.clone(),
+        settings.server.sender_token.clone(),
+        settings.server.admin_token.clone(),
+    ));
     if settings.webhooks.is_some() {
         tracing::info!(path = crate::webhooks::PATH, "Receiving Meta webhooks on the admin server.");
     }
