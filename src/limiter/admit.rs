@@ -130,6 +130,7 @@ impl Limiter {
         let mut granted: Vec<Lease> = Vec::new();
         for Group { scope, places, ops } in &groups {
             let params = AdmitParams { fallback: self.fallback(scope).clone(), reserve_bp: self.reserve_bp };
+            metrics::admit_call(ops.len());
             let admissions = match self.store.admit(scope, &params, ops).await {
                 Ok(a) => a,
                 Err(e) => {
