@@ -278,6 +278,21 @@ pub fn inbound() {
     counter!(INBOUND).increment(1);
 }
 
+/// Messages decided by one admission store call: one scope's messages of an AdmitBatch, or the
+/// Admits of one scope coalesced while a call was in flight. Its `_count` is the number of
+/// admission calls, its `_sum` the messages they carried.
+pub const ADMIT_BATCH_SIZE: &str = "tiergate_admit_batch_size";
+
+/// Records the size of one admission store call.
+pub fn admit_call(messages: usize) {
+    // Described at first use, beside the metric, rather than among the others in `describe`.
+    static DESCRIBED: std::sync::Once = std::sync::Once::new();
+    DESCRIBED.call_once(|| {
+        metrics::describe_histogram!(ADMIT_BATCH_SIZE, "Messages decided by one admission store call.");
+    });
+    histogram!(ADMIT_BATCH_SIZE).record(messages as f64);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,9 @@
 //! Admit and AdmitBatch: each message is checked and hashed, the batch is grouped by scope into
 //! one store call per scope, an unchecked message is let through only when the store is down and
 //! `store.on_error = "allow"`, and a batch that fails half way gives back what it had counted.
+//!
+//! Each scope's messages go to the store through the limiter's coalescer (`coalesce`),
+//! which lets concurrent calls of one scope share a store call without changing their answers.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -130,7 +133,7 @@ impl Limiter {
         let mut granted: Vec<Lease> = Vec::new();
         for Group { scope, places, ops } in &groups {
             let params = AdmitParams { fallback: self.fallback(scope).clone(), reserve_bp: self.reserve_bp };
-            let admissions = match self.store.admit(scope, &params, ops).await {
+            let admissions = match self.coalesce.admit(&self.store, scope, &params, ops).await {
                 Ok(a) => a,
                 Err(e) => {
                     self.store_failed("admit", &e).await;

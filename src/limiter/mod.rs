@@ -3,6 +3,7 @@
 //!
 //! - [`input`]: request fields parsed once into checked types that name their field in errors.
 //! - `admit`: Admit and AdmitBatch: prepare, group by scope, fail open, undo a failed batch.
+//! - `coalesce`: concurrent admissions of one scope share a store call (natural batching).
 //! - `release`: leases and Release.
 //! - `read`: GetUsage and GetPortfolio, the only place RESTRICTED is worked out.
 //! - `change`: tiers, opt-outs, statuses, templates and service windows, from gRPC calls and
@@ -15,6 +16,7 @@
 
 mod admit;
 mod change;
+mod coalesce;
 pub mod input;
 mod read;
 mod release;
@@ -68,6 +70,8 @@ pub struct Limiter {
     known: Mutex<HashSet<String>>,
     /// Told when a store call fails with a transient error.
     store_watch: Option<Arc<dyn StoreWatch>>,
+    /// Shares admission calls among concurrent callers of one scope.
+    coalesce: coalesce::Coalescer,
 }
 
 /// The most portfolios remembered as found in the store; beyond, each call asks the store again.
@@ -105,6 +109,7 @@ impl Limiter {
             configured: settings.portfolios.iter().cloned().collect(),
             known: Mutex::new(HashSet::new()),
             store_watch: None,
+            coalesce: coalesce::Coalescer::default(),
         }
     }
 
