@@ -22,6 +22,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
+use crate::api::observe::Observed;
 use crate::api::LimiterApi;
 use crate::config::{Settings, StoreSettings, TierSource};
 use crate::error::Kind;
@@ -64,10 +65,11 @@ struct AdminState {
     metrics: PrometheusHandle,
     store: Arc<dyn Store>,
     stopping: Arc<AtomicBool>,
+    limiter: Arc<Limiter>,
 }
 
 async fn metrics_page(State(s): State<AdminState>) -> String {
-    s.metrics.render()
+    crate::metrics::render(&s.metrics, s.limiter.labels())
 }
 
 async fn livez() -> &'static str {
@@ -224,7 +226,8 @@ pub async fn run(
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(Oversized { inner: limiter_server, limit: max_request })
+        // Observed outside Oversized, so a call is counted with the code it is answered.
+        .add_service(Observed::new(Oversized { inner: limiter_server, limit: max_request }))
         // TCP_NODELAY on every accepted connection (tonic logs a failure and serves anyway):
         // with Nagle's algorithm, a response written while the previous one is unacknowledged
         // waits for the client's delayed ACK, up to 40 ms.
@@ -233,7 +236,12 @@ pub async fn run(
         .route("/metrics", get(metrics_page))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { metrics: metrics.clone(), store: store.clone(), stopping: stopping.clone() })
+        .with_state(AdminState {
+            metrics: metrics.clone(),
+            store: store.clone(),
+            stopping: stopping.clone(),
+            limiter: limiter.clone(),
+        })
         .merge(crate::webhooks::router(
             limiter.clone(),
             settings.webhooks.clone(),
@@ -291,6 +299,20 @@ pub async fn run(
             }
         });
     }
+
+    // The gauges of the portfolios seen lately follow the store, not only the calls that read it.
+    let (refresh, every, mut refresh_stop) = (limiter.clone(), settings.metrics.refresh_interval, stop_rx.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = refresh_stop.wait_for(|s| *s) => return,
+            }
+            refresh.refresh_metrics().await;
+        }
+    });
 
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, backend = store.backend(), "tiergate serving.");
     tokio::select! {
