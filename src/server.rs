@@ -1,4 +1,4 @@
-//! Running the sidecar: the gRPC server (Limiter, health, reflection) and the
+//! Running the sidecar: the gRPC server (Limiter, health, reflection v1 and v1alpha) and the
 //! admin HTTP server (/metrics, /livez, /readyz), with a graceful shutdown: on SIGTERM the admin
 //! server stays up, answering /readyz 503, while in-flight gRPC calls finish.
 
@@ -212,6 +212,13 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the compiled descriptor set is valid");
+    // The same service under its v1alpha name, which grpcurl's older builds, grpcio-reflection,
+    // Postman and evans still ask for.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the compiled descriptor set is valid");
 
     // Stops the gRPC server and the background tasks; the admin server stops on its own signal,
     // once gRPC has drained.
@@ -234,6 +241,7 @@ pub async fn run(
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         // Observed outside Oversized, so a call is counted with the code it is answered.
         .add_service(Observed::new(Oversized { inner: limiter_server, limit: max_request }))
         // TCP_NODELAY on every accepted connection (tonic logs a failure and serves anyway):

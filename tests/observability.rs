@@ -1,6 +1,6 @@
 //! What an on-call engineer sees of the real `tiergate` binary: counters exported at 0 from
 //! start-up, gRPC calls by method and code, usage gauges that follow the window without anyone
-//! reading them, and when Meta last delivered a webhook.
+//! reading them, and reflection under both of its names.
 
 mod common;
 
@@ -86,6 +86,43 @@ async fn usage_gauges_follow_contacts_out_of_the_window_without_any_read() {
         assert!(Instant::now() < deadline, "acme's gauges still exported 20 s after its window emptied");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1alpha_lists_the_limiter_for_older_clients() {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest,
+    };
+    let sidecar = Sidecar::spawn("", &[]);
+    sidecar.client().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", sidecar.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let list = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let symbol = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol("tiergate.v1.Limiter".into())),
+    };
+    let mut stream = client.server_reflection_info(tokio_stream::iter([list, symbol])).await.unwrap().into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"tiergate.v1.Limiter"), "{names:?}");
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected the file that defines tiergate.v1.Limiter");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
