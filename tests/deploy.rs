@@ -661,3 +661,25 @@ fn overlays_are_safe_by_default() {
     let (passed, out) = check_config(toml, &with_webhooks);
     assert!(passed && out.contains("webhooks      on, at /webhooks/whatsapp"), "{out}");
 }
+
+// --- The image -----------------------------------------------------------------------------------
+
+/// No docker here, so the Dockerfile is read rather than built: a minimal runtime stage that runs
+/// as the non-root user the manifests expect, and a release profile that strips the binary.
+#[test]
+fn the_image_is_minimal_stripped_and_non_root() {
+    let dockerfile = read("deploy/Dockerfile");
+    let instructions: Vec<&str> =
+        dockerfile.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    let last_from = instructions.iter().rposition(|l| l.starts_with("FROM ")).expect("a FROM");
+    let runtime = &instructions[last_from..];
+    assert!(runtime[0].starts_with("FROM gcr.io/distroless/"), "a distroless runtime stage: {}", runtime[0]);
+    assert!(!runtime.iter().any(|l| l.starts_with("RUN ")), "nothing runs in the runtime stage: {runtime:?}");
+    let user = runtime.iter().rev().find_map(|l| l.strip_prefix("USER ")).expect("a USER in the runtime stage");
+    let uid: u32 = user.split(':').next().unwrap().parse().expect("a numeric USER, for runAsNonRoot");
+    assert_eq!(uid, 65532, "the uid the manifests run as");
+    assert!(runtime.iter().any(|l| l.starts_with("ENTRYPOINT [\"/usr/local/bin/tiergate\"]")), "{runtime:?}");
+
+    let cargo: toml::Table = read("Cargo.toml").parse().unwrap();
+    assert_eq!(cargo["profile"]["release"]["strip"].as_bool(), Some(true), "the release binary is stripped");
+}
