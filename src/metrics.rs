@@ -353,12 +353,20 @@ impl Labels {
         if !self.admit(portfolio, sender) {
             return;
         }
+        let sender = sender.unwrap_or_default();
         let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = active.entry(portfolio.to_owned()).or_insert_with(Active::now);
+        // Keys are allocated only for a portfolio or number not there yet, not on every Admit.
+        if !active.contains_key(portfolio) {
+            active.insert(portfolio.to_owned(), Active::now());
+        }
+        let entry = active.get_mut(portfolio).expect("inserted above");
         if seen {
             entry.seen = Instant::now();
         }
-        update(entry.scopes.entry(sender.unwrap_or_default().to_owned()).or_default());
+        if !entry.scopes.contains_key(sender) {
+            entry.scopes.insert(sender.to_owned(), ScopeGauges::default());
+        }
+        update(entry.scopes.get_mut(sender).expect("inserted above"));
     }
 
     /// The active portfolios, each with the numbers it has gauges for (`""`: the portfolio's own
