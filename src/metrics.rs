@@ -4,12 +4,21 @@
 //! Label values that callers choose (`portfolio`, `sender`) are bounded by [`Labels`]: the first
 //! `metrics.max_portfolios` portfolios, and as many numbers, get series of their own; the rest
 //! are folded, so a caller reading random portfolios cannot grow a scrape without bound.
+//!
+//! A scope's gauges (usage, limit, quality, upgrade projection, number statuses) are kept by
+//! [`Labels`] rather than by the recorder, for the portfolios this sidecar has seen lately: the
+//! limiter refreshes them on a schedule, and a portfolio it forgets stops being exported instead
+//! of showing its last values forever. [`render`] writes both.
+//!
+//! Every counter whose label values are known up front is exported at 0 from start-up
+//! ([`start`]), so alerts on `increase()` see the first event.
 
-use std::collections::HashSet;
-use std::sync::{OnceLock, RwLock};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::formatting::{sanitize_label_value, write_help_line, write_type_line};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::policy::{Decision, Limit, Projection, Quality, Reason, ScopeKey, SenderStatus};
@@ -50,6 +59,16 @@ pub const WEBHOOK_CHANGES: &str = "tiergate_webhook_changes_total";
 /// Metric updates of portfolios or numbers beyond `metrics.max_portfolios`: counted under
 /// [`OTHER`], or (gauges) not exported.
 pub const PORTFOLIOS_FOLDED: &str = "tiergate_metrics_portfolios_folded_total";
+/// Limiter calls, by `method` (`Admit`, …) and `code` (the gRPC code's name: `OK`, `UNAVAILABLE`, …).
+pub const GRPC_REQUESTS: &str = "tiergate_grpc_requests_total";
+/// Time to answer one Limiter call, by `method`.
+pub const GRPC_SECONDS: &str = "tiergate_grpc_request_duration_seconds";
+/// 1 while this sidecar refuses to serve because its shared policy differs from the store's.
+pub const POLICY_MISMATCH: &str = "tiergate_store_policy_mismatch";
+/// 1 when both webhook secrets are set, so this sidecar receives Meta's webhooks.
+pub const WEBHOOKS_CONFIGURED: &str = "tiergate_webhooks_configured";
+/// Unix time of the last webhook delivery received with a valid signature (0 before the first).
+pub const WEBHOOK_LAST_RECEIVED: &str = "tiergate_webhook_last_received_timestamp_seconds";
 
 /// The `portfolio` label value that portfolios without one of their own share.
 pub const OTHER: &str = "_other";
@@ -58,6 +77,43 @@ pub const OTHER: &str = "_other";
 const LATENCY_BUCKETS: &[f64] =
     &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 
+/// The Limiter's methods, the `method` label values of [`GRPC_REQUESTS`] and [`GRPC_SECONDS`].
+pub const GRPC_METHODS: [&str; 9] = [
+    "Admit",
+    "AdmitBatch",
+    "Release",
+    "RecordInbound",
+    "GetUsage",
+    "SetTier",
+    "SetOptOut",
+    "UpdatePortfolio",
+    "GetPortfolio",
+];
+
+/// The `method` label of a path that names no Limiter method (answered UNIMPLEMENTED).
+pub const OTHER_METHOD: &str = "_other";
+
+/// The codes a Limiter call is exported with at 0 from start-up: OK and every code it answers
+/// a failure with (see [`Kind`](crate::error::Kind)).
+const GRPC_CODES_AT_START: [tonic::Code; 9] = [
+    tonic::Code::Ok,
+    tonic::Code::InvalidArgument,
+    tonic::Code::Unauthenticated,
+    tonic::Code::PermissionDenied,
+    tonic::Code::Unavailable,
+    tonic::Code::Internal,
+    tonic::Code::FailedPrecondition,
+    tonic::Code::NotFound,
+    tonic::Code::ResourceExhausted,
+];
+
+/// The operations of [`STORE_ERRORS`], and its kinds.
+const STORE_OPS: [&str; 5] = ["admit", "release", "apply", "usage", "portfolio"];
+const STORE_ERROR_KINDS: [&str; 3] = ["transient", "internal", "refused"];
+
+/// The outcomes of [`WEBHOOK_DELIVERIES`].
+const WEBHOOK_OUTCOMES: [&str; 4] = ["applied", "unauthorized", "malformed", "store_failed"];
+
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -65,6 +121,8 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(ADMIT_SECONDS.into()), LATENCY_BUCKETS)
+                .expect("buckets are not empty")
+                .set_buckets_for_metric(Matcher::Full(GRPC_SECONDS.into()), LATENCY_BUCKETS)
                 .expect("buckets are not empty")
                 .build_recorder();
             let handle = recorder.handle();
@@ -80,18 +138,11 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(DECISIONS, "Admission decisions by decision and reason.");
     describe_histogram!(ADMIT_SECONDS, Unit::Seconds, "Time to answer one Admit or AdmitBatch call.");
-    describe_gauge!(UNIQUE_RECIPIENTS, "Unique recipients counted in the rolling window of a limit scope.");
-    describe_gauge!(LIMIT, "Messaging limit of the scope's tier (+Inf when unlimited).");
     describe_counter!(STORE_ERRORS, "Failed store calls by operation and kind.");
     describe_counter!(FAIL_OPEN, "Messages admitted unchecked because the store could not answer.");
     describe_counter!(RELEASES, "Release calls by whether a slot was given back.");
     describe_counter!(INBOUND, "Inbound messages recorded.");
     describe_counter!(DENIALS, "Denials by portfolio and reason.");
-    describe_gauge!(QUALITY, "Quality rating: 3 high, 2 medium, 1 low, 0 unknown.");
-    describe_gauge!(SENDER_STATUS, "1 for the current status of a number.");
-    describe_gauge!(UNIQUE_7D, "Unique recipients over the last 7 days.");
-    describe_gauge!(UPGRADE_THRESHOLD, "Unique recipients the next upgrade asks for over its period.");
-    describe_gauge!(UPGRADE_ELIGIBLE, "1 when the scope meets every condition of its next upgrade.");
     describe_counter!(WEBHOOK_DELIVERIES, "Webhook deliveries by outcome.");
     describe_counter!(WEBHOOK_CHANGES, "Webhook changes by field and outcome.");
     describe_counter!(
@@ -99,6 +150,75 @@ fn describe() {
         "Metric updates of portfolios or numbers beyond metrics.max_portfolios, counted under portfolio=\"_other\" \
          or, for gauges, not exported."
     );
+    describe_counter!(GRPC_REQUESTS, "Limiter calls by method and gRPC code.");
+    describe_histogram!(GRPC_SECONDS, Unit::Seconds, "Time to answer one Limiter call, by method.");
+    describe_gauge!(
+        POLICY_MISMATCH,
+        "1 while this sidecar refuses to serve: its shared policy differs from the store's."
+    );
+    describe_gauge!(WEBHOOKS_CONFIGURED, "1 when the webhook secrets are set.");
+    describe_gauge!(
+        WEBHOOK_LAST_RECEIVED,
+        Unit::Seconds,
+        "Unix time of the last webhook delivery received with a valid signature (0 before the first)."
+    );
+}
+
+/// Exports at 0 every counter whose label values are known at start-up: decisions by reason,
+/// store errors by operation and kind, releases, fail-open admits, inbound messages, folded
+/// updates, and the denials of the portfolios in `[[portfolios]]` that have labels of their own.
+pub fn start(labels: &Labels, configured: &[String]) {
+    for reason in Reason::ALL {
+        counter!(DECISIONS, "decision" => decision_label(reason.decision()), "reason" => reason_label(reason))
+            .increment(0);
+    }
+    for op in STORE_OPS {
+        for kind in STORE_ERROR_KINDS {
+            counter!(STORE_ERRORS, "op" => op, "kind" => kind).increment(0);
+        }
+    }
+    for released in ["true", "false"] {
+        counter!(RELEASES, "released" => released).increment(0);
+    }
+    counter!(FAIL_OPEN).increment(0);
+    counter!(INBOUND).increment(0);
+    counter!(PORTFOLIOS_FOLDED).increment(0);
+    for portfolio in configured.iter().filter(|p| labels.admit(p, None)) {
+        for reason in Reason::ALL.into_iter().filter(|r| r.decision() == Decision::Denied) {
+            counter!(DENIALS, "portfolio" => portfolio.clone(), "reason" => reason_label(reason)).increment(0);
+        }
+    }
+}
+
+/// The `decision` label: the API's name (`ADMITTED`, `DENIED`).
+fn decision_label(decision: Decision) -> &'static str {
+    match decision {
+        Decision::Admitted => "ADMITTED",
+        Decision::Denied => "DENIED",
+    }
+}
+
+/// The `reason` label: the API's name (`LIMIT_REACHED`, …), as the alerts and the README use it.
+fn reason_label(reason: Reason) -> &'static str {
+    match reason {
+        Reason::NewRecipient => "NEW_RECIPIENT",
+        Reason::AlreadyCounted => "ALREADY_COUNTED",
+        Reason::ServiceWindow => "SERVICE_WINDOW",
+        Reason::LimitReached => "LIMIT_REACHED",
+        Reason::StoreUnavailable => "STORE_UNAVAILABLE",
+        Reason::OptedOut => "OPTED_OUT",
+        Reason::TemplateBlocked => "TEMPLATE_BLOCKED",
+        Reason::HeadroomReserved => "HEADROOM_RESERVED",
+        Reason::SenderBlocked => "SENDER_BLOCKED",
+        Reason::OutsideServiceWindow => "OUTSIDE_SERVICE_WINDOW",
+    }
+}
+
+/// Writes what `/metrics` serves: the recorder's metrics, then the scope gauges `labels` keeps.
+pub fn render(recorder: &PrometheusHandle, labels: &Labels) -> String {
+    let mut out = recorder.render();
+    labels.render(&mut out);
+    out
 }
 
 /// Which portfolios and numbers have label values of their own: the first `max` portfolios seen
@@ -106,9 +226,14 @@ fn describe() {
 /// others are folded: counters count them under `portfolio="_other"`, and their gauges are not
 /// exported (a gauge of many scopes at once would be the last one written, not a sum). A
 /// portfolio named `_other` is always folded.
+///
+/// It also keeps the gauges of the labelled portfolios this sidecar has seen lately ("active"),
+/// with when each was last seen, so they can be refreshed on a schedule
+/// ([`Labels::active`]) and dropped once idle ([`Labels::forget_idle`]).
 pub struct Labels {
     max: usize,
     seen: RwLock<Seen>,
+    active: Mutex<BTreeMap<String, Active>>,
 }
 
 #[derive(Default)]
@@ -117,10 +242,56 @@ struct Seen {
     senders: HashSet<(String, String)>,
 }
 
+/// An active portfolio: when this sidecar last saw it, and its gauges by number (`""` for the
+/// portfolio's own scope).
+struct Active {
+    seen: Instant,
+    scopes: BTreeMap<String, ScopeGauges>,
+}
+
+impl Active {
+    /// A portfolio seen now, without gauges yet.
+    fn now() -> Active {
+        Active { seen: Instant::now(), scopes: BTreeMap::new() }
+    }
+}
+
+/// The per-scope gauges kept by [`Labels`], in [`SCOPE_GAUGES`] order, and the number's status.
+#[derive(Default)]
+struct ScopeGauges {
+    values: [Option<f64>; SCOPE_GAUGES.len()],
+    status: Option<SenderStatus>,
+}
+
+/// The per-scope gauges with their help text; [`ScopeGauges::values`] follows this order.
+const SCOPE_GAUGES: [(&str, &str); 6] = [
+    (UNIQUE_RECIPIENTS, "Unique recipients counted in the rolling window of a limit scope."),
+    (LIMIT, "Messaging limit of the scope's tier (+Inf when unlimited)."),
+    (QUALITY, "Quality rating: 3 high, 2 medium, 1 low, 0 unknown."),
+    (UNIQUE_7D, "Unique recipients over the last 7 days."),
+    (UPGRADE_THRESHOLD, "Unique recipients the next upgrade asks for over its period."),
+    (UPGRADE_ELIGIBLE, "1 when the scope meets every condition of its next upgrade."),
+];
+const G_UNIQUE: usize = 0;
+const G_LIMIT: usize = 1;
+const G_QUALITY: usize = 2;
+const G_UNIQUE_7D: usize = 3;
+const G_THRESHOLD: usize = 4;
+const G_ELIGIBLE: usize = 5;
+
+/// The statuses [`SENDER_STATUS`] has a series for, per number.
+const STATUSES: [SenderStatus; 5] = [
+    SenderStatus::Connected,
+    SenderStatus::Pending,
+    SenderStatus::Offline,
+    SenderStatus::Flagged,
+    SenderStatus::Banned,
+];
+
 impl Labels {
     /// Room for `max` portfolios and `max` numbers, the `configured` portfolios taking theirs first.
     pub fn new(max: usize, configured: impl IntoIterator<Item = String>) -> Labels {
-        let labels = Labels { max, seen: RwLock::new(Seen::default()) };
+        let labels = Labels { max, seen: RwLock::new(Seen::default()), active: Mutex::new(BTreeMap::new()) };
         for portfolio in configured {
             labels.admit(&portfolio, None);
         }
@@ -153,6 +324,11 @@ impl Labels {
         own
     }
 
+    /// Whether a scope has labels of its own (giving it theirs while there is room).
+    pub fn own(&self, scope: &ScopeKey) -> bool {
+        self.admit(&scope.portfolio, scope.sender.as_deref())
+    }
+
     /// The `portfolio` label value of a counter: the portfolio's own, or [`OTHER`].
     fn portfolio(&self, portfolio: &str) -> String {
         if self.admit(portfolio, None) {
@@ -162,28 +338,113 @@ impl Labels {
         }
     }
 
-    /// The `portfolio` and `sender` labels of a scope's gauges, or `None` when they are folded.
-    fn scope(&self, portfolio: &str, sender: Option<&str>) -> Option<[(&'static str, String); 2]> {
-        self.admit(portfolio, sender)
-            .then(|| [("portfolio", portfolio.to_owned()), ("sender", sender.unwrap_or_default().to_owned())])
+    /// Marks a labelled portfolio seen now, so its gauges are refreshed until it is idle.
+    pub fn seen(&self, portfolio: &str) {
+        if !self.admit(portfolio, None) {
+            return;
+        }
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        active.entry(portfolio.to_owned()).or_insert_with(Active::now).seen = Instant::now();
     }
 
-    /// The portfolios with label values of their own: at most `max`, configured ones first.
+    /// Updates the gauges of a scope with labels of its own (marking its portfolio seen now when
+    /// `seen`); those of a folded scope are not exported.
+    fn gauges(&self, portfolio: &str, sender: Option<&str>, seen: bool, update: impl FnOnce(&mut ScopeGauges)) {
+        if !self.admit(portfolio, sender) {
+            return;
+        }
+        let sender = sender.unwrap_or_default();
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        // Keys are allocated only for a portfolio or number not there yet, not on every Admit.
+        if !active.contains_key(portfolio) {
+            active.insert(portfolio.to_owned(), Active::now());
+        }
+        let entry = active.get_mut(portfolio).expect("inserted above");
+        if seen {
+            entry.seen = Instant::now();
+        }
+        if !entry.scopes.contains_key(sender) {
+            entry.scopes.insert(sender.to_owned(), ScopeGauges::default());
+        }
+        update(entry.scopes.get_mut(sender).expect("inserted above"));
+    }
+
+    /// The active portfolios, each with the numbers it has gauges for (`""`: the portfolio's own
+    /// scope), in order.
+    pub fn active(&self) -> Vec<(String, Vec<String>)> {
+        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        active.iter().map(|(p, a)| (p.clone(), a.scopes.keys().cloned().collect())).collect()
+    }
+
+    /// Forgets the portfolios not seen for longer than `idle`: their gauges are no longer
+    /// exported (nor refreshed) until they are seen again. Returns how many were forgotten.
+    pub fn forget_idle(&self, idle: Duration) -> usize {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let before = active.len();
+        active.retain(|_, a| a.seen.elapsed() <= idle);
+        before - active.len()
+    }
+
+    /// Appends the gauges of the active portfolios to a scrape, one family per metric.
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let rows = || active.iter().flat_map(|(p, a)| a.scopes.iter().map(move |(s, g)| (p, s, g)));
+        let labels = |p: &str, s: &str| {
+            format!("portfolio=\"{}\",sender=\"{}\"", sanitize_label_value(p), sanitize_label_value(s))
+        };
+        for (i, (name, help)) in SCOPE_GAUGES.iter().enumerate() {
+            let mut family = String::new();
+            for (p, s, g) in rows() {
+                if let Some(v) = g.values[i] {
+                    let _ = writeln!(family, "{name}{{{}}} {}", labels(p, s), value_text(v));
+                }
+            }
+            if !family.is_empty() {
+                write_help_line(out, name, None, None, help);
+                write_type_line(out, name, None, None, "gauge");
+                out.push_str(&family);
+                out.push('\n');
+            }
+        }
+        let mut family = String::new();
+        for (p, s, g) in rows() {
+            let Some(current) = g.status else { continue };
+            for status in STATUSES {
+                let on = if current == status { 1 } else { 0 };
+                let _ = writeln!(family, "{SENDER_STATUS}{{{},status=\"{}\"}} {on}", labels(p, s), status.as_str());
+            }
+        }
+        if !family.is_empty() {
+            write_help_line(out, SENDER_STATUS, None, None, "1 for the current status of a number.");
+            write_type_line(out, SENDER_STATUS, None, None, "gauge");
+            out.push_str(&family);
+            out.push('\n');
+        }
+    }
+
+    /// The portfolios with label values of their own (at most `max`).
     pub fn portfolios(&self) -> Vec<String> {
         self.seen.read().unwrap_or_else(|e| e.into_inner()).portfolios.iter().cloned().collect()
     }
 }
 
-/// Counts one decision, and denials per portfolio.
-pub fn decision(labels: &Labels, portfolio: &str, reason: Reason) {
-    counter!(DECISIONS, "decision" => reason.decision().as_str(), "reason" => reason.as_str()).increment(1);
-    if reason.decision() == Decision::Denied {
-        counter!(DENIALS, "portfolio" => labels.portfolio(portfolio), "reason" => reason.as_str()).increment(1);
+/// A gauge's value as the exposition format writes it.
+fn value_text(v: f64) -> String {
+    if v == f64::INFINITY {
+        "+Inf".to_owned()
+    } else {
+        v.to_string()
     }
 }
 
-fn scope_labels(labels: &Labels, scope: &ScopeKey) -> Option<[(&'static str, String); 2]> {
-    labels.scope(&scope.portfolio, scope.sender.as_deref())
+/// Counts one decision, and denials per portfolio.
+pub fn decision(labels: &Labels, portfolio: &str, reason: Reason) {
+    let name = reason_label(reason);
+    counter!(DECISIONS, "decision" => decision_label(reason.decision()), "reason" => name).increment(1);
+    if reason.decision() == Decision::Denied {
+        counter!(DENIALS, "portfolio" => labels.portfolio(portfolio), "reason" => name).increment(1);
+    }
 }
 
 fn quality_value(q: Quality) -> f64 {
@@ -197,34 +458,43 @@ fn quality_value(q: Quality) -> f64 {
 
 /// Publishes a scope's quality and upgrade projection.
 pub fn projection(labels: &Labels, scope: &ScopeKey, quality: Quality, unique_7d: u64, p: &Projection) {
-    let Some(labels) = scope_labels(labels, scope) else { return };
-    gauge!(QUALITY, &labels).set(quality_value(quality));
-    gauge!(UNIQUE_7D, &labels).set(unique_7d as f64);
-    gauge!(UPGRADE_THRESHOLD, &labels).set(p.threshold as f64);
-    gauge!(UPGRADE_ELIGIBLE, &labels).set(if p.eligible { 1.0 } else { 0.0 });
+    labels.gauges(&scope.portfolio, scope.sender.as_deref(), false, |g| {
+        g.values[G_QUALITY] = Some(quality_value(quality));
+        g.values[G_UNIQUE_7D] = Some(unique_7d as f64);
+        g.values[G_THRESHOLD] = Some(p.threshold as f64);
+        g.values[G_ELIGIBLE] = Some(if p.eligible { 1.0 } else { 0.0 });
+    });
 }
 
-/// Publishes the status of each known number of a portfolio.
+/// Publishes the quality and status of each known number of a portfolio.
 pub fn portfolio(labels: &Labels, portfolio: &str, state: &PortfolioState) {
     for (sender, s) in &state.senders {
-        let Some(labels) = labels.scope(portfolio, Some(sender)) else { continue };
-        gauge!(QUALITY, &labels).set(quality_value(s.quality));
-        for status in [
-            SenderStatus::Connected,
-            SenderStatus::Pending,
-            SenderStatus::Offline,
-            SenderStatus::Flagged,
-            SenderStatus::Banned,
-        ] {
-            let on = s.status.unwrap_or_default() == status;
-            let labels = [
-                ("portfolio", portfolio.to_owned()),
-                ("sender", sender.clone()),
-                ("status", status.as_str().to_owned()),
-            ];
-            gauge!(SENDER_STATUS, &labels).set(if on { 1.0 } else { 0.0 });
-        }
+        labels.gauges(portfolio, Some(sender), false, |g| {
+            g.values[G_QUALITY] = Some(quality_value(s.quality));
+            g.status = Some(s.status.unwrap_or_default());
+        });
     }
+}
+
+/// Publishes a scope's usage versus its tier, and marks its portfolio seen (an Admit or a read).
+pub fn usage(labels: &Labels, scope: &ScopeKey, usage: &UsageSnapshot) {
+    publish_usage(labels, scope, usage, true);
+}
+
+/// [`usage`] for the scheduled refresh, which leaves when the portfolio was last seen as it was.
+pub fn refreshed_usage(labels: &Labels, scope: &ScopeKey, usage: &UsageSnapshot) {
+    publish_usage(labels, scope, usage, false);
+}
+
+fn publish_usage(labels: &Labels, scope: &ScopeKey, usage: &UsageSnapshot, seen: bool) {
+    let limit = match usage.tier.limit {
+        Limit::Limited(n) => n as f64,
+        Limit::Unlimited => f64::INFINITY,
+    };
+    labels.gauges(&scope.portfolio, scope.sender.as_deref(), seen, |g| {
+        g.values[G_UNIQUE] = Some(usage.counted as f64);
+        g.values[G_LIMIT] = Some(limit);
+    });
 }
 
 /// Counts a webhook delivery.
@@ -240,17 +510,6 @@ pub fn webhook_change(field: &str, outcome: &'static str) {
 /// Records the latency of one Admit or AdmitBatch call.
 pub fn admit_latency(elapsed: Duration) {
     histogram!(ADMIT_SECONDS).record(elapsed.as_secs_f64());
-}
-
-/// Publishes a scope's usage versus its tier.
-pub fn usage(labels: &Labels, scope: &ScopeKey, usage: &UsageSnapshot) {
-    let Some(labels) = scope_labels(labels, scope) else { return };
-    gauge!(UNIQUE_RECIPIENTS, &labels).set(usage.counted as f64);
-    let limit = match usage.tier.limit {
-        Limit::Limited(n) => n as f64,
-        Limit::Unlimited => f64::INFINITY,
-    };
-    gauge!(LIMIT, &labels).set(limit);
 }
 
 /// Counts a failed store call.
@@ -293,6 +552,69 @@ pub fn admit_call(messages: usize) {
     histogram!(ADMIT_BATCH_SIZE).record(messages as f64);
 }
 
+/// Exports whether webhooks are received here, the deliveries by outcome at 0, and (when they
+/// are) no delivery received yet.
+pub fn webhooks_configured(configured: bool) {
+    gauge!(WEBHOOKS_CONFIGURED).set(if configured { 1.0 } else { 0.0 });
+    for outcome in WEBHOOK_OUTCOMES {
+        counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).increment(0);
+    }
+    if configured {
+        gauge!(WEBHOOK_LAST_RECEIVED).set(0.0);
+    }
+}
+
+/// Records that a webhook delivery with a valid signature was received now.
+pub fn webhook_received() {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    gauge!(WEBHOOK_LAST_RECEIVED).set(now.as_secs_f64());
+}
+
+/// Exports whether this sidecar refuses to serve because its shared policy differs from the store's.
+pub fn policy_mismatch(refusing: bool) {
+    gauge!(POLICY_MISMATCH).set(if refusing { 1.0 } else { 0.0 });
+}
+
+/// Exports every Limiter method at 0 calls, with OK and each code it answers a failure with.
+pub fn grpc_start() {
+    for method in GRPC_METHODS {
+        for code in GRPC_CODES_AT_START {
+            counter!(GRPC_REQUESTS, "method" => method, "code" => code_name(code)).increment(0);
+        }
+    }
+}
+
+/// Counts one Limiter call of `method` (one of [`GRPC_METHODS`] or [`OTHER_METHOD`]) answered
+/// with `code` after `elapsed`.
+pub fn grpc_call(method: &'static str, code: tonic::Code, elapsed: Duration) {
+    counter!(GRPC_REQUESTS, "method" => method, "code" => code_name(code)).increment(1);
+    histogram!(GRPC_SECONDS, "method" => method).record(elapsed.as_secs_f64());
+}
+
+/// The name gRPC gives a status code (`INVALID_ARGUMENT`), the `code` label.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,14 +627,61 @@ mod tests {
         assert_eq!(labels.portfolio("second"), OTHER, "configured portfolios took their room first");
         assert_eq!(labels.portfolio("first"), "first", "a labelled portfolio keeps its label");
         assert_eq!(labels.portfolio(OTHER), OTHER);
-        assert!(labels.scope("first", None).is_some());
-        assert!(labels.scope("second", None).is_none(), "gauges of folded portfolios are not exported");
+        assert!(labels.admit("first", None));
+        assert!(!labels.admit("second", None), "gauges of folded portfolios are not exported");
         // Numbers are bounded too, and only within labelled portfolios.
-        assert!(labels.scope("first", Some("n1")).is_some());
-        assert!(labels.scope("first", Some("n2")).is_some());
-        assert!(labels.scope("first", Some("n3")).is_none());
-        assert!(labels.scope("first", Some("n1")).is_some());
-        assert!(labels.scope("second", Some("n1")).is_none());
-        assert_eq!(labels.scope("first", Some("")).unwrap()[1], ("sender", String::new()));
+        assert!(labels.admit("first", Some("n1")));
+        assert!(labels.admit("first", Some("n2")));
+        assert!(!labels.admit("first", Some("n3")));
+        assert!(labels.admit("first", Some("n1")));
+        assert!(!labels.admit("second", Some("n1")));
+        assert!(labels.admit("first", Some("")), "the portfolio's own scope");
+    }
+
+    fn scope(portfolio: &str, sender: Option<&str>) -> ScopeKey {
+        ScopeKey { portfolio: portfolio.to_owned(), sender: sender.map(str::to_owned) }
+    }
+
+    fn snapshot(counted: u64, limit: Limit) -> UsageSnapshot {
+        let tier = crate::policy::Tier { name: "T".into(), limit };
+        UsageSnapshot { tier, counted, next_slot_at: None }
+    }
+
+    #[test]
+    fn scope_gauges_are_exported_while_their_portfolio_is_active_and_dropped_once_idle() {
+        let labels = Labels::new(2, []);
+        usage(&labels, &scope("acme", None), &snapshot(3, Limit::Limited(250)));
+        usage(&labels, &scope("beta", Some("n\"1")), &snapshot(1, Limit::Unlimited));
+        usage(&labels, &scope("folded", None), &snapshot(9, Limit::Limited(1)));
+        let mut out = String::new();
+        labels.render(&mut out);
+        assert!(out.contains("# TYPE tiergate_unique_recipients gauge\n"), "{out}");
+        assert!(out.contains("tiergate_unique_recipients{portfolio=\"acme\",sender=\"\"} 3\n"), "{out}");
+        assert!(out.contains("tiergate_limit{portfolio=\"acme\",sender=\"\"} 250\n"), "{out}");
+        assert!(out.contains("tiergate_limit{portfolio=\"beta\",sender=\"n\\\"1\"} +Inf\n"), "escaped: {out}");
+        assert!(!out.contains("folded"), "{out}");
+        assert!(!out.contains("tiergate_quality"), "only what was published: {out}");
+        assert_eq!(
+            labels.active(),
+            [("acme".to_string(), vec![String::new()]), ("beta".to_string(), vec!["n\"1".to_string()])]
+        );
+
+        // The refresh publishes without marking the portfolio seen, so it is forgotten.
+        std::thread::sleep(Duration::from_millis(30));
+        labels.seen("beta");
+        refreshed_usage(&labels, &scope("acme", None), &snapshot(0, Limit::Limited(250)));
+        assert_eq!(labels.forget_idle(Duration::from_millis(20)), 1);
+        let mut out = String::new();
+        labels.render(&mut out);
+        assert!(!out.contains("acme"), "a forgotten portfolio is no longer exported: {out}");
+        assert!(out.contains("portfolio=\"beta\""), "{out}");
+    }
+
+    #[test]
+    fn reason_labels_are_the_api_names() {
+        for reason in Reason::ALL {
+            assert_eq!(reason_label(reason), reason.as_str().to_ascii_uppercase());
+        }
+        assert_eq!(decision_label(Decision::Denied), "DENIED");
     }
 }

@@ -1,5 +1,6 @@
-//! Running the sidecar: the gRPC server (Limiter, health, reflection) and the admin HTTP server
-//! (/metrics, /livez, /readyz), with a graceful shutdown.
+//! Running the sidecar: the gRPC server (Limiter, health, reflection v1 and v1alpha) and the
+//! admin HTTP server (/metrics, /livez, /readyz), with a graceful shutdown: on SIGTERM the admin
+//! server stays up, answering /readyz 503, while in-flight gRPC calls finish.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -7,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -22,6 +23,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
+use crate::api::observe::Observed;
 use crate::api::LimiterApi;
 use crate::config::{Settings, StoreSettings, TierSource};
 use crate::error::Kind;
@@ -39,6 +41,10 @@ pub const HEALTH_INTERVAL: Duration = Duration::from_millis(200);
 /// outage shows as NOT_SERVING within 450 ms even with no call made; a call that fails with
 /// UNAVAILABLE shows it before it answers (see [`LimiterHealth`]).
 pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// After the gRPC server has drained, the admin server gets what is left of
+/// `server.shutdown_grace`, and at least this, to finish the requests it is answering.
+pub const ADMIN_CLOSE: Duration = Duration::from_secs(1);
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -64,10 +70,11 @@ struct AdminState {
     metrics: PrometheusHandle,
     store: Arc<dyn Store>,
     stopping: Arc<AtomicBool>,
+    limiter: Arc<Limiter>,
 }
 
 async fn metrics_page(State(s): State<AdminState>) -> String {
-    s.metrics.render()
+    crate::metrics::render(&s.metrics, s.limiter.labels())
 }
 
 async fn livez() -> &'static str {
@@ -205,8 +212,18 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the compiled descriptor set is valid");
+    // The same service under its v1alpha name, which grpcurl's older builds, grpcio-reflection,
+    // Postman and evans still ask for.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the compiled descriptor set is valid");
 
+    // Stops the gRPC server and the background tasks; the admin server stops on its own signal,
+    // once gRPC has drained.
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -224,7 +241,9 @@ pub async fn run(
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(Oversized { inner: limiter_server, limit: max_request })
+        .add_service(reflection_v1alpha)
+        // Observed outside Oversized, so a call is counted with the code it is answered.
+        .add_service(Observed::new(Oversized { inner: limiter_server, limit: max_request }))
         // TCP_NODELAY on every accepted connection (tonic logs a failure and serves anyway):
         // with Nagle's algorithm, a response written while the previous one is unacknowledged
         // waits for the client's delayed ACK, up to 40 ms.
@@ -233,7 +252,12 @@ pub async fn run(
         .route("/metrics", get(metrics_page))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { metrics: metrics.clone(), store: store.clone(), stopping: stopping.clone() })
+        .with_state(AdminState {
+            metrics: metrics.clone(),
+            store: store.clone(),
+            stopping: stopping.clone(),
+            limiter: limiter.clone(),
+        })
         .merge(crate::webhooks::router(
             limiter.clone(),
             settings.webhooks.clone(),
@@ -256,12 +280,10 @@ pub async fn run(
             tracing::warn!(%error, "Cannot set TCP_NODELAY on an admin connection; serving it anyway.");
         }
     });
-    let admin_server = axum::serve(admin, router).with_graceful_shutdown(stopped(stop_rx.clone()));
-    let mut servers = std::pin::pin!(async {
-        tokio::try_join!(async { grpc_server.await.map_err(RunError::from) }, async {
-            admin_server.await.map_err(RunError::from)
-        })
-    });
+    let admin_server = axum::serve(admin, router).with_graceful_shutdown(stopped(admin_stop_rx));
+    let mut grpc_server = std::pin::pin!(async { grpc_server.await.map_err(RunError::from) });
+    // Its own task, so it keeps answering while this one waits for gRPC to drain.
+    let mut admin_server = tokio::spawn(async { admin_server.await.map_err(RunError::from) });
 
     // The Limiter's gRPC health follows the store, so gRPC readiness probes see an outage: a
     // bounded ping every HEALTH_INTERVAL, besides the calls that fail (see LimiterHealth).
@@ -299,31 +321,73 @@ pub async fn run(
         });
     }
 
+    // The gauges of the portfolios seen lately follow the store, not only the calls that read it.
+    let (refresh, every, mut refresh_stop) = (limiter.clone(), settings.metrics.refresh_interval, stop_rx.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = refresh_stop.wait_for(|s| *s) => return,
+            }
+            refresh.refresh_metrics().await;
+        }
+    });
+
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, backend = store.backend(), "tiergate serving.");
     tokio::select! {
         // The servers only end on their own when one of them fails.
-        result = &mut servers => {
-            tracing::error!("A server stopped before shutdown was asked for.");
+        result = &mut grpc_server => {
+            tracing::error!("The gRPC server stopped before shutdown was asked for.");
+            let _ = (stop_tx.send(true), admin_stop_tx.send(true));
+            return result;
+        }
+        result = &mut admin_server => {
+            tracing::error!("The admin server stopped before shutdown was asked for.");
             let _ = stop_tx.send(true);
-            result?;
-            return Ok(());
+            return joined(result);
         }
         () = shutdown => {}
     }
 
-    tracing::info!(grace = ?settings.server.shutdown_grace, "Shutting down: NOT_SERVING, draining in-flight calls.");
+    // The admin server stays up while gRPC drains, so /readyz answers 503 "shutting down" (and
+    // /metrics still answers) rather than refusing connections.
+    let grace = settings.server.shutdown_grace;
+    let deadline = Instant::now() + grace;
+    tracing::info!(grace = ?grace, "Shutting down: NOT_SERVING, draining in-flight calls.");
     stopping.store(true, Ordering::Relaxed);
     health.set_not_serving::<pb::limiter_server::LimiterServer<LimiterApi>>().await;
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     let _ = stop_tx.send(true);
-    match tokio::time::timeout(settings.server.shutdown_grace, servers).await {
-        Ok(result) => {
-            result?;
-            tracing::info!("Stopped.");
+    let drained = match tokio::time::timeout(grace, &mut grpc_server).await {
+        Ok(result) => Some(result),
+        Err(_) => {
+            tracing::warn!("In-flight calls did not finish within shutdown_grace; stopping anyway.");
+            None
         }
-        Err(_) => tracing::warn!("In-flight calls did not finish within shutdown_grace; stopping anyway."),
+    };
+    let _ = admin_stop_tx.send(true);
+    let left = deadline.saturating_duration_since(Instant::now()).max(ADMIN_CLOSE);
+    let closed = tokio::time::timeout(left, &mut admin_server).await;
+    if closed.is_err() {
+        admin_server.abort();
+        tracing::warn!("Admin requests did not finish in time; stopping anyway.");
+    }
+    match drained {
+        Some(result) => result?,
+        None => return Ok(()),
+    }
+    if let Ok(result) = closed {
+        joined(result)?;
+        tracing::info!("Stopped.");
     }
     Ok(())
+}
+
+/// The result of the admin server's task.
+fn joined(result: Result<Result<(), RunError>, tokio::task::JoinError>) -> Result<(), RunError> {
+    result.unwrap_or_else(|e| Err(RunError::Admin(std::io::Error::other(e))))
 }
 
 #[cfg(test)]

@@ -168,10 +168,13 @@ pub struct PolicyGuard {
 impl PolicyGuard {
     /// Guards `inner` with this sidecar's policy.
     pub fn new(inner: Arc<dyn Store>, mine: SharedPolicy) -> PolicyGuard {
+        crate::metrics::policy_mismatch(false);
         PolicyGuard { inner, mine, verdict: Mutex::new(Verdict::Unchecked) }
     }
 
+    /// Records a verdict, exporting whether this sidecar now refuses (`tiergate_store_policy_mismatch`).
     fn set(&self, verdict: Verdict) {
+        crate::metrics::policy_mismatch(matches!(verdict, Verdict::Differs(_)));
         *self.verdict.lock().unwrap_or_else(|e| e.into_inner()) = verdict;
     }
 

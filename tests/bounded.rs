@@ -66,7 +66,7 @@ async fn reads_and_denials_of_random_portfolios_keep_the_metrics_bounded() {
     let labelled: std::collections::BTreeSet<&str> =
         after.lines().filter_map(|l| l.split("portfolio=\"").nth(1)?.split('"').next()).collect();
     assert!(labelled.len() <= 51, "{} portfolio label values: {labelled:?}", labelled.len());
-    assert!(after.contains(r#"tiergate_denials_total{portfolio="_other",reason="outside_service_window"}"#), "{after}");
+    assert!(after.contains(r#"tiergate_denials_total{portfolio="_other",reason="OUTSIDE_SERVICE_WINDOW"}"#), "{after}");
     assert!(after.contains("tiergate_metrics_portfolios_folded_total"), "{after}");
 }
 

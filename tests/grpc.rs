@@ -289,7 +289,7 @@ async fn health_metrics_and_readiness_are_served() {
     admit(&mut c, SALE.to("metrics-acme", "s1", "+15550000001")).await;
     let (status, body) = server.get("/metrics").await;
     assert_eq!(status, 200);
-    assert!(body.contains(r#"tiergate_decisions_total{decision="admitted",reason="new_recipient"}"#), "{body}");
+    assert!(body.contains(r#"tiergate_decisions_total{decision="ADMITTED",reason="NEW_RECIPIENT"}"#), "{body}");
     assert!(body.contains("tiergate_admit_duration_seconds_bucket{le=\"0.001\"}"), "{body}");
     assert!(body.contains(r#"tiergate_unique_recipients{portfolio="metrics-acme",sender=""} 1"#), "{body}");
     assert!(body.contains(r#"tiergate_limit{portfolio="metrics-acme",sender=""} 3"#), "{body}");

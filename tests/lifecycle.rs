@@ -73,7 +73,7 @@ async fn opted_out_users_get_only_replies_and_no_marketing_on_any_number() {
     assert_eq!(reason(&mut c, UTILITY.to("acme", "n2", USER)).await, Reason::OptedOut, "every number of the business");
     assert_eq!(portfolio(&mut c, "acme").await.opted_out_recipients, 1);
     let (_, metrics) = server.get("/metrics").await;
-    assert!(metrics.contains("tiergate_denials_total{portfolio=\"acme\",reason=\"opted_out\"}"), "{metrics}");
+    assert!(metrics.contains("tiergate_denials_total{portfolio=\"acme\",reason=\"OPTED_OUT\"}"), "{metrics}");
     c.set_opt_out(opt(false)).await.unwrap();
     assert_eq!(reason(&mut c, MARKETING.to("acme", "n2", USER)).await, Reason::NewRecipient);
     let e = c

@@ -209,6 +209,51 @@ fn sigterm_drains_and_exits_cleanly() {
     assert!(log.contains("SIGTERM") && log.contains("Stopped."), "{log}");
 }
 
+#[test]
+fn while_a_call_drains_after_sigterm_readyz_answers_503_and_the_call_completes() {
+    let redis = RedisServer::start();
+    let cfg = format!(
+        "[server]\nshutdown_grace = \"30s\"\n\n[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"20s\"\n",
+        redis.url()
+    );
+    let mut sidecar = Sidecar::spawn(&cfg, &[HASH_KEY]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let in_flight = runtime.block_on(async {
+        let mut c = sidecar.client().await;
+        c.admit(UTILITY.to("acme", "sender-1", "+15550000001")).await.unwrap();
+        assert_eq!(http_get(sidecar.admin_addr, "/readyz").await.0, 200);
+        // With Redis frozen, the next Admit waits for it: a call in flight when SIGTERM comes.
+        let stall = redis.stall();
+        let call = tokio::spawn(async move { c.admit(UTILITY.to("acme", "sender-1", "+15550000002")).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        (stall, call)
+    });
+    let (stall, call) = in_flight;
+    assert!(!call.is_finished(), "the Admit waits for the frozen Redis");
+    std::process::Command::new("kill").arg("-TERM").arg(sidecar.pid().to_string()).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sidecar.log().contains("Shutting down") {
+        assert!(Instant::now() < deadline, "SIGTERM not seen: {}", sidecar.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    runtime.block_on(async {
+        // The admin server stays up through the drain, saying why it is not ready.
+        for _ in 0..3 {
+            assert_eq!(http_get(sidecar.admin_addr, "/readyz").await, (503, "shutting down\n".to_string()));
+            assert_eq!(http_get(sidecar.admin_addr, "/livez").await.0, 200);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!call.is_finished());
+        stall.resume();
+        let answer = call.await.unwrap().expect("the in-flight Admit is answered during the drain").into_inner();
+        assert_eq!(answer.reason(), Reason::NewRecipient);
+    });
+    let status = sidecar.wait(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}: {}", sidecar.log());
+    assert!(sidecar.log().contains("Stopped."), "{}", sidecar.log());
+    assert!(std::net::TcpStream::connect(sidecar.admin_addr).is_err(), "the admin server stops with the process");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signed_webhook_to_one_sidecar_raises_the_limit_on_every_sidecar() {
     let redis = RedisServer::start();

@@ -63,11 +63,20 @@ async fn assert_refuses(sidecar: &Sidecar, differences: &[&str]) {
     }
     let e = c.get_usage(requests::usage("acme", "")).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(policy_mismatch(sidecar).await, "1", "the alert's gauge");
 }
 
 async fn assert_ready(sidecar: &Sidecar) {
     let (status, body) = http_get(sidecar.admin_addr, "/readyz").await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(policy_mismatch(sidecar).await, "0");
+}
+
+/// The value of `tiergate_store_policy_mismatch` in the sidecar's scrape.
+async fn policy_mismatch(sidecar: &Sidecar) -> String {
+    let (_, metrics) = http_get(sidecar.admin_addr, "/metrics").await;
+    let line = metrics.lines().find(|l| l.starts_with("tiergate_store_policy_mismatch "));
+    line.and_then(|l| l.split(' ').nth(1)).unwrap_or_else(|| panic!("no policy mismatch gauge:\n{metrics}")).to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,10 @@
 //! The gRPC edge (`tiergate.v1.Limiter`): each call converts its request ([`convert`]), asks the
 //! [`Limiter`], and converts the answer back; failures become statuses through the one table in
 //! [`error`]. No protobuf type goes past this module. Each call first checks the token its
-//! [`Role`] needs.
+//! [`Role`] needs. [`observe`] counts and times every call.
 
 pub mod convert;
+pub mod observe;
 
 use std::sync::Arc;
 

@@ -165,11 +165,15 @@ pub struct MetricsConfig {
     /// The most portfolios (and the most numbers) with label values of their own; the rest are
     /// folded into `portfolio="_other"` (counters) or not exported (gauges).
     pub max_portfolios: usize,
+    /// How often the gauges of the portfolios this sidecar has seen lately are read again from
+    /// the store, so they follow contacts leaving the window without anyone calling GetUsage.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { max_portfolios: 1_000 }
+        MetricsConfig { max_portfolios: 1_000, refresh_interval: Duration::from_secs(15) }
     }
 }
 
@@ -504,6 +508,9 @@ impl Config {
         if p.simulate_interval.is_zero() {
             return Err(err("policy.simulate_interval", "must be longer than zero"));
         }
+        if self.metrics.refresh_interval.is_zero() {
+            return Err(err("metrics.refresh_interval", "must be longer than zero"));
+        }
         // Today's ladder is Meta's portfolio-wide one: per number, each number would be given the
         // whole portfolio's limit, and together they would overshoot it.
         if p.scope == ScopeMode::PhoneNumber && ladder == Ladder::meta_2025() {
@@ -774,6 +781,11 @@ mod tests {
         assert_eq!((s.metrics.max_portfolios, s.portfolios), (5, vec!["b".to_string(), "a".to_string()]));
         let c = Config::load(None, env(&[("TIERGATE_METRICS_MAX_PORTFOLIOS", "7")])).unwrap();
         assert_eq!(c.metrics.max_portfolios, 7);
+        assert_eq!(s.metrics.refresh_interval, Duration::from_secs(15));
+        let c = Config::load(None, env(&[("TIERGATE_METRICS_REFRESH_INTERVAL", "200ms")])).unwrap();
+        assert_eq!(c.metrics.refresh_interval, Duration::from_millis(200));
+        let e = Config::from_toml("[metrics]\nrefresh_interval = \"0s\"").unwrap().validate().unwrap_err();
+        assert_eq!(e.key, "metrics.refresh_interval");
         let e = Config::from_toml("[server]\nmax_request_bytes = 100").unwrap().validate().unwrap_err();
         assert_eq!(e.key, "server.max_request_bytes");
         assert_eq!(Config::from_toml("[server]\nportfolios = \"some\"").unwrap_err().key, "server.portfolios");

@@ -159,6 +159,7 @@ impl Limiter {
         self.require_served(&scope, FieldPath::TOP).await?;
         let now = self.apply(portfolio.as_str(), &[self.inbound(&sender, &recipient, None)]).await?;
         metrics::inbound();
+        self.labels.seen(portfolio.as_str());
         Ok(now.saturating_add(policy::micros(self.service_window)))
     }
 
@@ -217,6 +218,7 @@ impl Limiter {
         if !changes.is_empty() {
             self.apply(portfolio.as_str(), &changes).await?;
         }
+        self.labels.seen(portfolio.as_str());
         Ok(made)
     }
 

@@ -19,6 +19,7 @@ mod change;
 mod coalesce;
 pub mod input;
 mod read;
+mod refresh;
 mod release;
 mod simulate;
 
@@ -54,6 +55,8 @@ pub struct Limiter {
     ruleset: Ruleset,
     tier_source: TierSource,
     service_window: Duration,
+    /// The rolling window of the messaging limit.
+    window: Duration,
     /// Scopes a simulating sidecar has seen, to re-evaluate periodically.
     seen: Mutex<HashSet<ScopeKey>>,
     /// Portfolios already logged for a webhook limit that was business-wide only (per-number scope).
@@ -88,6 +91,8 @@ pub trait StoreWatch: Send + Sync + 'static {
 impl Limiter {
     /// A limiter over `store` with the validated settings.
     pub fn new(settings: &Settings, store: Arc<dyn Store>) -> Limiter {
+        let labels = metrics::Labels::new(settings.metrics.max_portfolios, settings.portfolios.iter().cloned());
+        metrics::start(&labels, &settings.portfolios);
         Limiter {
             store,
             hasher: settings.store.hasher().clone(),
@@ -101,10 +106,11 @@ impl Limiter {
             ruleset: settings.ruleset,
             tier_source: settings.tier_source,
             service_window: settings.windows.service_window,
+            window: settings.windows.window,
             seen: Mutex::new(HashSet::new()),
             no_number_limit_logged: Mutex::new(HashSet::new()),
             leases: settings.store.hasher().lease_signer(),
-            labels: metrics::Labels::new(settings.metrics.max_portfolios, settings.portfolios.iter().cloned()),
+            labels,
             access: settings.server.portfolios,
             configured: settings.portfolios.iter().cloned().collect(),
             known: Mutex::new(HashSet::new()),
@@ -117,6 +123,12 @@ impl Limiter {
     pub fn with_store_watch(mut self, watch: Arc<dyn StoreWatch>) -> Limiter {
         self.store_watch = Some(watch);
         self
+    }
+
+    /// Which portfolios and numbers have metric labels of their own, with the gauges of those
+    /// seen lately.
+    pub fn labels(&self) -> &metrics::Labels {
+        &self.labels
     }
 
     /// Counts a failed store call of `op` and, when retrying may cure it, tells the watch.

@@ -125,6 +125,7 @@ impl Limiter {
             }
         }
         metrics::portfolio(&self.labels, portfolio, &state);
+        self.labels.seen(portfolio);
         Ok(PortfolioView {
             portfolio: portfolio.to_owned(),
             blocked_senders: self.blocked_senders.get(portfolio).cloned().unwrap_or_default(),
@@ -137,12 +138,13 @@ impl Limiter {
     /// calls for first, so what it answers is the state after that move.
     pub(super) async fn scope_usage(&self, scope: &ScopeKey, state: &PortfolioState) -> Result<Usage, Error> {
         let report = self.report(scope).await?;
-        let (usage, step) = self.detail(scope, state, &report);
+        let simulate = self.tier_source == TierSource::Simulate;
+        let (usage, step) = self.detail(scope, state, &report, simulate);
         let usage = match step {
             Some(changes) => {
                 self.apply(&scope.portfolio, &changes).await?;
                 let report = self.report(scope).await?;
-                self.detail(scope, state, &report).0
+                self.detail(scope, state, &report, false).0
             }
             None => usage,
         };
@@ -153,8 +155,15 @@ impl Limiter {
         Ok(usage)
     }
 
-    /// The usage with its projection, and in simulation the changes to apply now.
-    fn detail(&self, scope: &ScopeKey, state: &PortfolioState, report: &ScopeReport) -> (Usage, Option<Vec<Change>>) {
+    /// The usage with its projection, and with `simulate` the changes the simulated rules call
+    /// for now.
+    pub(super) fn detail(
+        &self,
+        scope: &ScopeKey,
+        state: &PortfolioState,
+        report: &ScopeReport,
+        simulate: bool,
+    ) -> (Usage, Option<Vec<Change>>) {
         let senders: Vec<_> =
             state.senders.iter().filter(|(id, _)| scope.sender.as_ref().is_none_or(|s| s == *id)).collect();
         // Meta asks for high quality "across numbers and templates".
@@ -174,10 +183,7 @@ impl Limiter {
             now: report.now,
         };
         let projection = policy::project(&input);
-        let changes = match self.tier_source {
-            TierSource::Simulate => self.simulation_step(scope, &senders, report, &input, &projection),
-            TierSource::Authoritative => None,
-        };
+        let changes = if simulate { self.simulation_step(scope, &senders, report, &input, &projection) } else { None };
         let stored = scope.sender.as_ref().and_then(|s| state.senders.get(s)?.status).unwrap_or_default();
         let detail = UsageDetail {
             quality,

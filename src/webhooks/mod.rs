@@ -41,7 +41,8 @@ struct Receiver {
     unmapped: Mutex<HashSet<String>>,
 }
 
-/// The webhook routes, or none (so the path answers 404) without both secrets. A body over
+/// The webhook routes, or none (so the path answers 404) without both secrets; either way
+/// exported as `tiergate_webhooks_configured`, with the deliveries at 0. A body over
 /// `max_body` bytes (`server.max_request_bytes`) is refused with 413 before it is read.
 pub fn router(
     limiter: Arc<Limiter>,
@@ -49,6 +50,7 @@ pub fn router(
     wabas: BTreeMap<String, String>,
     max_body: usize,
 ) -> Router {
+    metrics::webhooks_configured(settings.is_some());
     let Some(settings) = settings else { return Router::new() };
     let receiver = Arc::new(Receiver { limiter, settings, wabas, unmapped: Mutex::new(HashSet::new()) });
     Router::new()
@@ -99,6 +101,8 @@ async fn deliver(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes
         tracing::warn!("Webhook delivery refused: missing or wrong X-Hub-Signature-256.");
         return (Kind::Unauthenticated.http(), "bad signature\n".into());
     }
+    // Only a signed delivery is Meta's: what the "no webhook for hours" alert waits for.
+    metrics::webhook_received();
     let envelope: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
