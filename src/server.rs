@@ -2,12 +2,9 @@
 //! admin HTTP server (/metrics, /livez, /readyz), with a graceful shutdown: on SIGTERM the admin
 //! server stays up, answering /readyz 503, while in-flight gRPC calls finish.
 
-use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -18,15 +15,12 @@ use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
-use tonic::codegen::{http, Service};
-use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
-use crate::api::observe::Observed;
+use crate::api::edge::Edge;
 use crate::api::LimiterApi;
 use crate::config::{Settings, StoreSettings, TierSource};
-use crate::error::Kind;
 use crate::limiter::{Limiter, StoreWatch};
 use crate::pb;
 use crate::shared_policy::{PolicyGuard, SharedPolicy};
@@ -124,45 +118,6 @@ impl StoreWatch for LimiterHealth {
     }
 }
 
-/// A gRPC service that answers a request over its decoding limit (`server.max_request_bytes`)
-/// RESOURCE_EXHAUSTED, as gRPC specifies, instead of tonic's OUT_OF_RANGE. No Limiter call answers
-/// OUT_OF_RANGE itself (see [`Kind`]), so each one it sends is that refusal.
-#[derive(Clone)]
-struct Oversized<S> {
-    inner: S,
-    limit: usize,
-}
-
-impl<S: NamedService> NamedService for Oversized<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S, B> Service<http::Request<B>> for Oversized<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let (answer, limit) = (self.inner.call(request), self.limit);
-        Box::pin(async move {
-            let response = answer.await?;
-            if tonic::Status::from_header_map(response.headers()).map(|s| s.code()) != Some(tonic::Code::OutOfRange) {
-                return Ok(response);
-            }
-            let message = format!("the request is larger than server.max_request_bytes ({limit} bytes)");
-            Ok(tonic::Status::new(Kind::ResourceExhausted.grpc(), message).into_http())
-        })
-    }
-}
-
 /// Serves until `shutdown` resolves, then reports NOT_SERVING, stops accepting, and lets
 /// in-flight calls finish for up to `server.shutdown_grace`.
 pub async fn run(
@@ -242,8 +197,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        // Observed outside Oversized, so a call is counted with the code it is answered.
-        .add_service(Observed::new(Oversized { inner: limiter_server, limit: max_request }))
+        .add_service(Edge::new(limiter_server, max_request))
         // TCP_NODELAY on every accepted connection (tonic logs a failure and serves anyway):
         // with Nagle's algorithm, a response written while the previous one is unacknowledged
         // waits for the client's delayed ACK, up to 40 ms.

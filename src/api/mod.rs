@@ -1,10 +1,10 @@
 //! The gRPC edge (`tiergate.v1.Limiter`): each call converts its request ([`convert`]), asks the
 //! [`Limiter`], and converts the answer back; failures become statuses through the one table in
 //! [`error`]. No protobuf type goes past this module. Each call first checks the token its
-//! [`Role`] needs. [`observe`] counts and times every call.
+//! [`Role`] needs. [`edge`] refuses oversized requests and counts and times every call.
 
 pub mod convert;
-pub mod observe;
+pub mod edge;
 
 use std::sync::Arc;
 

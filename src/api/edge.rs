@@ -1,7 +1,7 @@
-//! Metrics of every Limiter call, `tiergate_grpc_requests_total{method,code}` and
-//! `tiergate_grpc_request_duration_seconds{method}`, taken by a service wrapped around the
-//! Limiter's, so that calls refused before a handler runs (a request too large, one that does not
-//! decode) are counted like the others.
+//! The service wrapped around the Limiter's, which sees every call, those refused before a handler
+//! runs (a request too large, one that does not decode) included: it answers a request over
+//! `server.max_request_bytes` RESOURCE_EXHAUSTED, and counts and times every call
+//! (`tiergate_grpc_requests_total{method,code}`, `tiergate_grpc_request_duration_seconds{method}`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,31 +13,41 @@ use tonic::codegen::{http, Service};
 use tonic::server::NamedService;
 use tonic::Code;
 
+use crate::error::Kind;
 use crate::metrics;
 
-/// A gRPC service whose calls are counted by method and code, and timed by method.
+/// A gRPC service whose oversized requests are answered RESOURCE_EXHAUSTED, and whose calls are
+/// counted by method and code, and timed by method.
 ///
-/// The code is the `grpc-status` of the response's headers, where every failure of a unary call
-/// is sent, else OK; the time runs until those headers, when a unary call's answer is ready. A
-/// call the client gives up on before that is counted as CANCELLED.
+/// Oversized: tonic refuses a request over its decoding limit with OUT_OF_RANGE; gRPC specifies
+/// RESOURCE_EXHAUSTED. No Limiter call answers OUT_OF_RANGE itself (see [`Kind`]), so each one
+/// is that refusal, and is rewritten.
+///
+/// Counted: the code is the `grpc-status` of the response's headers (after that rewrite), where
+/// every failure of a unary call is sent, else OK; the time runs until those headers, when a
+/// unary call's answer is ready. A call the client gives up on before that is counted as
+/// CANCELLED.
 #[derive(Clone)]
-pub struct Observed<S> {
+pub struct Edge<S> {
     inner: S,
+    /// `server.max_request_bytes`, for the refusal's message.
+    limit: usize,
 }
 
-impl<S> Observed<S> {
-    /// Wraps `inner`, exporting each Limiter method at 0 calls from now on.
-    pub fn new(inner: S) -> Observed<S> {
+impl<S> Edge<S> {
+    /// Wraps `inner`, whose decoding limit is `limit`, exporting each Limiter method at 0 calls
+    /// from now on.
+    pub fn new(inner: S, limit: usize) -> Edge<S> {
         metrics::grpc_start();
-        Observed { inner }
+        Edge { inner, limit }
     }
 }
 
-impl<S: NamedService> NamedService for Observed<S> {
+impl<S: NamedService> NamedService for Edge<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> Service<http::Request<B>> for Observed<S>
+impl<S, B> Service<http::Request<B>> for Edge<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
     S::Future: Send + 'static,
@@ -52,10 +62,15 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let mut call = Call { method: method_of(request.uri().path()), started: Instant::now(), done: false };
-        let answer = self.inner.call(request);
+        let (answer, limit) = (self.inner.call(request), self.limit);
         Box::pin(async move {
-            let response = answer.await?;
-            let code = tonic::Status::from_header_map(response.headers()).map_or(Code::Ok, |s| s.code());
+            let mut response = answer.await?;
+            let mut code = tonic::Status::from_header_map(response.headers()).map_or(Code::Ok, |s| s.code());
+            if code == Code::OutOfRange {
+                let message = format!("the request is larger than server.max_request_bytes ({limit} bytes)");
+                response = tonic::Status::new(Kind::ResourceExhausted.grpc(), message).into_http();
+                code = Kind::ResourceExhausted.grpc();
+            }
             call.finish(code);
             Ok(response)
         })
