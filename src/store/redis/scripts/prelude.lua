@@ -44,11 +44,6 @@ local function tg_event_time(arg, now)
   return math.min(tonumber(arg), now)
 end
 
--- Drops contacts that have left the rolling window.
-local function tg_expire(window_key, now, window)
-  redis.call('ZREMRANGEBYSCORE', window_key, '-inf', tg_fmt(now - window))
-end
-
 -- The newest (highest) score of a sorted set, or nil when it is empty.
 local function tg_newest(key)
   local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')

@@ -1,0 +1,557 @@
+-- The rolling window of one limit scope, compact and exact (prepended, after the prelude, to the
+-- scripts that read or write one: admit, apply, release, usage).
+--
+-- Layout. The window is one hash, `<p>:{portfolio}:w<scope>`, whose values are packed with
+-- Lua's `struct` (big-endian). Every contact is kept twice, both times exactly (us):
+--
+--   '#'      header: n = contacts in the time log, m = entries in the buckets, head and tail
+--            = first and last chunk ids, level and split = the linear-hashing state of the
+--            buckets, sweep = the next bucket to clean, trimmed = the highest window start
+--            contacts were dropped up to, last = the last score written (HEADER_FORMAT)
+--   'b<id>'  bucket: recipients whose hash falls in it (linear hashing on the first 4 bytes of
+--            the hash), as <base: 7 bytes> then, per recipient, <hash: 8 bytes><score - base:
+--            5 bytes>, in score order. A bucket holds at most `bucket_span` us between its base
+--            and its newest score; it is rebased (its oldest live score becomes the base) when a
+--            new score would not fit. Entries at or below `trimmed` have left the window and are
+--            cleaned lazily (they form a prefix, since scores only grow).
+--   'c<id>'  chunk of the time log: the live scores in order, as <base: 7 bytes> then
+--            <score - base: 4 bytes> each; at most `chunk` scores, within `chunk_span` us of the
+--            base. Chunks head..tail hold every live contact, oldest first; a chunk emptied in
+--            the middle stays (base only) until it reaches the head.
+--
+-- So a recipient costs 13 bytes in its bucket and 4 in the log, plus each field's share of Redis'
+-- own overhead (tens of bytes, over ~128 entries). Buckets split when they average more than
+-- `load` entries and merge back below a quarter of it, one at a time, so a scope's buckets follow
+-- its size (~L entries each) and no operation scans more than one bucket or chunk.
+--
+-- The count is `n` (plus what the legacy set still holds), corrected as the log's head is
+-- trimmed; the oldest contact is the first score of the head chunk; the contact at rank r is found
+-- by walking chunk lengths (HSTRLEN) from the head. Nothing here rounds a time.
+--
+-- Migration: a sorted set found at the window's key is the layout before this one (member =
+-- recipient hash, score = last contact). It is renamed to the legacy key `<p>:{portfolio}:wz<scope>`
+-- and read beside the log until its contacts leave the window: all of them are older than every
+-- score written since (scores only grow), so the two together are one ordered window. A contact
+-- written again moves out of the legacy set. A hash is kept at the window's key for as long as the
+-- legacy set lives, so a sidecar of the previous version fails on it (WRONGTYPE) instead of
+-- counting beside it.
+
+local TGW_HEADER = '#'
+local TGW_HEADER_FORMAT = '>I5I5I5I5I1I5I5I7I7'
+local TGW_BASE = 7
+local TGW_ENTRY = MEMBER_LEN + 5
+local TGW_STEP = 4
+
+local TgWindow = {}
+TgWindow.__index = TgWindow
+
+local function tgw_bucket(id)
+  return 'b' .. tg_fmt(id)
+end
+
+local function tgw_chunk(id)
+  return 'c' .. tg_fmt(id)
+end
+
+local function tgw_base(value)
+  return (struct.unpack('>I7', value))
+end
+
+-- The offset of entry i (0-based) of a bucket or chunk.
+local function tgw_bucket_offset(value, i)
+  return (struct.unpack('>I5', value, TGW_BASE + 1 + TGW_ENTRY * i + MEMBER_LEN))
+end
+
+local function tgw_chunk_offset(value, i)
+  return (struct.unpack('>I4', value, TGW_BASE + 1 + TGW_STEP * i))
+end
+
+-- Opens the window at `key` (legacy sorted set at `legacy`) as of `now`. `layout` ({load, chunk,
+-- chunk_span, bucket_span}) is needed only by calls that write contacts.
+local function tg_window(key, legacy, now, window, layout)
+  local w = setmetatable({key = key, legacy = legacy, now = now, window = window, layout = layout,
+    values = {}, dirty = {}, wrote = false}, TgWindow)
+  local kind = redis.call('TYPE', key)['ok']
+  w.exists = kind ~= 'none'
+  if kind == 'zset' then
+    w:adopt()
+  end
+  local header = w.exists and redis.call('HGET', key, TGW_HEADER)
+  if header then
+    w.n, w.m, w.head, w.tail, w.level, w.split, w.sweep, w.trimmed, w.last =
+      struct.unpack(TGW_HEADER_FORMAT, header)
+  else
+    w.n, w.m, w.head, w.tail, w.level, w.split, w.sweep, w.trimmed, w.last = 0, 0, 1, 0, 0, 0, 0, 0, 0
+  end
+  w.legacy_n = redis.call('ZCARD', legacy)
+  return w
+end
+
+-- Moves a sorted set of the previous layout out of the way, into the legacy set.
+function TgWindow:adopt()
+  if redis.call('EXISTS', self.legacy) == 1 then
+    -- A sidecar of the previous version started a new set after an earlier adoption.
+    local ttl = math.max(redis.call('PTTL', self.legacy), redis.call('PTTL', self.key))
+    redis.call('ZUNIONSTORE', self.legacy, 2, self.legacy, self.key, 'AGGREGATE', 'MAX')
+    redis.call('DEL', self.key)
+    if ttl > 0 then
+      redis.call('PEXPIRE', self.legacy, ttl)
+    end
+  else
+    redis.call('RENAME', self.key, self.legacy)
+  end
+  self.exists = false
+  self.adopted = true
+end
+
+-- A field's value (false when absent), read once per call.
+function TgWindow:get(field)
+  local v = self.values[field]
+  if v == nil then
+    v = redis.call('HGET', self.key, field)
+    self.values[field] = v
+  end
+  return v
+end
+
+-- Sets a field's value (false: deletes it) when the call ends (`flush`).
+function TgWindow:put(field, value)
+  self.values[field] = value
+  self.dirty[field] = true
+end
+
+-- Recipients counted in the window.
+function TgWindow:count()
+  return self.legacy_n + self.n
+end
+
+-- Drops the contacts that have left the window at `now`.
+function TgWindow:trim()
+  local start = self.now - self.window
+  if start > self.trimmed then
+    self.trimmed = start
+  end
+  if self.legacy_n > 0 then
+    redis.call('ZREMRANGEBYSCORE', self.legacy, '-inf', tg_fmt(self.trimmed))
+    self.legacy_n = redis.call('ZCARD', self.legacy)
+  end
+  while self.n > 0 do
+    local name = tgw_chunk(self.head)
+    local c = self:get(name)
+    local count = (#c - TGW_BASE) / TGW_STEP
+    local base = tgw_base(c)
+    if base + tgw_chunk_offset(c, 0) > self.trimmed then
+      break
+    end
+    if base + tgw_chunk_offset(c, count - 1) <= self.trimmed then
+      self.n = self.n - count
+      self:put(name, false)
+      self.head = self.head + 1
+      self:settle()
+    else
+      -- The first entry has left and the last has not: find the first that has not.
+      local lo, hi = 0, count - 1
+      while hi - lo > 1 do
+        local mid = math.floor((lo + hi) / 2)
+        if base + tgw_chunk_offset(c, mid) <= self.trimmed then
+          lo = mid
+        else
+          hi = mid
+        end
+      end
+      self.n = self.n - hi
+      self:put(name, string.sub(c, 1, TGW_BASE) .. string.sub(c, TGW_BASE + 1 + TGW_STEP * hi))
+      break
+    end
+  end
+end
+
+-- Drops empty chunks at the head, so the head chunk holds the oldest contact.
+function TgWindow:settle()
+  while self.head <= self.tail do
+    local name = tgw_chunk(self.head)
+    local c = self:get(name)
+    if c and #c > TGW_BASE then
+      return
+    end
+    self:put(name, false)
+    self.head = self.head + 1
+  end
+end
+
+-- The score of the contact at rank `r` (0 = the oldest), or nil.
+function TgWindow:nth(r)
+  if r < self.legacy_n then
+    local e = redis.call('ZRANGE', self.legacy, r, r, 'WITHSCORES')
+    return e[2] and tonumber(e[2])
+  end
+  r = r - self.legacy_n
+  if r >= self.n then
+    return nil
+  end
+  for id = self.head, self.tail do
+    local name = tgw_chunk(id)
+    local c = self.values[name]
+    local len
+    if c == nil then
+      len = redis.call('HSTRLEN', self.key, name)
+    else
+      len = c and #c or 0
+    end
+    local count = math.max(len - TGW_BASE, 0) / TGW_STEP
+    if r < count then
+      c = self:get(name)
+      return tgw_base(c) + tgw_chunk_offset(c, r)
+    end
+    r = r - count
+  end
+  return nil
+end
+
+-- The oldest contact's score, or nil.
+function TgWindow:oldest()
+  return self:nth(0)
+end
+
+-- The bucket a recipient hash falls in (linear hashing).
+function TgWindow:bucket_of(member)
+  local h = struct.unpack('>I4', member)
+  local size = 2 ^ self.level
+  local id = h % size
+  if id < self.split then
+    id = h % (size * 2)
+  end
+  return id
+end
+
+-- The recipient's bucket: its id, its value (false when absent), and the recipient's entry in
+-- it, if any: position and score (live or not).
+function TgWindow:lookup(member)
+  local id = self:bucket_of(member)
+  local b = self:get(tgw_bucket(id))
+  if b then
+    local from = TGW_BASE + 1
+    while true do
+      local at = string.find(b, member, from, true)
+      if not at then
+        break
+      end
+      if (at - TGW_BASE - 1) % TGW_ENTRY == 0 then
+        local off = struct.unpack('>I5', b, at + MEMBER_LEN)
+        return id, b, at, tgw_base(b) + off
+      end
+      from = at + 1
+    end
+  end
+  return id, b, nil, nil
+end
+
+-- The score of the recipient's contact in the window, or nil. (Contacts are dropped by `trim`:
+-- until then, one that has left the window still counts, as in every store.)
+function TgWindow:contact(member)
+  if #member ~= MEMBER_LEN then
+    return nil
+  end
+  local _, _, at, score = self:lookup(member)
+  if at and score > self.trimmed then
+    return score
+  end
+  if self.legacy_n > 0 then
+    local s = redis.call('ZSCORE', self.legacy, member)
+    if s then
+      return tonumber(s)
+    end
+  end
+  return nil
+end
+
+-- A bucket without the entries that have left the window (a prefix: entries are in score order).
+function TgWindow:clean(b)
+  local count = (#b - TGW_BASE) / TGW_ENTRY
+  local base = tgw_base(b)
+  if count == 0 or base + tgw_bucket_offset(b, 0) > self.trimmed then
+    return b
+  end
+  -- Entries [0, lo] have left; hi is the first that has not (count: none).
+  local lo, hi = 0, count
+  while hi - lo > 1 do
+    local mid = math.floor((lo + hi) / 2)
+    if base + tgw_bucket_offset(b, mid) <= self.trimmed then
+      lo = mid
+    else
+      hi = mid
+    end
+  end
+  self.m = self.m - hi
+  return string.sub(b, 1, TGW_BASE) .. string.sub(b, TGW_BASE + 1 + TGW_ENTRY * hi)
+end
+
+-- A bucket's entries as {hash, score} pairs, in order.
+local function tgw_entries(b)
+  local out = {}
+  if not b then
+    return out
+  end
+  local base = tgw_base(b)
+  for at = TGW_BASE + 1, #b, TGW_ENTRY do
+    out[#out + 1] = {string.sub(b, at, at + MEMBER_LEN - 1), base + struct.unpack('>I5', b, at + MEMBER_LEN)}
+  end
+  return out
+end
+
+-- A bucket of these entries (in order), based at the first one's score; false when empty.
+function TgWindow:pack_bucket(entries)
+  if #entries == 0 then
+    return false
+  end
+  local base = entries[1][2]
+  local parts = {struct.pack('>I7', base)}
+  for i, e in ipairs(entries) do
+    if e[2] - base >= self.layout.bucket_span then
+      error('tiergate: contacts of one bucket span more than it can hold; is policy.window too long?')
+    end
+    parts[i + 1] = e[1] .. struct.pack('>I5', e[2] - base)
+  end
+  return table.concat(parts)
+end
+
+-- Adds `member` at `score` (newer than every score in the window) to bucket value `b`.
+function TgWindow:bucket_add(b, member, score)
+  if b then
+    b = self:clean(b)
+  end
+  self.m = self.m + 1
+  if not b or #b == TGW_BASE then
+    return struct.pack('>I7', score) .. member .. struct.pack('>I5', 0)
+  end
+  local base = tgw_base(b)
+  if score - base >= self.layout.bucket_span then
+    local entries = tgw_entries(b)
+    entries[#entries + 1] = {member, score}
+    return self:pack_bucket(entries)
+  end
+  return b .. member .. struct.pack('>I5', score - base)
+end
+
+-- Appends a score (newer than every score in the log) to the log.
+function TgWindow:log_append(score)
+  if self.head <= self.tail then
+    local name = tgw_chunk(self.tail)
+    local c = self:get(name)
+    if (#c - TGW_BASE) / TGW_STEP < self.layout.chunk and score - tgw_base(c) < self.layout.chunk_span then
+      self:put(name, c .. struct.pack('>I4', score - tgw_base(c)))
+      self.n = self.n + 1
+      return
+    end
+  end
+  self.tail = self.tail + 1
+  self:put(tgw_chunk(self.tail), struct.pack('>I7I4', score, 0))
+  self.n = self.n + 1
+end
+
+-- Removes a live score from the log.
+function TgWindow:log_remove(score)
+  -- The chunk holding it: the last whose base is not above it.
+  local lo, hi = self.head, self.tail
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    local c = self:get(tgw_chunk(mid))
+    if c and tgw_base(c) <= score then
+      lo = mid
+    else
+      hi = mid - 1
+    end
+  end
+  local name = tgw_chunk(lo)
+  local c = self:get(name)
+  local needle = struct.pack('>I4', score - tgw_base(c))
+  local from = TGW_BASE + 1
+  while true do
+    local at = string.find(c, needle, from, true)
+    if not at then
+      error('tiergate: a contact of the window is missing from its time log')
+    end
+    if (at - TGW_BASE - 1) % TGW_STEP == 0 then
+      self:put(name, string.sub(c, 1, at - 1) .. string.sub(c, at + TGW_STEP))
+      self.n = self.n - 1
+      self:settle()
+      return
+    end
+    from = at + 1
+  end
+end
+
+-- Removes the recipient's entry (at `at` in bucket `id`, value `b`) and its contact in the log.
+function TgWindow:unlink(id, b, at, score)
+  b = string.sub(b, 1, at - 1) .. string.sub(b, at + TGW_ENTRY)
+  self.m = self.m - 1
+  if score > self.trimmed then
+    self:log_remove(score)
+  end
+  return b
+end
+
+-- Makes `score` (newer than every score in the window) the recipient's last contact.
+function TgWindow:write(member, score)
+  if #member ~= MEMBER_LEN then
+    error('tiergate: a recipient hash must be ' .. MEMBER_LEN .. ' bytes')
+  end
+  local id, b, at, old = self:lookup(member)
+  if at then
+    b = self:unlink(id, b, at, old)
+  end
+  if self.legacy_n > 0 and redis.call('ZREM', self.legacy, member) == 1 then
+    self.legacy_n = self.legacy_n - 1
+  end
+  self:put(tgw_bucket(id), self:bucket_add(b, member, score))
+  self:log_append(score)
+  self.last = score
+  self.wrote = true
+end
+
+-- Removes the recipient's contact if it is counted (and, with `score`, only if it is that one);
+-- returns whether it did.
+function TgWindow:remove(member, score)
+  if #member ~= MEMBER_LEN then
+    return false
+  end
+  local id, b, at, old = self:lookup(member)
+  if at and old > self.trimmed then
+    if score and old ~= score then
+      return false
+    end
+    b = self:unlink(id, b, at, old)
+    self:put(tgw_bucket(id), #b > TGW_BASE and b)
+    return true
+  end
+  if self.legacy_n > 0 then
+    local s = redis.call('ZSCORE', self.legacy, member)
+    if s and (not score or tonumber(s) == score) then
+      redis.call('ZREM', self.legacy, member)
+      self.legacy_n = self.legacy_n - 1
+      return true
+    end
+  end
+  return false
+end
+
+-- Buckets in use.
+function TgWindow:buckets()
+  return 2 ^ self.level + self.split
+end
+
+-- Splits the next bucket in two by the next bit of the hash.
+function TgWindow:grow()
+  local size = 2 ^ self.level
+  local from = tgw_bucket(self.split)
+  local b = self:get(from)
+  if b then
+    b = self:clean(b)
+    local low, high = {string.sub(b, 1, TGW_BASE)}, {string.sub(b, 1, TGW_BASE)}
+    for at = TGW_BASE + 1, #b, TGW_ENTRY do
+      local e = string.sub(b, at, at + TGW_ENTRY - 1)
+      local half = low
+      if math.floor(struct.unpack('>I4', e) / size) % 2 == 1 then
+        half = high
+      end
+      half[#half + 1] = e
+    end
+    self:put(from, #low > 1 and table.concat(low))
+    self:put(tgw_bucket(self.split + size), #high > 1 and table.concat(high))
+  end
+  self.split = self.split + 1
+  if self.split == size then
+    self.level, self.split = self.level + 1, 0
+  end
+end
+
+-- Merges the last bucket back into the one it was split from.
+function TgWindow:shrink()
+  if self.split == 0 then
+    self.level = self.level - 1
+    self.split = 2 ^ self.level
+  end
+  self.split = self.split - 1
+  local into, from = tgw_bucket(self.split), tgw_bucket(self.split + 2 ^ self.level)
+  local a, b = self:get(into), self:get(from)
+  a, b = a and self:clean(a), b and self:clean(b)
+  local x, y, merged = tgw_entries(a), tgw_entries(b), {}
+  local i, j = 1, 1
+  while i <= #x or j <= #y do
+    if j > #y or (i <= #x and x[i][2] < y[j][2]) then
+      merged[#merged + 1] = x[i]
+      i = i + 1
+    else
+      merged[#merged + 1] = y[j]
+      j = j + 1
+    end
+  end
+  self:put(into, self:pack_bucket(merged))
+  self:put(from, false)
+end
+
+-- Keeps buckets near `load` entries each, and cleans one bucket of entries that left the window.
+function TgWindow:tidy()
+  if self.n == 0 and self.legacy_n == 0 then
+    return -- `flush` deletes the window
+  end
+  local load = self.layout.load
+  while self.m > load * self:buckets() do
+    self:grow()
+  end
+  while self:buckets() > 1 and self.m * 4 < load * self:buckets() do
+    self:shrink()
+  end
+  if self.m > self.n then
+    local id = self.sweep % self:buckets()
+    local name = tgw_bucket(id)
+    local b = self:get(name)
+    if b then
+      local cleaned = self:clean(b)
+      if #cleaned ~= #b then
+        self:put(name, #cleaned > TGW_BASE and cleaned)
+      end
+    end
+    self.sweep = (id + 1) % self:buckets()
+  end
+end
+
+-- Writes what the call changed. A window with no contact left is deleted whole, so entries that
+-- left it go too; one that got a new contact lives until that contact leaves.
+function TgWindow:flush()
+  if self.n == 0 and self.legacy_n == 0 then
+    if self.exists then
+      redis.call('UNLINK', self.key)
+    end
+    return
+  end
+  local set, del = {}, {}
+  for field in pairs(self.dirty) do
+    local v = self.values[field]
+    if v then
+      set[#set + 1] = field
+      set[#set + 1] = v
+    else
+      del[#del + 1] = field
+    end
+  end
+  set[#set + 1] = TGW_HEADER
+  set[#set + 1] = struct.pack(TGW_HEADER_FORMAT, self.n, self.m, self.head, self.tail, self.level, self.split,
+    self.sweep, self.trimmed, self.last)
+  for i = 1, #set, 200 do
+    redis.call('HSET', self.key, unpack(set, i, math.min(i + 199, #set)))
+  end
+  for i = 1, #del, 200 do
+    redis.call('HDEL', self.key, unpack(del, i, math.min(i + 199, #del)))
+  end
+  if self.wrote then
+    redis.call('PEXPIRE', self.key, tg_ttl_until(self.last + self.window, self.now))
+  end
+  if self.legacy_n > 0 then
+    -- Kept at least as long as the legacy set (see the layout above).
+    local ttl = redis.call('PTTL', self.legacy)
+    if ttl > 0 and redis.call('PTTL', self.key) < ttl then
+      redis.call('PEXPIRE', self.key, ttl)
+    end
+  end
+end
