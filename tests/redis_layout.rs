@@ -37,39 +37,50 @@ async fn a_window_takes_at_most_24_bytes_per_recipient() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn buckets_split_as_a_window_grows_and_merge_back_as_it_empties() {
+async fn buckets_split_and_merge_and_the_time_log_pages_through_its_directory() {
     let redis = RedisServer::start();
-    let layout = WindowLayout { load: 4, chunk: 8, ..WindowLayout::default() };
+    // Chunks of one contact, so 700 recipients fill six directory pages of 128 chunks.
+    let layout = WindowLayout { load: 4, chunk: 1, ..WindowLayout::default() };
     let opts = redis_options(standalone(&redis), Windows::default(), "tg");
     let store = RedisStore::new(opts).unwrap().with_layout(layout).unwrap();
     let (s, t) = (portfolio("grow"), limited(1_000));
+    let day = micros(Windows::default().window);
     let fields = |prefix: char| redis.cli(&["HKEYS", "tg:{grow}:w"]).lines().filter(|f| f.starts_with(prefix)).count();
-    let ops: Vec<_> = (0..400).map(|i| op(&format!("1777{i:07}"))).collect();
+    let ops: Vec<_> = (0..700).map(|i| op(&format!("1777{i:07}"))).collect();
     let mut leases = Vec::new();
-    for batch in ops.chunks(50) {
+    for batch in ops.chunks(100) {
         for (a, op) in admit(&store, &s, &t, batch).await.into_iter().zip(batch) {
             leases.push(Lease { scope: s.clone(), member: op.member.clone(), score: a.lease_score.unwrap() });
         }
     }
-    // 400 recipients in 100 buckets of about 4, and 50 chunks of 8 contacts.
+    // 700 recipients in at most 175 buckets of about 4, and 700 chunks in 6 directory pages.
     let buckets = fields('b');
-    assert!((80..=100).contains(&buckets), "{buckets} buckets");
-    assert_eq!(fields('c'), 50);
+    assert!((120..=175).contains(&buckets), "{buckets} buckets");
+    assert_eq!((fields('c'), fields('d')), (700, 6));
 
-    // All but the 5 newest give their slots back: emptied chunks leave the head of the log, and
-    // the next Admit merges the buckets back.
-    for lease in &leases[..395] {
-        assert!(store.release(lease).await.unwrap());
+    // Every 10th is counted again: its old contact leaves a chunk on any page, its new one is
+    // the newest.
+    let again: Vec<_> = ops.iter().step_by(10).cloned().collect();
+    assert!(admit(&store, &s, &t, &again).await.iter().all(|a| a.reason == Reason::AlreadyCounted));
+    assert!(!store.release(&leases[0]).await.unwrap(), "its first lease is stale");
+    let u = usage(&store, &s, &t).await;
+    assert_eq!((u.counted, u.next_slot_at), (700, Some(leases[1].score + day)));
+
+    // All but the newest 5 of the others give their slots back: emptied chunks and directory
+    // pages leave the head of the log, and the next Admit merges the buckets back.
+    for (i, lease) in leases.iter().enumerate().take(695).filter(|(i, _)| i % 10 != 0) {
+        assert!(store.release(lease).await.unwrap(), "{i}");
     }
-    assert!(fields('c') <= 1, "{} chunks", fields('c'));
     let more = admit_one(&store, &s, &t, op("17779999999")).await;
-    assert_eq!((more.reason, more.usage.counted), (Reason::NewRecipient, 6));
-    assert_eq!(more.usage.next_slot_at, Some(leases[395].score + micros(Windows::default().window)));
-    assert!(fields('b') <= 6, "{} buckets", fields('b'));
-    for lease in &leases[395..] {
+    assert_eq!((more.reason, more.usage.counted), (Reason::NewRecipient, 76));
+    assert_eq!(more.usage.next_slot_at, Some(leases[695].score + day));
+    assert!(fields('b') <= 76, "{} buckets", fields('b'));
+    assert_eq!(fields('c'), 76, "the 5 oldest, the 70 counted again and the newest");
+    assert_eq!(fields('d'), 2);
+    for lease in &leases[695..] {
         assert!(store.release(lease).await.unwrap());
     }
-    assert_eq!(usage(&store, &s, &t).await.counted, 1);
+    assert_eq!(usage(&store, &s, &t).await.counted, 71);
 }
 
 /// Writes a window as the previous version kept it: a sorted set of recipient hash → last contact.

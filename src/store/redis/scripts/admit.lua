@@ -2,10 +2,11 @@
 --
 -- KEYS[1]  rolling window: hash, every contact exact to the us (layout at the top of window.lua):
 --            '#'      header {count, entries, first and last chunk, bucket level and split,
---                     sweep cursor, trimmed-up-to, last score}
+--                     sweep cursor, trimmed-up-to, last score, oldest score, legacy}
 --            'b<id>'  bucket of recipients by hash: <base 7 B> then <hash 8 B><score - base 5 B>
 --                     per recipient, in score order
---            'c<id>'  chunk of the time log: <base 7 B> then <score - base 4 B> per contact, in order
+--            'c<id>'  chunk of the time log: <base 7 B> then <score - base 5 B> per contact, in order
+--            'd<p>', 'D'  directory of the chunks' bases, in pages of 128
 -- KEYS[2]  scope state: hash {tier, limit, since, seq = last score handed out, elig, flag}
 --          (field names: FIELD_* in the prelude)
 -- KEYS[3]  service windows of the portfolio: sorted set, member = (sender, recipient) hash,
@@ -25,7 +26,7 @@
 -- ARGV[6]  deadline (us, by this clock): started later, the script writes nothing and answers
 --          the DEADLINE_PASSED error with now (see tg_deadline_passed)
 -- ARGV[7..10]  the window's layout: entries per bucket, contacts per chunk, us a chunk spans at
---          most (<= 2^32), us a bucket spans at most (<= 2^40)
+--          most, us a bucket spans at most (both <= 2^40)
 -- ARGV[11], ...  eight per message: recipient hash, service-window hash or '', category code
 --          (CATEGORY_*), template or '', sender or '', '1' when the sender is blocked by
 --          configuration, template language or '' (then every language of it must be sendable),
@@ -37,13 +38,14 @@
 -- its contact is in the window and its recipient still counted) gets that decision back and
 -- writes nothing; otherwise its key remembers its decision if it wrote, and forgets it if not.
 --
--- Cost per message: one bucket (~`load` entries, found with string.find) and the log's tail chunk;
--- a recipient counted again also removes its old score from its chunk (a binary search over the
--- chunks' bases). Dropping contacts that left the window is amortised (each leaves once, by
--- chunk). Buckets split or merge one at a time, each O(`load`). A denial that waits for the
--- window reads the oldest contact (the head chunk); above its threshold (after a downgrade, or
--- between the marketing cap and the limit) it walks chunk lengths up to rank count - threshold,
--- O(rank / contacts per chunk) HSTRLEN calls. No step reads the whole window.
+-- Cost per message: one bucket (32 to 64 entries, found with string.find) and the log's tail
+-- chunk; a recipient counted again also removes its old score from its chunk, found by binary
+-- searches in the directory's top and one of its pages (128 chunks). Dropping contacts that left
+-- the window is amortised (each leaves once, by chunk). Buckets split or merge one at a time, each
+-- O(`load`). A denial that waits for the window reads the oldest contact (in the header); above
+-- its threshold (after a downgrade, or between the marketing cap and the limit) it walks chunk
+-- lengths up to rank count - threshold, O(rank / `chunk`) HSTRLEN calls. No step reads the whole
+-- window.
 --
 -- Returns {tier, limit, now (us), {reason, lease score, retry after (us), counted, next slot (us)}
 -- x N, {recipient hash of the replayed decision or '' x N}}, the fourth flattened. Reasons are
@@ -151,7 +153,7 @@ for i = 11, #ARGV, 8 do
   -- The usage after this message: the count is kept; only the oldest contact is read.
   local count = w:count()
   local next_slot = 0
-  local oldest = w:oldest()
+  local oldest = w:first()
   if oldest then
     next_slot = oldest + window
   end

@@ -24,7 +24,7 @@ local w = tg_window(KEYS[1], KEYS[3], now, window, nil)
 w:trim()
 local counted = w:count()
 local next_slot = 0
-local oldest = w:oldest()
+local oldest = w:first()
 if oldest then
   next_slot = oldest + window
 end

@@ -7,26 +7,30 @@
 --   '#'      header: n = contacts in the time log, m = entries in the buckets, head and tail
 --            = first and last chunk ids, level and split = the linear-hashing state of the
 --            buckets, sweep = the next bucket to clean, trimmed = the highest window start
---            contacts were dropped up to, last = the last score written (HEADER_FORMAT)
+--            contacts were dropped up to, last = the last score written, oldest = the log's
+--            first score, legacy = 1 while a legacy set may exist (TGW_HEADER_FORMAT)
 --   'b<id>'  bucket: recipients whose hash falls in it (linear hashing on the first 4 bytes of
 --            the hash), as <base: 7 bytes> then, per recipient, <hash: 8 bytes><score - base:
 --            5 bytes>, in score order. A bucket holds at most `bucket_span` us between its base
 --            and its newest score; it is rebased (its oldest live score becomes the base) when a
 --            new score would not fit. Entries at or below `trimmed` have left the window and are
 --            cleaned lazily (they form a prefix, since scores only grow).
---   'c<id>'  chunk of the time log: the live scores in order, as <base: 7 bytes> then
---            <score - base: 4 bytes> each; at most `chunk` scores, within `chunk_span` us of the
---            base. Chunks head..tail hold every live contact, oldest first; a chunk emptied in
---            the middle stays (base only) until it reaches the head.
+--   'c<id>'  chunk of the time log: live scores in order, as <base: 7 bytes> then <score -
+--            base: 5 bytes> each; at most `chunk` scores, within `chunk_span` us of the base.
+--            Chunks head..tail hold every live contact, oldest first; a chunk emptied in the
+--            middle stays (base only) until it reaches the head.
+--   'd<p>'   directory page p: the bases of chunks 128p+1 .. 128p+128, 7 bytes each
+--   'D'      the first base of each directory page from the head's on, 7 bytes each
+--            (so the chunk of a score is two binary searches, in two short fields)
 --
--- So a recipient costs 13 bytes in its bucket and 4 in the log, plus each field's share of Redis'
--- own overhead (tens of bytes, over ~128 entries). Buckets split when they average more than
+-- So a recipient costs 13 bytes in its bucket and 5 in the log, plus each field's share of Redis'
+-- own overhead (tens of bytes over dozens of entries). Buckets split when they average more than
 -- `load` entries and merge back below a quarter of it, one at a time, so a scope's buckets follow
--- its size (~L entries each) and no operation scans more than one bucket or chunk.
+-- its size and no operation reads more than a bucket, two chunks and a directory page.
 --
 -- The count is `n` (plus what the legacy set still holds), corrected as the log's head is
--- trimmed; the oldest contact is the first score of the head chunk; the contact at rank r is found
--- by walking chunk lengths (HSTRLEN) from the head. Nothing here rounds a time.
+-- trimmed; the oldest contact is `oldest`; the contact at rank r is found by walking chunk
+-- lengths (HSTRLEN) from the head. Nothing here rounds a time.
 --
 -- Migration: a sorted set found at the window's key is the layout before this one (member =
 -- recipient hash, score = last contact). It is renamed to the legacy key `<p>:{portfolio}:wz<scope>`
@@ -37,10 +41,12 @@
 -- counting beside it.
 
 local TGW_HEADER = '#'
-local TGW_HEADER_FORMAT = '>I5I5I5I5I1I5I5I7I7'
+local TGW_HEADER_FORMAT = '>I5I5I5I5I1I5I5I7I7I7I1'
+local TGW_TOP = 'D'
+local TGW_PAGE = 128
 local TGW_BASE = 7
 local TGW_ENTRY = MEMBER_LEN + 5
-local TGW_STEP = 4
+local TGW_STEP = 5
 
 local TgWindow = {}
 TgWindow.__index = TgWindow
@@ -53,6 +59,29 @@ local function tgw_chunk(id)
   return 'c' .. tg_fmt(id)
 end
 
+-- The directory page of chunk `id` (ids start at 1), and the page's field.
+local function tgw_page_of(id)
+  return math.floor((id - 1) / TGW_PAGE)
+end
+
+local function tgw_page(p)
+  return 'd' .. tg_fmt(p)
+end
+
+-- The index (0-based) of the last 7-byte value in `packed` that is not above `score` (0: none is).
+local function tgw_last_at_most(packed, score)
+  local lo, hi = 0, #packed / TGW_BASE - 1
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    if struct.unpack('>I7', packed, 1 + TGW_BASE * mid) <= score then
+      lo = mid
+    else
+      hi = mid - 1
+    end
+  end
+  return lo
+end
+
 local function tgw_base(value)
   return (struct.unpack('>I7', value))
 end
@@ -63,7 +92,7 @@ local function tgw_bucket_offset(value, i)
 end
 
 local function tgw_chunk_offset(value, i)
-  return (struct.unpack('>I4', value, TGW_BASE + 1 + TGW_STEP * i))
+  return (struct.unpack('>I5', value, TGW_BASE + 1 + TGW_STEP * i))
 end
 
 -- Opens the window at `key` (legacy sorted set at `legacy`) as of `now`. `layout` ({load, chunk,
@@ -71,19 +100,27 @@ end
 local function tg_window(key, legacy, now, window, layout)
   local w = setmetatable({key = key, legacy = legacy, now = now, window = window, layout = layout,
     values = {}, dirty = {}, wrote = false}, TgWindow)
-  local kind = redis.call('TYPE', key)['ok']
-  w.exists = kind ~= 'none'
-  if kind == 'zset' then
+  local header = redis.pcall('HGET', key, TGW_HEADER)
+  if type(header) == 'table' and header['err'] then
+    if redis.call('TYPE', key)['ok'] ~= 'zset' then
+      redis.call('HGET', key, TGW_HEADER) -- fails as it did
+    end
     w:adopt()
+    header = false
   end
-  local header = w.exists and redis.call('HGET', key, TGW_HEADER)
+  w.exists = header ~= false
+  local has_legacy = 1
   if header then
-    w.n, w.m, w.head, w.tail, w.level, w.split, w.sweep, w.trimmed, w.last =
+    w.n, w.m, w.head, w.tail, w.level, w.split, w.sweep, w.trimmed, w.last, w.oldest, has_legacy =
       struct.unpack(TGW_HEADER_FORMAT, header)
   else
-    w.n, w.m, w.head, w.tail, w.level, w.split, w.sweep, w.trimmed, w.last = 0, 0, 1, 0, 0, 0, 0, 0, 0
+    w.n, w.m, w.head, w.tail, w.level, w.split, w.sweep, w.trimmed, w.last, w.oldest = 0, 0, 1, 0, 0, 0, 0, 0, 0, 0
   end
-  w.legacy_n = redis.call('ZCARD', legacy)
+  -- Only an adoption makes a legacy set, and the header says whether one may still live.
+  w.legacy_n = 0
+  if has_legacy == 1 then
+    w.legacy_n = redis.call('ZCARD', legacy)
+  end
   return w
 end
 
@@ -100,8 +137,6 @@ function TgWindow:adopt()
   else
     redis.call('RENAME', self.key, self.legacy)
   end
-  self.exists = false
-  self.adopted = true
 end
 
 -- A field's value (false when absent), read once per call.
@@ -135,19 +170,14 @@ function TgWindow:trim()
     redis.call('ZREMRANGEBYSCORE', self.legacy, '-inf', tg_fmt(self.trimmed))
     self.legacy_n = redis.call('ZCARD', self.legacy)
   end
-  while self.n > 0 do
+  while self.n > 0 and self.oldest <= self.trimmed do
     local name = tgw_chunk(self.head)
     local c = self:get(name)
     local count = (#c - TGW_BASE) / TGW_STEP
     local base = tgw_base(c)
-    if base + tgw_chunk_offset(c, 0) > self.trimmed then
-      break
-    end
     if base + tgw_chunk_offset(c, count - 1) <= self.trimmed then
       self.n = self.n - count
-      self:put(name, false)
-      self.head = self.head + 1
-      self:settle()
+      self:put(name, string.sub(c, 1, TGW_BASE))
     else
       -- The first entry has left and the last has not: find the first that has not.
       local lo, hi = 0, count - 1
@@ -161,22 +191,30 @@ function TgWindow:trim()
       end
       self.n = self.n - hi
       self:put(name, string.sub(c, 1, TGW_BASE) .. string.sub(c, TGW_BASE + 1 + TGW_STEP * hi))
-      break
     end
+    self:settle()
   end
 end
 
--- Drops empty chunks at the head, so the head chunk holds the oldest contact.
+-- Drops empty chunks at the head, so the head chunk holds the oldest contact, and notes it.
 function TgWindow:settle()
   while self.head <= self.tail do
     local name = tgw_chunk(self.head)
     local c = self:get(name)
     if c and #c > TGW_BASE then
+      self.oldest = tgw_base(c) + tgw_chunk_offset(c, 0)
       return
     end
     self:put(name, false)
     self.head = self.head + 1
+    if tgw_page_of(self.head) > tgw_page_of(self.head - 1) then
+      -- The head left a directory page: it goes, with its entry in the top page.
+      self:put(tgw_page(tgw_page_of(self.head - 1)), false)
+      local top = string.sub(self:get(TGW_TOP), TGW_BASE + 1)
+      self:put(TGW_TOP, #top > 0 and top)
+    end
   end
+  self.oldest = 0
 end
 
 -- The score of the contact at rank `r` (0 = the oldest), or nil.
@@ -209,8 +247,11 @@ function TgWindow:nth(r)
 end
 
 -- The oldest contact's score, or nil.
-function TgWindow:oldest()
-  return self:nth(0)
+function TgWindow:first()
+  if self.legacy_n > 0 then
+    return self:nth(0)
+  end
+  return self.n > 0 and self.oldest or nil
 end
 
 -- The bucket a recipient hash falls in (linear hashing).
@@ -335,36 +376,45 @@ end
 
 -- Appends a score (newer than every score in the log) to the log.
 function TgWindow:log_append(score)
+  -- The log is empty exactly when it has no chunk (`settle`).
   if self.head <= self.tail then
     local name = tgw_chunk(self.tail)
     local c = self:get(name)
-    if (#c - TGW_BASE) / TGW_STEP < self.layout.chunk and score - tgw_base(c) < self.layout.chunk_span then
-      self:put(name, c .. struct.pack('>I4', score - tgw_base(c)))
+    local base = tgw_base(c)
+    if (#c - TGW_BASE) / TGW_STEP < self.layout.chunk and score - base < self.layout.chunk_span then
+      self:put(name, c .. struct.pack('>I5', score - base))
       self.n = self.n + 1
       return
     end
+  else
+    self.oldest = score
   end
   self.tail = self.tail + 1
-  self:put(tgw_chunk(self.tail), struct.pack('>I7I4', score, 0))
+  self:put(tgw_chunk(self.tail), struct.pack('>I7I5', score, 0))
   self.n = self.n + 1
+  -- Into the directory: a page holds consecutive chunk ids from its first, so a new page (and
+  -- its entry in the top page) starts exactly at the first id of a page.
+  local based = struct.pack('>I7', score)
+  local page = tgw_page(tgw_page_of(self.tail))
+  if (self.tail - 1) % TGW_PAGE == 0 then
+    self:put(page, based)
+    self:put(TGW_TOP, (self:get(TGW_TOP) or '') .. based)
+  else
+    self:put(page, self:get(page) .. based)
+  end
+end
+
+-- The id of the chunk that holds a live score: the last whose base is not above it.
+function TgWindow:chunk_of(score)
+  local p = tgw_page_of(self.head) + tgw_last_at_most(self:get(TGW_TOP), score)
+  return p * TGW_PAGE + 1 + tgw_last_at_most(self:get(tgw_page(p)), score)
 end
 
 -- Removes a live score from the log.
 function TgWindow:log_remove(score)
-  -- The chunk holding it: the last whose base is not above it.
-  local lo, hi = self.head, self.tail
-  while lo < hi do
-    local mid = math.floor((lo + hi + 1) / 2)
-    local c = self:get(tgw_chunk(mid))
-    if c and tgw_base(c) <= score then
-      lo = mid
-    else
-      hi = mid - 1
-    end
-  end
-  local name = tgw_chunk(lo)
+  local name = tgw_chunk(self:chunk_of(score))
   local c = self:get(name)
-  local needle = struct.pack('>I4', score - tgw_base(c))
+  local needle = struct.pack('>I5', score - tgw_base(c))
   local from = TGW_BASE + 1
   while true do
     local at = string.find(c, needle, from, true)
@@ -374,7 +424,9 @@ function TgWindow:log_remove(score)
     if (at - TGW_BASE - 1) % TGW_STEP == 0 then
       self:put(name, string.sub(c, 1, at - 1) .. string.sub(c, at + TGW_STEP))
       self.n = self.n - 1
-      self:settle()
+      if score == self.oldest then
+        self:settle()
+      end
       return
     end
     from = at + 1
@@ -537,7 +589,7 @@ function TgWindow:flush()
   end
   set[#set + 1] = TGW_HEADER
   set[#set + 1] = struct.pack(TGW_HEADER_FORMAT, self.n, self.m, self.head, self.tail, self.level, self.split,
-    self.sweep, self.trimmed, self.last)
+    self.sweep, self.trimmed, self.last, self.oldest, self.legacy_n > 0 and 1 or 0)
   for i = 1, #set, 200 do
     redis.call('HSET', self.key, unpack(set, i, math.min(i + 199, #set)))
   end
