@@ -65,6 +65,15 @@ async fn buckets_split_and_merge_and_the_time_log_pages_through_its_directory() 
     assert!(!store.release(&leases[0]).await.unwrap(), "its first lease is stale");
     let u = usage(&store, &s, &t).await;
     assert_eq!((u.counted, u.next_slot_at), (700, Some(leases[1].score + day)));
+    // Under a lower limit, a new recipient waits for the contact at rank 700 - limit, found by the
+    // directory's counts on whichever page it is.
+    let untouched: Vec<u64> = leases.iter().enumerate().filter(|(i, _)| i % 10 != 0).map(|(_, l)| l.score).collect();
+    for limit in [695, 100] {
+        let denied = admit_one(&store, &s, &limited(limit), op("17778888888")).await;
+        let leaving = untouched[700 - limit as usize];
+        assert_eq!(denied.reason, Reason::LimitReached);
+        assert_eq!(denied.retry_after, Some(Duration::from_micros(leaving + day - denied.now)), "limit {limit}");
+    }
 
     // All but the newest 5 of the others give their slots back: emptied chunks and directory
     // pages leave the head of the log, and the next Admit merges the buckets back.

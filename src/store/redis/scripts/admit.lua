@@ -6,7 +6,7 @@
 --            'b<id>'  bucket of recipients by hash: <base 7 B> then <hash 8 B><score - base 5 B>
 --                     per recipient, in score order
 --            'c<id>'  chunk of the time log: <base 7 B> then <score - base 5 B> per contact, in order
---            'd<p>', 'D'  directory of the chunks' bases, in pages of 128
+--            'd<p>', 'D'  directory of the chunks' bases and live counts, in pages of 128
 -- KEYS[2]  scope state: hash {tier, limit, since, seq = last score handed out, elig, flag}
 --          (field names: FIELD_* in the prelude)
 -- KEYS[3]  service windows of the portfolio: sorted set, member = (sender, recipient) hash,
@@ -42,10 +42,11 @@
 -- chunk; a recipient counted again also removes its old score from its chunk, found by binary
 -- searches in the directory's top and one of its pages (128 chunks). Dropping contacts that left
 -- the window is amortised (each leaves once, by chunk). Buckets split or merge one at a time, each
--- O(`load`). A denial that waits for the window reads the oldest contact (in the header); above
--- its threshold (after a downgrade, or between the marketing cap and the limit) it walks chunk
--- lengths up to rank count - threshold, O(rank / `chunk`) HSTRLEN calls. No step reads the whole
--- window.
+-- O(`load`); every change of the log also updates a count in a directory page and in its top.
+-- A denial that waits for the window reads the oldest contact (in the header); above its
+-- threshold (after a downgrade, or between the marketing cap and the limit) it finds the contact
+-- at rank count - threshold by walking the counts of the top (one per 128 chunks) and of one page.
+-- No step reads the whole window.
 --
 -- Returns {tier, limit, now (us), {reason, lease score, retry after (us), counted, next slot (us)}
 -- x N, {recipient hash of the replayed decision or '' x N}}, the fourth flattened. Reasons are

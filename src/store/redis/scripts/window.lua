@@ -19,9 +19,12 @@
 --            base: 5 bytes> each; at most `chunk` scores, within `chunk_span` us of the base.
 --            Chunks head..tail hold every live contact, oldest first; a chunk emptied in the
 --            middle stays (base only) until it reaches the head.
---   'd<p>'   directory page p: the bases of chunks 128p+1 .. 128p+128, 7 bytes each
---   'D'      the first base of each directory page from the head's on, 7 bytes each
---            (so the chunk of a score is two binary searches, in two short fields)
+--   'd<p>'   directory page p: for each chunk 128p+1 .. 128p+128, its base (7 bytes) and how
+--            many live contacts it holds (2 bytes)
+--   'D'      for each directory page from the head's on, its first base (7 bytes) and how many
+--            live contacts its chunks hold (4 bytes)
+--            So the chunk of a score is two binary searches, and the contact at a rank two
+--            walks, in two short fields.
 --
 -- So a recipient costs 13 bytes in its bucket and 5 in the log, plus each field's share of Redis'
 -- own overhead (tens of bytes over dozens of entries). Buckets split when they average more than
@@ -29,8 +32,8 @@
 -- its size and no operation reads more than a bucket, two chunks and a directory page.
 --
 -- The count is `n` (plus what the legacy set still holds), corrected as the log's head is
--- trimmed; the oldest contact is `oldest`; the contact at rank r is found by walking chunk
--- lengths (HSTRLEN) from the head. Nothing here rounds a time.
+-- trimmed; the oldest contact is `oldest`; the contact at rank r is found by walking the counts
+-- of the directory's top (pages) and of one page (chunks). Nothing here rounds a time.
 --
 -- Migration: a sorted set found at the window's key is the layout before this one (member =
 -- recipient hash, score = last contact). It is renamed to the legacy key `<p>:{portfolio}:wz<scope>`
@@ -43,7 +46,9 @@
 local TGW_HEADER = '#'
 local TGW_HEADER_FORMAT = '>I5I5I5I5I1I5I5I7I7I7I1'
 local TGW_TOP = 'D'
+local TGW_TOP_ENTRY = 11
 local TGW_PAGE = 128
+local TGW_PAGE_ENTRY = 9
 local TGW_BASE = 7
 local TGW_ENTRY = MEMBER_LEN + 5
 local TGW_STEP = 5
@@ -68,12 +73,13 @@ local function tgw_page(p)
   return 'd' .. tg_fmt(p)
 end
 
--- The index (0-based) of the last 7-byte value in `packed` that is not above `score` (0: none is).
-local function tgw_last_at_most(packed, score)
-  local lo, hi = 0, #packed / TGW_BASE - 1
+-- The index (0-based) of the last entry (`stride` bytes, starting with a 7-byte base) in `packed`
+-- whose base is not above `score` (0: none is).
+local function tgw_last_at_most(packed, stride, score)
+  local lo, hi = 0, #packed / stride - 1
   while lo < hi do
     local mid = math.floor((lo + hi + 1) / 2)
-    if struct.unpack('>I7', packed, 1 + TGW_BASE * mid) <= score then
+    if struct.unpack('>I7', packed, 1 + stride * mid) <= score then
       lo = mid
     else
       hi = mid - 1
@@ -177,6 +183,7 @@ function TgWindow:trim()
     local base = tgw_base(c)
     if base + tgw_chunk_offset(c, count - 1) <= self.trimmed then
       self.n = self.n - count
+      self:tally(self.head, -count)
       self:put(name, string.sub(c, 1, TGW_BASE))
     else
       -- The first entry has left and the last has not: find the first that has not.
@@ -190,6 +197,7 @@ function TgWindow:trim()
         end
       end
       self.n = self.n - hi
+      self:tally(self.head, -hi)
       self:put(name, string.sub(c, 1, TGW_BASE) .. string.sub(c, TGW_BASE + 1 + TGW_STEP * hi))
     end
     self:settle()
@@ -210,14 +218,30 @@ function TgWindow:settle()
     if tgw_page_of(self.head) > tgw_page_of(self.head - 1) then
       -- The head left a directory page: it goes, with its entry in the top page.
       self:put(tgw_page(tgw_page_of(self.head - 1)), false)
-      local top = string.sub(self:get(TGW_TOP), TGW_BASE + 1)
+      local top = string.sub(self:get(TGW_TOP), TGW_TOP_ENTRY + 1)
       self:put(TGW_TOP, #top > 0 and top)
     end
   end
   self.oldest = 0
 end
 
--- The score of the contact at rank `r` (0 = the oldest), or nil.
+-- Adds `delta` to the live contacts of chunk `id`, in its directory page and in the top.
+function TgWindow:tally(id, delta)
+  local p = tgw_page_of(id)
+  local name = tgw_page(p)
+  local page = self:get(name)
+  local at = 1 + TGW_PAGE_ENTRY * ((id - 1) % TGW_PAGE) + TGW_BASE
+  local count = struct.unpack('>I2', page, at) + delta
+  self:put(name, string.sub(page, 1, at - 1) .. struct.pack('>I2', count) .. string.sub(page, at + 2))
+  local top = self:get(TGW_TOP)
+  at = 1 + TGW_TOP_ENTRY * (p - tgw_page_of(self.head)) + TGW_BASE
+  local total = struct.unpack('>I4', top, at) + delta
+  self:put(TGW_TOP, string.sub(top, 1, at - 1) .. struct.pack('>I4', total) .. string.sub(top, at + 4))
+end
+
+-- The score of the contact at rank `r` (0 = the oldest), or nil: the legacy set's contacts come
+-- first; then the log's, found by the live counts of the directory's pages, then of one page's
+-- chunks.
 function TgWindow:nth(r)
   if r < self.legacy_n then
     local e = redis.call('ZRANGE', self.legacy, r, r, 'WITHSCORES')
@@ -227,21 +251,22 @@ function TgWindow:nth(r)
   if r >= self.n then
     return nil
   end
-  for id = self.head, self.tail do
-    local name = tgw_chunk(id)
-    local c = self.values[name]
-    local len
-    if c == nil then
-      len = redis.call('HSTRLEN', self.key, name)
-    else
-      len = c and #c or 0
+  local top = self:get(TGW_TOP)
+  for k = 0, #top / TGW_TOP_ENTRY - 1 do
+    local total = struct.unpack('>I4', top, 1 + TGW_TOP_ENTRY * k + TGW_BASE)
+    if r < total then
+      local p = tgw_page_of(self.head) + k
+      local page = self:get(tgw_page(p))
+      for i = 0, #page / TGW_PAGE_ENTRY - 1 do
+        local count = struct.unpack('>I2', page, 1 + TGW_PAGE_ENTRY * i + TGW_BASE)
+        if r < count then
+          local c = self:get(tgw_chunk(p * TGW_PAGE + 1 + i))
+          return tgw_base(c) + tgw_chunk_offset(c, r)
+        end
+        r = r - count
+      end
     end
-    local count = math.max(len - TGW_BASE, 0) / TGW_STEP
-    if r < count then
-      c = self:get(name)
-      return tgw_base(c) + tgw_chunk_offset(c, r)
-    end
-    r = r - count
+    r = r - total
   end
   return nil
 end
@@ -384,6 +409,7 @@ function TgWindow:log_append(score)
     if (#c - TGW_BASE) / TGW_STEP < self.layout.chunk and score - base < self.layout.chunk_span then
       self:put(name, c .. struct.pack('>I5', score - base))
       self.n = self.n + 1
+      self:tally(self.tail, 1)
       return
     end
   else
@@ -393,26 +419,27 @@ function TgWindow:log_append(score)
   self:put(tgw_chunk(self.tail), struct.pack('>I7I5', score, 0))
   self.n = self.n + 1
   -- Into the directory: a page holds consecutive chunk ids from its first, so a new page (and
-  -- its entry in the top page) starts exactly at the first id of a page.
-  local based = struct.pack('>I7', score)
+  -- its entry in the top) starts exactly at the first id of a page.
   local page = tgw_page(tgw_page_of(self.tail))
   if (self.tail - 1) % TGW_PAGE == 0 then
-    self:put(page, based)
-    self:put(TGW_TOP, (self:get(TGW_TOP) or '') .. based)
+    self:put(page, struct.pack('>I7I2', score, 1))
+    self:put(TGW_TOP, (self:get(TGW_TOP) or '') .. struct.pack('>I7I4', score, 1))
   else
-    self:put(page, self:get(page) .. based)
+    self:put(page, self:get(page) .. struct.pack('>I7I2', score, 0))
+    self:tally(self.tail, 1)
   end
 end
 
 -- The id of the chunk that holds a live score: the last whose base is not above it.
 function TgWindow:chunk_of(score)
-  local p = tgw_page_of(self.head) + tgw_last_at_most(self:get(TGW_TOP), score)
-  return p * TGW_PAGE + 1 + tgw_last_at_most(self:get(tgw_page(p)), score)
+  local p = tgw_page_of(self.head) + tgw_last_at_most(self:get(TGW_TOP), TGW_TOP_ENTRY, score)
+  return p * TGW_PAGE + 1 + tgw_last_at_most(self:get(tgw_page(p)), TGW_PAGE_ENTRY, score)
 end
 
 -- Removes a live score from the log.
 function TgWindow:log_remove(score)
-  local name = tgw_chunk(self:chunk_of(score))
+  local id = self:chunk_of(score)
+  local name = tgw_chunk(id)
   local c = self:get(name)
   local needle = struct.pack('>I5', score - tgw_base(c))
   local from = TGW_BASE + 1
@@ -424,6 +451,7 @@ function TgWindow:log_remove(score)
     if (at - TGW_BASE - 1) % TGW_STEP == 0 then
       self:put(name, string.sub(c, 1, at - 1) .. string.sub(c, at + TGW_STEP))
       self.n = self.n - 1
+      self:tally(id, -1)
       if score == self.oldest then
         self:settle()
       end
