@@ -177,7 +177,7 @@ end
 redis.call('HSET', KEYS[2], FIELD_SEQ, tg_fmt(seq))
 w:tidy()
 w:flush()
-tg_keep_meta(KEYS[2], ARGV[4], window, now)
+tg_keep_meta(KEYS[2], ARGV[4], window, now, seq)
 redis.call('PEXPIRE', KEYS[4], ARGV[4])
 redis.call('PEXPIRE', KEYS[5], ARGV[4])
 

@@ -20,9 +20,10 @@
 --            Chunks head..tail hold every live contact, oldest first; a chunk emptied in the
 --            middle stays (base only) until it reaches the head.
 --   'd<p>'   directory page p: for each chunk 128p+1 .. 128p+128, its base (7 bytes) and how
---            many live contacts it holds (2 bytes)
+--            many live contacts it holds (2 bytes; the tail's is its length, and counted here
+--            only once the tail is full, so appending touches no page)
 --   'D'      for each directory page from the head's on, its first base (7 bytes) and how many
---            live contacts its chunks hold (4 bytes)
+--            live contacts its chunks hold (4 bytes, the tail's not included)
 --            So the chunk of a score is two binary searches, and the contact at a rank two
 --            walks, in two short fields.
 --
@@ -225,8 +226,12 @@ function TgWindow:settle()
   self.oldest = 0
 end
 
--- Adds `delta` to the live contacts of chunk `id`, in its directory page and in the top.
+-- Adds `delta` to the live contacts of chunk `id`, in its directory page and in the top (not
+-- for the tail, whose count is its length).
 function TgWindow:tally(id, delta)
+  if id == self.tail then
+    return
+  end
   local p = tgw_page_of(id)
   local name = tgw_page(p)
   local page = self:get(name)
@@ -250,6 +255,11 @@ function TgWindow:nth(r)
   r = r - self.legacy_n
   if r >= self.n then
     return nil
+  end
+  local tail = self:get(tgw_chunk(self.tail))
+  local before_tail = self.n - (#tail - TGW_BASE) / TGW_STEP
+  if r >= before_tail then
+    return tgw_base(tail) + tgw_chunk_offset(tail, r - before_tail)
   end
   local top = self:get(TGW_TOP)
   for k = 0, #top / TGW_TOP_ENTRY - 1 do
@@ -406,32 +416,38 @@ function TgWindow:log_append(score)
     local name = tgw_chunk(self.tail)
     local c = self:get(name)
     local base = tgw_base(c)
-    if (#c - TGW_BASE) / TGW_STEP < self.layout.chunk and score - base < self.layout.chunk_span then
+    local count = (#c - TGW_BASE) / TGW_STEP
+    if count < self.layout.chunk and score - base < self.layout.chunk_span then
       self:put(name, c .. struct.pack('>I5', score - base))
       self.n = self.n + 1
-      self:tally(self.tail, 1)
       return
     end
+    -- The tail is full: its count goes into the directory, and a new tail starts.
+    self.tail = self.tail + 1
+    self:tally(self.tail - 1, count)
   else
     self.oldest = score
+    self.tail = self.tail + 1
   end
-  self.tail = self.tail + 1
   self:put(tgw_chunk(self.tail), struct.pack('>I7I5', score, 0))
   self.n = self.n + 1
   -- Into the directory: a page holds consecutive chunk ids from its first, so a new page (and
   -- its entry in the top) starts exactly at the first id of a page.
   local page = tgw_page(tgw_page_of(self.tail))
   if (self.tail - 1) % TGW_PAGE == 0 then
-    self:put(page, struct.pack('>I7I2', score, 1))
-    self:put(TGW_TOP, (self:get(TGW_TOP) or '') .. struct.pack('>I7I4', score, 1))
+    self:put(page, struct.pack('>I7I2', score, 0))
+    self:put(TGW_TOP, (self:get(TGW_TOP) or '') .. struct.pack('>I7I4', score, 0))
   else
     self:put(page, self:get(page) .. struct.pack('>I7I2', score, 0))
-    self:tally(self.tail, 1)
   end
 end
 
--- The id of the chunk that holds a live score: the last whose base is not above it.
+-- The id of the chunk that holds a live score: the last whose base is not above it. A recent
+-- contact (one counted again soon, a quick Release) is in the tail, which needs no directory.
 function TgWindow:chunk_of(score)
+  if score >= tgw_base(self:get(tgw_chunk(self.tail))) then
+    return self.tail
+  end
   local p = tgw_page_of(self.head) + tgw_last_at_most(self:get(TGW_TOP), TGW_TOP_ENTRY, score)
   return p * TGW_PAGE + 1 + tgw_last_at_most(self:get(tgw_page(p)), TGW_PAGE_ENTRY, score)
 end
