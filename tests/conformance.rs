@@ -62,6 +62,7 @@ conformance!(
     an_idempotency_key_replays_what_its_admit_counted_in_its_scope,
     an_idempotency_key_is_decided_again_once_its_slot_is_given_back_or_after_a_denial,
     an_idempotency_key_is_kept_for_the_window_of_its_contact,
+    thousands_of_recipients_keep_exact_counts_oldest_and_ranks,
 );
 
 async fn new_recipients_are_counted_until_the_limit_then_denied<F: Fn(Windows) -> Fixture>(make: F) {
@@ -746,4 +747,50 @@ async fn an_idempotency_key_is_kept_for_the_window_of_its_contact<F: Fn(Windows)
     // The first contact has left the window, and the key with it: decided again.
     let after = admit_one(&*f.store, &p, &t, keyed(op("1111111"), "msg-1")).await;
     assert_eq!((after.reason, after.lease_score, after.replay_of), (Reason::AlreadyCounted, None, None));
+}
+
+async fn thousands_of_recipients_keep_exact_counts_oldest_and_ranks<F: Fn(Windows) -> Fixture>(make: F) {
+    let f = make(windows(DAY, DAY));
+    let (store, s) = (&*f.store, portfolio("thousands"));
+    let n = 3_000;
+    let tier = limited(n as u64);
+    let ops: Vec<AdmitOp> = (0..n).map(|i| op(&format!("1444{i:07}"))).collect();
+    let mut scores = Vec::new();
+    for batch in ops.chunks(500) {
+        for a in admit(store, &s, &tier, batch).await {
+            assert_eq!(a.reason, Reason::NewRecipient);
+            scores.push(a.lease_score.unwrap());
+        }
+    }
+    // Every 7th gives its slot back, once.
+    for i in (0..n).step_by(7) {
+        let lease = Lease { scope: s.clone(), member: ops[i].member.clone(), score: scores[i] };
+        assert!(store.release(&lease).await.unwrap(), "{i}");
+        assert!(!store.release(&lease).await.unwrap(), "{i} twice");
+    }
+    // Every 5th still counted is counted again: its contact moves to the newest end.
+    let again: Vec<AdmitOp> = (0..n).filter(|i| i % 5 == 0 && i % 7 != 0).map(|i| ops[i].clone()).collect();
+    let answers = admit(store, &s, &tier, &again).await;
+    assert!(answers.iter().all(|a| a.reason == Reason::AlreadyCounted));
+    let counted = (0..n).filter(|i| i % 7 != 0).count() as u64;
+    // The oldest contacts, in order: neither given back nor counted again.
+    let untouched: Vec<u64> = (0..n).filter(|i| i % 5 != 0 && i % 7 != 0).map(|i| scores[i]).collect();
+    let day = tiergate::policy::micros(DAY);
+    assert_eq!(
+        usage(store, &s, &tier).await,
+        tiergate::store::UsageSnapshot { tier: tier.clone(), counted, next_slot_at: Some(untouched[0] + day) }
+    );
+    // Down to 1,000: a new recipient waits until the count drops below it, when the contact at
+    // rank counted - 1,000 leaves, not the oldest.
+    let lower = limited(1_000);
+    set_tier(store, &s, &lower).await;
+    let denied = admit_one(store, &s, &lower, op("14449999999")).await;
+    assert_eq!(denied.reason, Reason::LimitReached);
+    let leaving = untouched[usize::try_from(counted - 1_000).unwrap()];
+    assert_eq!(denied.retry_after, Some(Duration::from_micros(leaving + day - denied.now)));
+    // An old lease of a recipient counted again releases nothing; its new contact stays counted.
+    let i = 5;
+    let stale = Lease { scope: s.clone(), member: ops[i].member.clone(), score: scores[i] };
+    assert!(!store.release(&stale).await.unwrap());
+    assert_eq!(usage(store, &s, &lower).await.counted, counted);
 }

@@ -8,6 +8,9 @@
 //! is fixed so every run of `./scripts/test` tries the same cases, and `DIFFERENTIAL_SEED=random`
 //! (or a number) explores new ones in long runs.
 //!
+//! Redis plays them twice: with the window layout sidecars use, and with tiny buckets and chunks
+//! that make a few recipients cross every split, merge, rebase and chunk boundary.
+//!
 //! Time: the memory store runs on a manual clock that `Wait` steps move by fractions of its 24 h
 //! window; the Redis stores take time from Redis `TIME` with a window of a few tens of
 //! milliseconds, and `Wait` steps sleep. Either way the model is told the store's own clock for
@@ -27,7 +30,7 @@ use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunne
 use tiergate::hashing::RecipientHasher;
 use tiergate::policy::{Category, Delivery, Lease, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
 use tiergate::store::memory::MemoryStore;
-use tiergate::store::redis::{RedisStore, Topology};
+use tiergate::store::redis::{RedisStore, Topology, WindowLayout};
 use tiergate::store::{AdmitOp, AdmitParams, Change, Clock, Store, SystemClock, Windows};
 
 use common::stores;
@@ -356,8 +359,19 @@ const REDIS_WINDOWS: Windows = Windows { window: Duration::from_millis(60), serv
 
 /// A store on `topology` under a key prefix of its own, so every case starts empty.
 fn redis_subject(topology: Topology) -> Subject {
+    redis_subject_with(topology, WindowLayout::default())
+}
+
+/// Buckets of about one recipient, chunks of two contacts within 5 ms, and buckets rebased every
+/// 130 ms (the least a 60 ms window allows): a handful of recipients then splits and merges
+/// buckets, rebases them, and fills, empties and skips chunks, all of which the default layout
+/// does only at thousands of recipients or over days.
+const TINY: WindowLayout = WindowLayout { load: 1, chunk: 2, chunk_span: 5_000, bucket_span: 130_000 };
+
+fn redis_subject_with(topology: Topology, layout: WindowLayout) -> Subject {
     let opts = stores::redis_options(topology, REDIS_WINDOWS, &stores::unique_prefix("diff"));
-    Subject { store: Arc::new(RedisStore::new(opts).expect("valid options")), windows: REDIS_WINDOWS, clock: None }
+    let store = RedisStore::new(opts).and_then(|s| s.with_layout(layout)).expect("valid options");
+    Subject { store: Arc::new(store), windows: REDIS_WINDOWS, clock: None }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -729,6 +743,12 @@ fn the_memory_store_agrees_with_the_model() {
 fn redis_agrees_with_the_model() {
     let server = stores::shared_redis();
     differential("redis", 256, || redis_subject(stores::standalone(&server)));
+}
+
+#[test]
+fn redis_with_tiny_buckets_and_chunks_agrees_with_the_model() {
+    let server = stores::shared_redis();
+    differential("redis (tiny layout)", 256, || redis_subject_with(stores::standalone(&server), TINY));
 }
 
 #[test]

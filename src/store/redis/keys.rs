@@ -35,9 +35,15 @@ impl KeySpace {
         scope.sender.as_ref().map(|s| format!(":n:{s}")).unwrap_or_default()
     }
 
-    /// The scope's rolling window (sorted set).
+    /// The scope's rolling window (hash of buckets and time-log chunks; see `scripts/window.lua`).
     pub fn window(&self, scope: &ScopeKey) -> String {
         format!("{}:w{}", self.tag(&scope.portfolio), Self::sub(scope))
+    }
+
+    /// The scope's rolling window as the previous version kept it (sorted set), read until its
+    /// contacts have left.
+    pub fn legacy_window(&self, scope: &ScopeKey) -> String {
+        format!("{}:wz{}", self.tag(&scope.portfolio), Self::sub(scope))
     }
 
     /// The scope's state hash.
@@ -77,8 +83,8 @@ impl KeySpace {
         format!("{}:{{policy}}", self.prefix)
     }
 
-    /// A window key no portfolio uses, for health checks.
-    pub fn ping(&self) -> String {
-        format!("{}:{{ping}}:w", self.prefix)
+    /// A window key no portfolio uses, for health checks, and its legacy window's.
+    pub fn ping(&self) -> (String, String) {
+        (format!("{}:{{ping}}:w", self.prefix), format!("{}:{{ping}}:wz", self.prefix))
     }
 }

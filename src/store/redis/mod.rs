@@ -6,7 +6,8 @@
 //!
 //! | key                              | type        | holds                                        | TTL |
 //! |----------------------------------|-------------|----------------------------------------------|-----|
-//! | `<p>:{portfolio}:w<scope>`       | sorted set  | recipient hash → last counted contact (µs)   | window after its newest score |
+//! | `<p>:{portfolio}:w<scope>`       | hash        | the window: recipient hash → last counted contact (µs), in buckets by hash and again in time order ([`WindowLayout`]) | window after its newest score |
+//! | `<p>:{portfolio}:wz<scope>`      | sorted set  | the window as the version before kept it, read until its contacts leave | its own |
 //! | `<p>:{portfolio}:m<scope>`       | hash        | tier, limit, since, last score, simulation   | `store.state_ttl`, at least window after `seq` |
 //! | `<p>:{portfolio}:d<scope>:<day>` | HyperLogLog | counted recipients delivered that UTC day   | 31 days |
 //! | `<p>:{portfolio}:dv<scope>`      | sorted set  | recipient hash → last confirmed delivered (µs) | window after its newest score |
@@ -30,8 +31,10 @@ mod clock;
 mod config;
 mod keys;
 mod scripts;
+mod window;
 
 pub use config::{redact_url, RedisOptions, Topology, TopologyConfig, TopologyError};
+pub use window::WindowLayout;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -71,6 +74,8 @@ pub struct RedisStore {
     clock: Arc<dyn Clock>,
     /// The Redis clock as last seen, which writing scripts' deadlines are given in.
     redis_clock: RedisClock,
+    /// How windows are packed.
+    layout: WindowLayout,
 }
 
 fn transient(e: &RedisError) -> bool {
@@ -124,6 +129,8 @@ impl RedisStore {
     /// starts (and reports not ready) while Redis is down, and recovers without a restart.
     pub fn new(opts: RedisOptions) -> Result<RedisStore, StoreError> {
         let invalid = |e: RedisError| StoreError::Internal(format!("invalid Redis configuration: {e}"));
+        let layout = WindowLayout::default();
+        layout.check(opts.windows.window).map_err(StoreError::Internal)?;
         let conn = match &opts.topology {
             Topology::Standalone { url } => {
                 let info = url.as_str().into_connection_info().map_err(invalid)?.set_tcp_settings(tcp_settings());
@@ -167,7 +174,15 @@ impl RedisStore {
         };
         let keys = KeySpace::new(&opts.key_prefix);
         let redis_clock = RedisClock::new(matches!(conn, Connection::Cluster { .. }));
-        Ok(RedisStore { conn: Arc::new(conn), opts, keys, clock: Arc::new(SystemClock), redis_clock })
+        Ok(RedisStore { conn: Arc::new(conn), opts, keys, clock: Arc::new(SystemClock), redis_clock, layout })
+    }
+
+    /// The store with windows packed in buckets and chunks of other sizes (tests use tiny ones,
+    /// so every split, merge and chunk boundary is crossed with a handful of recipients).
+    pub fn with_layout(mut self, layout: WindowLayout) -> Result<RedisStore, StoreError> {
+        layout.check(self.opts.windows.window).map_err(StoreError::Internal)?;
+        self.layout = layout;
+        Ok(self)
     }
 
     /// The store with another local clock (which only names candidate daily keys; every
@@ -331,6 +346,7 @@ impl Store for RedisStore {
                     service_windows: pf.service_windows,
                     opted_out: pf.opted_out,
                     portfolio: pf.state,
+                    legacy_window: self.keys.legacy_window(scope),
                     idempotency: ops
                         .iter()
                         .filter_map(|op| op.idempotency_key.as_ref().map(|key| self.keys.idempotency(scope, key)))
@@ -342,6 +358,7 @@ impl Store for RedisStore {
                 reserve_bp: params.reserve_bp,
                 ops,
                 deadline,
+                layout: self.layout,
             })
             .await?;
         Ok(reply.into_admissions())
@@ -352,6 +369,7 @@ impl Store for RedisStore {
         let released = self
             .write(&window.clone(), |deadline| ReleaseArgs {
                 window,
+                legacy_window: self.keys.legacy_window(&lease.scope),
                 member: &lease.member,
                 score: lease.score,
                 deadline,
@@ -381,6 +399,7 @@ impl Store for RedisStore {
         self.call(&UsageArgs {
             window: self.keys.window(scope),
             meta: self.keys.meta(scope),
+            legacy_window: self.keys.legacy_window(scope),
             // One day either side of the caller's, so the script can count from the Redis clock's.
             days: (today.saturating_sub(DAYS_KEPT)..=today + 1).rev().map(|day| self.keys.day(scope, day)).collect(),
             window_us: self.window_us(),
@@ -397,8 +416,10 @@ impl Store for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         // A script call exercises the same path as a decision (and loads nothing new).
-        let window = self.keys.ping();
-        self.write(&window.clone(), |deadline| ReleaseArgs { window, member: b"", score: 0, deadline }).await.map(drop)
+        let (window, legacy_window) = self.keys.ping();
+        self.write(&window.clone(), |deadline| ReleaseArgs { window, legacy_window, member: b"", score: 0, deadline })
+            .await
+            .map(drop)
     }
 
     fn backend(&self) -> &'static str {

@@ -1,6 +1,12 @@
 -- Decides messages in order within one limit scope, and writes what they count, atomically.
 --
--- KEYS[1]  rolling window: sorted set, member = recipient hash, score = last counted contact (us)
+-- KEYS[1]  rolling window: hash, every contact exact to the us (layout at the top of window.lua):
+--            '#'      header {count, entries, first and last chunk, bucket level and split,
+--                     sweep cursor, trimmed-up-to, last score, oldest score, legacy}
+--            'b<id>'  bucket of recipients by hash: <base 7 B> then <hash 8 B><score - base 5 B>
+--                     per recipient, in score order
+--            'c<id>'  chunk of the time log: <base 7 B> then <score - base 5 B> per contact, in order
+--            'd<p>', 'D'  directory of the chunks' bases and live counts, in pages of 128
 -- KEYS[2]  scope state: hash {tier, limit, since, seq = last score handed out, elig, flag}
 --          (field names: FIELD_* in the prelude)
 -- KEYS[3]  service windows of the portfolio: sorted set, member = (sender, recipient) hash,
@@ -8,7 +14,9 @@
 -- KEYS[4]  opted-out recipients of the portfolio: set of recipient hashes
 -- KEYS[5]  portfolio state: hash {s:<sender>:status, t:<template>:status,
 --          tl:<language>:<template>:status, tls:<template>, ...} (see apply.lua)
--- KEYS[6..] what the scope remembers under the idempotency keys of the messages that carry one:
+-- KEYS[6]  the window as the previous version kept it (sorted set, member = recipient hash, score
+--          = last contact), read until its contacts leave (see window.lua)
+-- KEYS[7..] what the scope remembers under the idempotency keys of the messages that carry one:
 --          a string '<reason>:<score>:<recipient hash>' (`policy::Remembered`) that expires when
 --          the contact at <score> leaves the window
 -- ARGV[1]  rolling window (us)
@@ -17,7 +25,9 @@
 -- ARGV[5]  basis points of the limit kept from marketing to new recipients
 -- ARGV[6]  deadline (us, by this clock): started later, the script writes nothing and answers
 --          the DEADLINE_PASSED error with now (see tg_deadline_passed)
--- ARGV[7], ...  eight per message: recipient hash, service-window hash or '', category code
+-- ARGV[7..10]  the window's layout: entries per bucket, contacts per chunk, us a chunk spans at
+--          most, us a bucket spans at most (both <= 2^40)
+-- ARGV[11], ...  eight per message: recipient hash, service-window hash or '', category code
 --          (CATEGORY_*), template or '', sender or '', '1' when the sender is blocked by
 --          configuration, template language or '' (then every language of it must be sendable),
 --          index in KEYS of its idempotency key or '' (none)
@@ -27,6 +37,16 @@
 -- A message whose idempotency key remembers a decision that still replays (`policy::Remembered`:
 -- its contact is in the window and its recipient still counted) gets that decision back and
 -- writes nothing; otherwise its key remembers its decision if it wrote, and forgets it if not.
+--
+-- Cost per message: one bucket (32 to 64 entries, found with string.find) and the log's tail
+-- chunk; a recipient counted again also removes its old score from its chunk, found by binary
+-- searches in the directory's top and one of its pages (128 chunks). Dropping contacts that left
+-- the window is amortised (each leaves once, by chunk). Buckets split or merge one at a time, each
+-- O(`load`); every change of the log also updates a count in a directory page and in its top.
+-- A denial that waits for the window reads the oldest contact (in the header); above its
+-- threshold (after a downgrade, or between the marketing cap and the limit) it finds the contact
+-- at rank count - threshold by walking the counts of the top (one per 128 chunks) and of one page.
+-- No step reads the whole window.
 --
 -- Returns {tier, limit, now (us), {reason, lease score, retry after (us), counted, next slot (us)}
 -- x N, {recipient hash of the replayed decision or '' x N}}, the fourth flattened. Reasons are
@@ -45,6 +65,10 @@ if limit >= 0 and reserve > 0 then
   cap = math.floor((limit * (10000 - reserve) + 9999) / 10000)
 end
 local out, replayed = {}, {}
+local w = tg_window(KEYS[1], KEYS[6], now, window, {load = tonumber(ARGV[7]), chunk = tonumber(ARGV[8]),
+  chunk_span = tonumber(ARGV[9]), bucket_span = tonumber(ARGV[10])})
+-- Scores only grow, also past a state hash that was lost.
+seq = math.max(seq, w.last)
 
 -- What an idempotency key remembers, if it still replays (`policy::Remembered::replays`): the
 -- contact is inside the window, and its recipient still counted (so not released since).
@@ -57,16 +81,15 @@ local function replay(key)
   local b = string.find(v, ':', a + 1, true)
   local r = {reason = tonumber(string.sub(v, 1, a - 1)), score = tonumber(string.sub(v, a + 1, b - 1)),
     member = string.sub(v, b + 1)}
-  if r.score > now - window and redis.call('ZSCORE', KEYS[1], r.member) then
+  if r.score > now - window and w:contact(r.member) then
     return r
   end
   return nil
 end
 
-tg_expire(KEYS[1], now, window)
-local count = redis.call('ZCARD', KEYS[1])
+w:trim()
 
-for i = 7, #ARGV, 8 do
+for i = 11, #ARGV, 8 do
   local member, service, category = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local template, sender, blocked, language = ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local key = ARGV[i + 7] ~= '' and KEYS[tonumber(ARGV[i + 7])]
@@ -98,8 +121,8 @@ for i = 7, #ARGV, 8 do
   else
     -- Unlimited tiers (limit -1) keep the window too: exact reasons and leases, and a window
     -- that is already there when the tier comes down.
-    local counted_already = redis.call('ZSCORE', KEYS[1], member)
-    if counted_already then
+    local count = w:count()
+    if w:contact(member) then
       reason = REASON_ALREADY_COUNTED
     elseif MAY_BE_MARKETING[category] and cap >= 0 and count >= cap then
       reason, threshold = REASON_HEADROOM_RESERVED, cap
@@ -110,10 +133,10 @@ for i = 7, #ARGV, 8 do
     end
     if reason == REASON_NEW_RECIPIENT or reason == REASON_ALREADY_COUNTED then
       seq = math.max(now, seq + 1)
-      redis.call('ZADD', KEYS[1], tg_fmt(seq), member)
+      w:write(member, seq)
       written = seq
       if reason == REASON_NEW_RECIPIENT then
-        lease, count = seq, count + 1
+        lease = seq
       end
     end
   end
@@ -128,23 +151,20 @@ for i = 7, #ARGV, 8 do
       redis.call('DEL', key)
     end
   end
-  -- The usage after this message: the count is kept here; only the oldest contact is read.
+  -- The usage after this message: the count is kept; only the oldest contact is read.
+  local count = w:count()
   local next_slot = 0
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if oldest[2] then
-    next_slot = tonumber(oldest[2]) + window
+  local oldest = w:first()
+  if oldest then
+    next_slot = oldest + window
   end
   if threshold then
     -- Until the count drops below the threshold: the contact at rank count - threshold
     -- leaves (the oldest only when the count is at the threshold). With none (a cap or
     -- limit of 0 and nothing counted), a whole window.
-    local rank = count - threshold
-    local leaving = oldest
-    if rank > 0 then
-      leaving = redis.call('ZRANGE', KEYS[1], rank, rank, 'WITHSCORES')
-    end
-    if leaving[2] then
-      retry = math.max(tonumber(leaving[2]) + window - now, MIN_RETRY_AFTER)
+    local leaving = w:nth(math.max(count - threshold, 0))
+    if leaving then
+      retry = math.max(leaving + window - now, MIN_RETRY_AFTER)
     else
       retry = math.max(window, MIN_RETRY_AFTER)
     end
@@ -155,8 +175,9 @@ for i = 7, #ARGV, 8 do
 end
 
 redis.call('HSET', KEYS[2], FIELD_SEQ, tg_fmt(seq))
-tg_keep_scores(KEYS[1], window, now)
-tg_keep_meta(KEYS[2], ARGV[4], window, now)
+w:tidy()
+w:flush()
+tg_keep_meta(KEYS[2], ARGV[4], window, now, seq)
 redis.call('PEXPIRE', KEYS[4], ARGV[4])
 redis.call('PEXPIRE', KEYS[5], ARGV[4])
 

@@ -5,16 +5,17 @@ use std::time::Duration;
 
 use redis::{Script, ScriptInvocation, Value};
 
-use super::{bad_reply, positive, with_prelude, Call};
+use super::{bad_reply, positive, with_window, Call};
 use crate::policy::{Limit, Micros, Reason, Tier};
+use crate::store::redis::window::WindowLayout;
 use crate::store::{Admission, AdmitOp, Member, StoreError, UsageSnapshot};
 
-static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("admit.lua")));
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_window(include_str!("admit.lua")));
 
-/// The keys an admission touches, KEYS[1..5] of the script.
+/// The keys an admission touches, KEYS[1..6] of the script.
 #[derive(Debug, Clone)]
 pub struct AdmitKeys {
-    /// The scope's rolling window (sorted set).
+    /// The scope's rolling window (hash).
     pub window: String,
     /// The scope's state hash.
     pub meta: String,
@@ -24,13 +25,15 @@ pub struct AdmitKeys {
     pub opted_out: String,
     /// The portfolio's state hash.
     pub portfolio: String,
+    /// The scope's window as the previous version kept it (sorted set).
+    pub legacy_window: String,
     /// What the scope remembers under each idempotency key of the ops, in the order of the ops
     /// that carry one.
     pub idempotency: Vec<String>,
 }
 
 /// KEYS before the idempotency keys.
-const FIXED_KEYS: usize = 5;
+const FIXED_KEYS: usize = 6;
 
 /// The arguments of one admission call.
 #[derive(Debug)]
@@ -49,6 +52,8 @@ pub struct AdmitArgs<'a> {
     pub ops: &'a [AdmitOp],
     /// When the script must have started, by the Redis clock (us); later, it writes nothing.
     pub deadline: Micros,
+    /// The sizes of the window's buckets and chunks.
+    pub layout: WindowLayout,
 }
 
 /// Fields per message in ARGV and in the reply.
@@ -118,17 +123,22 @@ impl Call for AdmitArgs<'_> {
             .key(&k.service_windows)
             .key(&k.opted_out)
             .key(&k.portfolio)
+            .key(&k.legacy_window)
             .key(&k.idempotency[..])
             .arg(self.window_us)
             .arg(&self.fallback.name)
             .arg(self.fallback.limit.to_i64())
             .arg(self.state_ttl_ms)
             .arg(self.reserve_bp)
-            .arg(self.deadline);
+            .arg(self.deadline)
+            .arg(self.layout.load)
+            .arg(self.layout.chunk)
+            .arg(self.layout.chunk_span)
+            .arg(self.layout.bucket_span);
         let mut keys = FIXED_KEYS..;
         for op in self.ops {
             let category = op.category.code().to_string();
-            // The ops with a key name KEYS[6..] in order.
+            // The ops with a key name KEYS[7..] in order.
             let key = op.idempotency_key.as_ref().and_then(|_| keys.next()).map(|i| (i + 1).to_string());
             let args: [&[u8]; ARGS_PER_OP] = [
                 &op.member,

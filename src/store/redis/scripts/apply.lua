@@ -16,7 +16,9 @@
 -- KEYS[2]  opted-out recipients: set of recipient hashes
 -- KEYS[3]  service windows: sorted set, member = (sender, recipient) hash, score = closing time
 -- KEYS[4..] scope state hashes that tier/elig/flag changes name by index (see admit.lua)
--- KEYS[4..] also the windows, delivered sets and daily HyperLogLogs that deliveries name by index
+-- KEYS[4..] also the windows (hashes, layout at the top of window.lua), the windows as the previous
+--          version kept them (sorted sets), delivered sets and daily HyperLogLogs that deliveries
+--          name by index
 -- ARGV[1]  state TTL (ms), ARGV[2] service window (us), ARGV[3] rolling window (us),
 -- ARGV[4]  TTL of a daily HyperLogLog (ms)
 -- ARGV[5]  deadline (us, by this clock): started later, the script writes nothing and answers
@@ -32,9 +34,11 @@
 --   opt <recipient hash> <1 or 0>    alert <key> <body>    alias <display> <id>
 --   in <service-window hash> <us or ''>   opens the window until min(then, now) + service window
 --   tp <sender> <messages per second>     the number's throughput level
---   dlv <window> <delivered> <day-1> <day> <day+1> <day number> <recipient hash> <d|f> <at>
---     a delivery status (`policy::Delivery`): the first five are key indices (the scope's
---     window, its delivered set, and the daily HyperLogLogs around the caller's day); `d`
+--   dlv <window> <legacy window> <delivered> <day-1> <day> <day+1> <day number> <recipient hash>
+--     <d|f> <at>
+--     a delivery status (`policy::Delivery`): the first six are key indices (the scope's
+--     window, its legacy window, its delivered set, and the daily HyperLogLogs around the
+--     caller's day); `d`
 --     confirms the recipient (into that day's count when counted in the window), `f` gives its
 --     slot back as `policy::failure_gives_back` says
 --   tlst <template> <language> <status> <at>    tlq <template> <language> <quality>
@@ -51,6 +55,15 @@ local ttl = ARGV[1]
 local service_window = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
 local touched = {}
+-- The windows deliveries read, opened once each (and trimmed once: `now` is the same).
+local windows = {}
+local function window_of(key, legacy)
+  if not windows[key] then
+    windows[key] = tg_window(key, legacy, now, window, nil)
+    windows[key]:trim()
+  end
+  return windows[key]
+end
 
 -- Whether an event at `at` ('' = now) is not older than the last applied to this item; if so,
 -- it becomes the last.
@@ -140,22 +153,22 @@ while i <= #ARGV do
     tg_keep_scores(KEYS[3], 0, now)
     i = i + 3
   elseif op == OP_DELIVERY then
-    local window_key, delivered_key = KEYS[tonumber(ARGV[i + 1])], KEYS[tonumber(ARGV[i + 2])]
-    local member, status = ARGV[i + 7], ARGV[i + 8]
-    local at = tg_event_time(ARGV[i + 9], now)
+    local w = window_of(KEYS[tonumber(ARGV[i + 1])], KEYS[tonumber(ARGV[i + 2])])
+    local delivered_key = KEYS[tonumber(ARGV[i + 3])]
+    local member, status = ARGV[i + 8], ARGV[i + 9]
+    local at = tg_event_time(ARGV[i + 10], now)
     local start = now - window
-    tg_expire(window_key, now, window)
     redis.call('ZREMRANGEBYSCORE', delivered_key, '-inf', tg_fmt(start))
-    local contact = tonumber(redis.call('ZSCORE', window_key, member))
+    local contact = w:contact(member)
     if status == 'd' then
       redis.call('ZADD', delivered_key, 'GT', tg_fmt(at), member)
       tg_keep_scores(delivered_key, window, now)
       if contact then
         -- The day of the delivery by this clock, among the three keys around the caller's.
-        local offset = math.floor(at / DAY_US) - tonumber(ARGV[i + 6])
-        local day = KEYS[tonumber(ARGV[i + 4])]
+        local offset = math.floor(at / DAY_US) - tonumber(ARGV[i + 7])
+        local day = KEYS[tonumber(ARGV[i + 5])]
         if offset >= -1 and offset <= 1 then
-          day = KEYS[tonumber(ARGV[i + 4 + offset])]
+          day = KEYS[tonumber(ARGV[i + 5 + offset])]
         end
         redis.call('PFADD', day, member)
         redis.call('PEXPIRE', day, ARGV[4])
@@ -164,10 +177,10 @@ while i <= #ARGV do
       local delivered = tonumber(redis.call('ZSCORE', delivered_key, member))
       local delivered_in_window = delivered and delivered > start
       if contact and contact <= at and not delivered_in_window then
-        redis.call('ZREM', window_key, member)
+        w:remove(member, nil)
       end
     end
-    i = i + 10
+    i = i + 11
   elseif op == OP_THROUGHPUT then
     redis.call('HSET', KEYS[1], tg_field(FIELD_SENDER, ARGV[i + 1], FIELD_THROUGHPUT), ARGV[i + 2])
     i = i + 3
@@ -198,5 +211,8 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 for key in pairs(touched) do
   tg_keep_meta(key, ttl, window, now)
+end
+for _, w in pairs(windows) do
+  w:flush()
 end
 return now

@@ -4,12 +4,12 @@ use std::sync::LazyLock;
 
 use redis::{Script, ScriptInvocation, Value};
 
-use super::{bad_reply, op, time_arg, with_prelude, Call};
+use super::{bad_reply, op, time_arg, with_window, Call};
 use crate::policy::{Delivery, Micros};
 use crate::store::redis::keys::{KeySpace, PortfolioKeys};
 use crate::store::{day_of, Change, StoreError};
 
-static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("apply.lua")));
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_window(include_str!("apply.lua")));
 
 /// The arguments of one apply call.
 #[derive(Debug)]
@@ -134,6 +134,7 @@ impl Call for ApplyArgs<'_> {
                     push(&[
                         op::DELIVERY.as_bytes(),
                         key_index(self.keys.window(scope)).as_bytes(),
+                        key_index(self.keys.legacy_window(scope)).as_bytes(),
                         key_index(self.keys.delivered(scope)).as_bytes(),
                         days[0].as_bytes(),
                         days[1].as_bytes(),

@@ -27,6 +27,7 @@ pub use release::ReleaseArgs;
 pub use shared_policy::SharedPolicyArgs;
 pub use usage::UsageArgs;
 
+use crate::hashing::MEMBER_LEN;
 use crate::policy::{self, Category, Micros, Reason, SenderStatus};
 use crate::store::{StoreError, DAY_US};
 
@@ -129,7 +130,8 @@ pub mod op {
         INBOUND = "in";
         /// `tp <sender> <messages per second>`.
         THROUGHPUT = "tp";
-        /// `dlv <window> <delivered> <day before> <day> <day after> <day> <recipient> <d|f> <at>`.
+        /// `dlv <window> <legacy window> <delivered> <day before> <day> <day after> <day> <recipient>
+        /// <d|f> <at>`.
         DELIVERY = "dlv";
         /// `tlst <template> <language> <status> <at>`.
         TEMPLATE_LANGUAGE_STATUS = "tlst";
@@ -161,6 +163,8 @@ pub fn constants() -> String {
     // the same division.
     line("DAY_US".into(), DAY_US.to_string());
     line("DEADLINE_PASSED".into(), lua_string(DEADLINE_PASSED));
+    // Window buckets hold recipient hashes at a fixed width.
+    line("MEMBER_LEN".into(), MEMBER_LEN.to_string());
     for (name, value) in field::ALL {
         line(format!("FIELD_{name}"), lua_string(value));
     }
@@ -178,6 +182,11 @@ fn lua_string(s: &str) -> String {
 /// A script with the generated constants and the shared functions prepended.
 fn with_prelude(body: &str) -> Script {
     Script::new(&format!("{}{}\n{body}", constants(), include_str!("prelude.lua")))
+}
+
+/// A script that keeps a rolling window: the prelude, then the window's functions (`window.lua`).
+fn with_window(body: &str) -> Script {
+    Script::new(&format!("{}{}\n{}\n{body}", constants(), include_str!("prelude.lua"), include_str!("window.lua")))
 }
 
 /// One script call: its arguments encode into an invocation, and its reply decodes into `Reply`.
@@ -261,5 +270,6 @@ mod tests {
         assert!(lua.contains("local FIELD_TIER_AT = \"tat\"\n"), "{lua}");
         assert!(lua.contains("local OP_INBOUND = \"in\"\n"), "{lua}");
         assert!(lua.contains("local DEADLINE_PASSED = \"TGDEADLINE\"\n"), "{lua}");
+        assert!(lua.contains("local MEMBER_LEN = 8\n"), "{lua}");
     }
 }

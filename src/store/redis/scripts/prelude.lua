@@ -44,11 +44,6 @@ local function tg_event_time(arg, now)
   return math.min(tonumber(arg), now)
 end
 
--- Drops contacts that have left the rolling window.
-local function tg_expire(window_key, now, window)
-  redis.call('ZREMRANGEBYSCORE', window_key, '-inf', tg_fmt(now - window))
-end
-
 -- The newest (highest) score of a sorted set, or nil when it is empty.
 local function tg_newest(key)
   local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
@@ -72,9 +67,10 @@ local function tg_keep_scores(key, span, now)
 end
 
 -- Keeps a scope's state hash for the state TTL (ms), and at least until the contacts scored up
--- to its last score (`seq`) have left the window, so the next score stays above theirs.
-local function tg_keep_meta(meta_key, state_ttl, window, now)
-  local seq = tonumber(redis.call('HGET', meta_key, FIELD_SEQ)) or 0
+-- to its last score (`seq`, read when not given) have left the window, so the next score stays
+-- above theirs.
+local function tg_keep_meta(meta_key, state_ttl, window, now, seq)
+  seq = seq or tonumber(redis.call('HGET', meta_key, FIELD_SEQ)) or 0
   redis.call('PEXPIRE', meta_key, math.max(tonumber(state_ttl), tg_ttl_until(seq + window, now)))
 end
 

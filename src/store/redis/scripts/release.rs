@@ -4,17 +4,19 @@ use std::sync::LazyLock;
 
 use redis::{Script, ScriptInvocation, Value};
 
-use super::{bad_reply, with_prelude, Call};
+use super::{bad_reply, with_window, Call};
 use crate::policy::Micros;
 use crate::store::StoreError;
 
-static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("release.lua")));
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_window(include_str!("release.lua")));
 
 /// The arguments of one release.
 #[derive(Debug)]
 pub struct ReleaseArgs<'a> {
-    /// The scope's rolling window (sorted set).
+    /// The scope's rolling window (hash).
     pub window: String,
+    /// The scope's window as the previous version kept it (sorted set).
+    pub legacy_window: String,
     /// The recipient's hash.
     pub member: &'a [u8],
     /// The lease's score, which names exactly one Admit.
@@ -44,7 +46,7 @@ impl Call for ReleaseArgs<'_> {
     }
 
     fn encode(&self, inv: &mut ScriptInvocation<'static>) {
-        inv.key(&self.window).arg(self.member).arg(self.score).arg(self.deadline);
+        inv.key(&self.window).key(&self.legacy_window).arg(self.member).arg(self.score).arg(self.deadline);
     }
 
     fn decode(&self, reply: Value) -> Result<Released, StoreError> {

@@ -1,7 +1,10 @@
 -- The usage of one limit scope, after dropping contacts that left the window.
 --
--- KEYS[1]  rolling window, KEYS[2] scope state (see admit.lua)
--- KEYS[3..34] daily HyperLogLogs of recipients reached, from the day after ARGV[4] back to 30
+-- KEYS[1]  rolling window: hash of buckets and time-log chunks (layout at the top of window.lua;
+--          see admit.lua)
+-- KEYS[2]  scope state (see admit.lua)
+-- KEYS[3]  the window as the previous version kept it (sorted set; see window.lua)
+-- KEYS[4..35] daily HyperLogLogs of recipients reached, from the day after ARGV[4] back to 30
 --          days before it; the script counts from whichever is today by the Redis clock
 -- ARGV[1]  rolling window (us)
 -- ARGV[2]  fallback tier name, ARGV[3] its limit (-1 = unlimited), used when none is persisted
@@ -11,25 +14,26 @@
 -- tier since, eligible since, flagged since, now}; absent times are 0. `usage.rs` encodes the
 -- arguments and decodes the reply.
 
--- Counted recipients and when the oldest leaves the window (0: none), on every tier.
-local function window_usage(window_key, window)
-  local oldest = redis.call('ZRANGE', window_key, 0, 0, 'WITHSCORES')
-  local next_slot = 0
-  if oldest[2] then
-    next_slot = tonumber(oldest[2]) + window
-  end
-  return redis.call('ZCARD', window_key), next_slot
-end
+local DAYS_FROM = 4
 
 local now = tg_now()
 local window = tonumber(ARGV[1])
 local tier, limit = tg_meta(KEYS[2], ARGV[2], ARGV[3])
-tg_expire(KEYS[1], now, window)
-local first = 4 + tonumber(ARGV[4]) - math.floor(now / DAY_US)
-if first < 3 or first + 29 > #KEYS then
-  first = 4
+-- Counted recipients and when the oldest leaves the window (0: none), on every tier.
+local w = tg_window(KEYS[1], KEYS[3], now, window, nil)
+w:trim()
+local counted = w:count()
+local next_slot = 0
+local oldest = w:first()
+if oldest then
+  next_slot = oldest + window
 end
-local counted, next_slot = window_usage(KEYS[1], window)
+w:flush()
+-- KEYS[DAYS_FROM] is the day after the caller's; today by this clock is `first`.
+local first = DAYS_FROM + 1 + tonumber(ARGV[4]) - math.floor(now / DAY_US)
+if first < DAYS_FROM or first + 29 > #KEYS then
+  first = DAYS_FROM + 1
+end
 local week = {}
 for i = first, first + 6 do
   week[#week + 1] = KEYS[i]

@@ -4,19 +4,21 @@ use std::sync::LazyLock;
 
 use redis::{Script, ScriptInvocation, Value};
 
-use super::{bad_reply, positive, with_prelude, Call};
+use super::{bad_reply, positive, with_window, Call};
 use crate::policy::{Limit, Micros, Tier};
 use crate::store::{ScopeReport, StoreError, UsageSnapshot};
 
-static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_prelude(include_str!("usage.lua")));
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_window(include_str!("usage.lua")));
 
 /// The arguments of one usage read.
 #[derive(Debug)]
 pub struct UsageArgs<'a> {
-    /// The scope's rolling window (sorted set).
+    /// The scope's rolling window (hash).
     pub window: String,
     /// The scope's state hash.
     pub meta: String,
+    /// The scope's window as the previous version kept it (sorted set).
+    pub legacy_window: String,
     /// The daily HyperLogLogs, from the day after `today` back to 30 days before it.
     pub days: Vec<String>,
     /// The rolling window (us).
@@ -42,7 +44,7 @@ impl Call for UsageArgs<'_> {
     }
 
     fn encode(&self, inv: &mut ScriptInvocation<'static>) {
-        inv.key(&self.window).key(&self.meta).key(&self.days[..]);
+        inv.key(&self.window).key(&self.meta).key(&self.legacy_window).key(&self.days[..]);
         inv.arg(self.window_us).arg(&self.fallback.name).arg(self.fallback.limit.to_i64()).arg(self.today);
     }
 
