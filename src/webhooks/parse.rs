@@ -119,6 +119,16 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
     }
 }
 
+/// The change fields tiergate follows; [`event`]'s match has one arm for each.
+pub const FIELDS: [&str; 6] = [
+    "phone_number_quality_update",
+    "business_capability_update",
+    "message_template_status_update",
+    "message_template_quality_update",
+    "messages",
+    "account_alerts",
+];
+
 /// Every form of the user who sent message `m`: its phone number (`from`) and business-scoped
 /// user id (`from_user_id`), and the other form from the `contacts[]` entry (`wa_id`, `user_id`)
 /// that shares one of them, so a reply to either form is inside the window the message opened.
