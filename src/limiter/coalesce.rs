@@ -252,7 +252,7 @@ async fn answer(store: &dyn Store, scope: &ScopeKey, params: &AdmitParams, group
         }
         Err(e) => {
             for (_, caller) in callers {
-                let _ = caller.send(Err(copy(&e)));
+                let _ = caller.send(Err(e.clone()));
             }
         }
     }
@@ -262,15 +262,6 @@ async fn answer(store: &dyn Store, scope: &ScopeKey, params: &AdmitParams, group
 async fn call(store: &dyn Store, scope: &ScopeKey, params: &AdmitParams, ops: &[AdmitOp]) -> Answer {
     metrics::admit_call(ops.len());
     store.admit(scope, params, ops).await
-}
-
-/// The same error again, for another caller of a failed call.
-fn copy(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-        StoreError::Internal(m) => StoreError::Internal(m.clone()),
-        StoreError::Refused(m) => StoreError::Refused(m.clone()),
-    }
 }
 
 fn lock(lanes: &Lanes) -> MutexGuard<'_, HashMap<ScopeKey, Lane>> {

@@ -301,7 +301,7 @@ pub struct Admission {
 }
 
 /// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The store did not answer in time or the connection is down; worth retrying.
     #[error("store unavailable: {0}")]
