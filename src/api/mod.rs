@@ -28,26 +28,30 @@ pub enum Role {
     Admin,
 }
 
-/// The `tiergate.v1.Limiter` service.
-pub struct LimiterApi {
-    limiter: Arc<Limiter>,
+/// The API tokens, and the one rule of which a [`Role`] needs; the gRPC edge and the status page
+/// both ask it.
+#[derive(Clone, Default)]
+pub struct Tokens {
     /// `server.sender_token`.
-    sender_token: Option<String>,
+    pub sender: Option<String>,
     /// `server.admin_token`.
-    admin_token: Option<String>,
+    pub admin: Option<String>,
 }
 
-impl LimiterApi {
-    /// A service over `limiter`; each [`Role`] says which calls need which token.
-    pub fn new(limiter: Arc<Limiter>, sender_token: Option<String>, admin_token: Option<String>) -> LimiterApi {
-        LimiterApi { limiter, sender_token, admin_token }
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens { .. }")
     }
+}
 
-    /// Lets the call through when it carries `authorization: Bearer <token>` with a token that
-    /// `role` accepts, or when no token guards `role`: UNAUTHENTICATED without a token,
-    /// PERMISSION_DENIED with another. The answer names the token needed, never the one given.
-    fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<(), Status> {
-        let (sender, admin) = (self.sender_token.as_deref(), self.admin_token.as_deref());
+impl Tokens {
+    /// Lets through `given` (the token of an `authorization: Bearer <token>`) when `role`
+    /// accepts it, or when no token guards `role`. Refused: [`Kind::Unauthenticated`] without a
+    /// token, [`Kind::PermissionDenied`] with another, each with the name of the token needed.
+    /// Every accepted token is compared, each in constant time, so the time taken does not tell
+    /// which one came close.
+    pub fn check(&self, given: Option<&str>, role: Role) -> Result<(), (Kind, &'static str)> {
+        let (sender, admin) = (self.sender.as_deref(), self.admin.as_deref());
         let (accepted, needed) = match role {
             Role::Sender if sender.is_none() => return Ok(()),
             Role::Sender => ([sender, admin], "server.sender_token or server.admin_token"),
@@ -56,19 +60,42 @@ impl LimiterApi {
             Role::Admin if sender.is_some() => ([sender, None], "server.sender_token"),
             Role::Admin => return Ok(()),
         };
-        let given = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        let given = given.and_then(|v| v.strip_prefix("Bearer "));
-        // Every accepted token is compared, each in constant time, so the time taken does not
-        // tell which one came close.
         let checks = accepted.map(|token| token.map(|t| error::check_secret(given, t)));
         if checks.iter().flatten().any(Result::is_ok) {
             return Ok(());
         }
-        Err(match given {
-            None => {
-                Status::new(Kind::Unauthenticated.grpc(), format!("this call needs authorization: Bearer <{needed}>"))
+        let kind = if given.is_none() { Kind::Unauthenticated } else { Kind::PermissionDenied };
+        Err((kind, needed))
+    }
+}
+
+/// The token of an `authorization` header value `Bearer <token>`.
+pub fn bearer(value: Option<&str>) -> Option<&str> {
+    value.and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// The `tiergate.v1.Limiter` service.
+pub struct LimiterApi {
+    limiter: Arc<Limiter>,
+    tokens: Tokens,
+}
+
+impl LimiterApi {
+    /// A service over `limiter`; each [`Role`] says which calls need which token.
+    pub fn new(limiter: Arc<Limiter>, sender_token: Option<String>, admin_token: Option<String>) -> LimiterApi {
+        LimiterApi { limiter, tokens: Tokens { sender: sender_token, admin: admin_token } }
+    }
+
+    /// Lets the call through when it carries `authorization: Bearer <token>` with a token that
+    /// `role` accepts, or when no token guards `role`: UNAUTHENTICATED without a token,
+    /// PERMISSION_DENIED with another. The answer names the token needed, never the one given.
+    fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<(), Status> {
+        let given = bearer(request.metadata().get("authorization").and_then(|v| v.to_str().ok()));
+        self.tokens.check(given, role).map_err(|(kind, needed)| match kind {
+            Kind::Unauthenticated => {
+                Status::new(kind.grpc(), format!("this call needs authorization: Bearer <{needed}>"))
             }
-            Some(_) => Status::new(Kind::PermissionDenied.grpc(), format!("wrong token: this call needs {needed}")),
+            _ => Status::new(kind.grpc(), format!("wrong token: this call needs {needed}")),
         })
     }
 }

@@ -21,7 +21,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::error::{self, Kind};
+use crate::api::{bearer, Role, Tokens};
+use crate::error::Kind;
 use crate::limiter::Limiter;
 use crate::server::HEALTH_PROBE_TIMEOUT;
 use crate::store::{Store, StoreError};
@@ -34,10 +35,8 @@ pub const MAX_LISTED: usize = 100;
 struct StatusPage {
     limiter: Arc<Limiter>,
     store: Arc<dyn Store>,
-    /// `server.sender_token`: when set, the page needs it or the admin token.
-    sender_token: Option<String>,
-    /// `server.admin_token`.
-    admin_token: Option<String>,
+    /// The page reads, so it needs what the read RPCs need ([`Role::Sender`]).
+    tokens: Tokens,
 }
 
 /// The routes of the status page, over the limiter and the store it uses (the store only to
@@ -48,7 +47,7 @@ pub fn router(
     sender_token: Option<String>,
     admin_token: Option<String>,
 ) -> Router {
-    let page = Arc::new(StatusPage { limiter, store, sender_token, admin_token });
+    let page = Arc::new(StatusPage { limiter, store, tokens: Tokens { sender: sender_token, admin: admin_token } });
     Router::new().route("/", get(index)).route("/portfolios/{id}", get(portfolio)).with_state(page)
 }
 
@@ -89,23 +88,18 @@ impl StatusPage {
     /// `Authorization: Bearer <token>` with the sender or the admin token (each compared in
     /// constant time); else the answer to send, which never repeats the token given.
     fn refusal(&self, headers: &HeaderMap) -> Option<Response> {
-        let sender = self.sender_token.as_deref()?;
-        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let given = given.and_then(|v| v.strip_prefix("Bearer "));
-        let checks = [Some(sender), self.admin_token.as_deref()].map(|t| t.map(|t| error::check_secret(given, t)));
-        if checks.iter().flatten().any(Result::is_ok) {
-            return None;
-        }
-        let text = "This page needs the header Authorization: Bearer <server.sender_token or server.admin_token>.";
-        Some(match given {
-            None => {
-                let mut answer = html(Kind::Unauthenticated.http(), render::message("Token needed", text));
+        let given = bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
+        let (kind, needed) = self.tokens.check(given, Role::Sender).err()?;
+        let text = format!("This page needs the header Authorization: Bearer <{needed}>.");
+        Some(match kind {
+            Kind::Unauthenticated => {
+                let mut answer = html(Kind::Unauthenticated.http(), render::message("Token needed", &text));
                 answer
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"tiergate\""));
                 answer
             }
-            Some(_) => html(Kind::PermissionDenied.http(), render::message("Wrong token", text)),
+            _ => html(kind.http(), render::message("Wrong token", &text)),
         })
     }
 
