@@ -162,6 +162,8 @@ enum Verdict {
 pub struct PolicyGuard {
     inner: Arc<dyn Store>,
     mine: SharedPolicy,
+    /// `mine` as recorded, encoded once: every health probe sends it.
+    encoded: String,
     verdict: Mutex<Verdict>,
 }
 
@@ -169,19 +171,21 @@ impl PolicyGuard {
     /// Guards `inner` with this sidecar's policy.
     pub fn new(inner: Arc<dyn Store>, mine: SharedPolicy) -> PolicyGuard {
         crate::metrics::policy_mismatch(false);
-        PolicyGuard { inner, mine, verdict: Mutex::new(Verdict::Unchecked) }
+        let encoded = mine.encode();
+        PolicyGuard { inner, mine, encoded, verdict: Mutex::new(Verdict::Unchecked) }
     }
 
     /// Records a verdict, exporting whether this sidecar now refuses (`tiergate_store_policy_mismatch`).
-    fn set(&self, verdict: Verdict) {
+    /// Records `verdict`; returns the one it replaces.
+    fn set(&self, verdict: Verdict) -> Verdict {
         crate::metrics::policy_mismatch(matches!(verdict, Verdict::Differs(_)));
-        *self.verdict.lock().unwrap_or_else(|e| e.into_inner()) = verdict;
+        std::mem::replace(&mut *self.verdict.lock().unwrap_or_else(|e| e.into_inner()), verdict)
     }
 
     /// Compares this sidecar's policy with the store's, recording it first when the store has
     /// none, and refuses when they differ.
     pub async fn check(&self) -> Result<(), StoreError> {
-        let recorded = self.inner.shared_policy(&self.mine.encode(), false).await.inspect_err(|_| {
+        let recorded = self.inner.shared_policy(&self.encoded, false).await.inspect_err(|_| {
             self.set(Verdict::Unchecked);
         })?;
         let verdict = match SharedPolicy::decode(&recorded) {
@@ -200,23 +204,21 @@ impl PolicyGuard {
             }
             Err(e) => Verdict::Differs(format!("refusing to serve: {e}")),
         };
-        let result = match &verdict {
-            Verdict::Differs(message) => {
-                if !matches!(&*self.verdict.lock().unwrap_or_else(|e| e.into_inner()), Verdict::Differs(m) if m == message)
-                {
-                    tracing::error!("{message}");
-                }
-                Err(StoreError::Refused(message.clone()))
+        // Logged on a change only: the health probes compare every 200 ms.
+        match (self.set(verdict.clone()), verdict) {
+            (Verdict::Differs(before), Verdict::Differs(message)) if before == message => {
+                Err(StoreError::Refused(message))
             }
-            _ => {
-                if matches!(&*self.verdict.lock().unwrap_or_else(|e| e.into_inner()), Verdict::Differs(_)) {
-                    tracing::info!("This sidecar's configuration matches the store's shared policy again; serving.");
-                }
+            (_, Verdict::Differs(message)) => {
+                tracing::error!("{message}");
+                Err(StoreError::Refused(message))
+            }
+            (Verdict::Differs(_), _) => {
+                tracing::info!("This sidecar's configuration matches the store's shared policy again; serving.");
                 Ok(())
             }
-        };
-        self.set(verdict);
-        result
+            _ => Ok(()),
+        }
     }
 
     /// Lets a call through once the policies agree.
