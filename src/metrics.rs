@@ -13,7 +13,7 @@
 //! Every counter whose label values are known up front is exported at 0 from start-up
 //! ([`start`]), so alerts on `increase()` see the first event.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -239,7 +239,10 @@ pub struct Labels {
 #[derive(Default)]
 struct Seen {
     portfolios: HashSet<String>,
-    senders: HashSet<(String, String)>,
+    /// Numbers with labels of their own, by portfolio, so a lookup borrows the ids it is given.
+    senders: HashMap<String, HashSet<String>>,
+    /// How many numbers `senders` holds in all.
+    sender_count: usize,
 }
 
 /// An active portfolio: when this sidecar last saw it, and its gauges by number (`""` for the
@@ -302,21 +305,23 @@ impl Labels {
     /// there is room; a folded update is counted.
     fn admit(&self, portfolio: &str, sender: Option<&str>) -> bool {
         let sender = sender.filter(|s| !s.is_empty());
-        let pair = |s: &str| (portfolio.to_owned(), s.to_owned());
+        let has = |seen: &Seen, s: &str| seen.senders.get(portfolio).is_some_and(|n| n.contains(s));
         {
             let seen = self.seen.read().unwrap_or_else(|e| e.into_inner());
-            if seen.portfolios.contains(portfolio) && sender.is_none_or(|s| seen.senders.contains(&pair(s))) {
+            if seen.portfolios.contains(portfolio) && sender.is_none_or(|s| has(&seen, s)) {
                 return true;
             }
         }
         let mut seen = self.seen.write().unwrap_or_else(|e| e.into_inner());
         let own = portfolio != OTHER
             && (seen.portfolios.contains(portfolio) || seen.portfolios.len() < self.max)
-            && sender.is_none_or(|s| seen.senders.contains(&pair(s)) || seen.senders.len() < self.max);
+            && sender.is_none_or(|s| has(&seen, s) || seen.sender_count < self.max);
         if own {
             seen.portfolios.insert(portfolio.to_owned());
             if let Some(s) = sender {
-                seen.senders.insert(pair(s));
+                if seen.senders.entry(portfolio.to_owned()).or_default().insert(s.to_owned()) {
+                    seen.sender_count += 1;
+                }
             }
         } else {
             counter!(PORTFOLIOS_FOLDED).increment(1);
