@@ -211,6 +211,9 @@ fn reason_label(reason: Reason) -> &'static str {
         Reason::HeadroomReserved => "HEADROOM_RESERVED",
         Reason::SenderBlocked => "SENDER_BLOCKED",
         Reason::OutsideServiceWindow => "OUTSIDE_SERVICE_WINDOW",
+        Reason::ThroughputExceeded => "THROUGHPUT_EXCEEDED",
+        Reason::PairRate => "PAIR_RATE",
+        Reason::RecipientMarketingCapped => "RECIPIENT_MARKETING_CAPPED",
     }
 }
 

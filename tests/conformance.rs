@@ -355,7 +355,7 @@ async fn free_form_messages_outside_a_window_take_no_slot<F: Fn(Windows) -> Fixt
 async fn marketing_stops_at_the_reserve_while_utility_uses_the_rest<F: Fn(Windows) -> Fixture>(make: F) {
     let f = make(Windows::default());
     let (p, t) = (portfolio("acme"), limited(10));
-    let reserve = AdmitParams { fallback: t.clone(), reserve_bp: 2_000 };
+    let reserve = AdmitParams::new(t.clone(), 2_000);
     let marketing: Vec<_> = (0..9).map(|i| with(op(&format!("155500000{i}")), Category::Marketing, None)).collect();
     let got = f.store.admit(&p, &reserve, &marketing).await.unwrap();
     let reasons: Vec<_> = got.iter().map(|a| a.reason).collect();
@@ -528,7 +528,7 @@ async fn a_denial_lifts_exactly_when_its_retry_after_has_passed<F: Fn(Windows) -
     let f = make(windows(w, w));
     let p = portfolio("acme");
     // A limit of 4 with half kept from marketing: marketing to new recipients stops at 2.
-    let params = AdmitParams { fallback: limited(4), reserve_bp: 5_000 };
+    let params = AdmitParams::new(limited(4), 5_000);
     let utility = |r| with(op(r), Category::Utility, None);
     let marketing = with(op("14155550104"), Category::Marketing, None);
     f.store.admit(&p, &params, &[utility("14155550101")]).await.unwrap();

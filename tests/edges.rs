@@ -78,6 +78,7 @@ fn req(recipient: &str, category: i32) -> pb::AdmitRequest {
         template: String::new(),
         template_language: String::new(),
         idempotency_key: String::new(),
+        max_wait: None,
     }
 }
 

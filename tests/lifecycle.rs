@@ -153,6 +153,7 @@ async fn usage_projects_the_next_upgrade_and_says_what_blocks_it() {
         senders: vec![pb::SenderUpdate { sender_id: "n1".into(), status: 0, quality: pb::Quality::High.into() }],
         templates: vec![pb::TemplateUpdate { name: "spring_sale".into(), quality: template, ..Default::default() }],
         tier: String::new(),
+        mode: 0,
     };
     c.update_portfolio(ratings(pb::Quality::High.into())).await.unwrap();
     assert_eq!(usage(&mut c, "acme", "").await.quality(), pb::Quality::High);

@@ -204,6 +204,7 @@ impl From<PortfolioView> for pb::Portfolio {
                 status_since: s.since.map(timestamp),
                 display_phone_number: displays.get(id).map(|d| d.to_string()).unwrap_or_default(),
                 throughput_mps: s.throughput_mps.unwrap_or(policy::DEFAULT_THROUGHPUT_MPS),
+                throughput_backoff_until: s.throughput_backoff_until.map(timestamp),
             })
             .collect();
         let templates = v
@@ -230,6 +231,16 @@ impl From<PortfolioView> for pb::Portfolio {
             alerts: v.state.alerts.into_iter().map(|(key, body)| pb::AccountAlert { key, body }).collect(),
             usage: v.usage.into_iter().map(pb::Usage::from).collect(),
             opted_out_recipients: v.state.opted_out,
+            mode: pb::Mode::from(v.mode).into(),
+        }
+    }
+}
+
+impl From<policy::Mode> for pb::Mode {
+    fn from(m: policy::Mode) -> pb::Mode {
+        match m {
+            policy::Mode::Enforce => pb::Mode::Enforce,
+            policy::Mode::Shadow => pb::Mode::Shadow,
         }
     }
 }
@@ -242,6 +253,9 @@ impl From<AdmitAnswer> for pb::AdmitResponse {
             lease: a.lease.unwrap_or_default(),
             retry_after: a.retry_after.map(duration),
             usage: Some(a.usage.into()),
+            waited: (!a.waited.is_zero()).then(|| duration(a.waited)),
+            shadow_decision: a.shadow.map_or(0, |r| pb::Decision::from(r.decision()).into()),
+            shadow_reason: a.shadow.map_or(0, |r| r.code()),
         }
     }
 }

@@ -13,9 +13,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::hashing::{RecipientHasher, MIN_KEY_LEN};
-use crate::policy::{self, Ladder, Limit, Ruleset, ScopeMode, Tier};
+use crate::policy::rate::{PairRule, ThroughputRule};
+use crate::policy::{self, Ladder, Limit, Mode, Ruleset, ScopeMode, Tier};
 use crate::store::redis::{RedisOptions, Topology, TopologyConfig};
-use crate::store::Windows;
+use crate::store::{Rates, Windows};
 
 /// A configuration error, naming the key (or environment variable) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +71,51 @@ pub enum TierSource {
 pub struct ReserveConfig {
     /// Share of the limit (0 to <1) that marketing to new recipients may not use.
     pub marketing: f64,
+}
+
+/// `[policy.throughput]`: each phone number's messages per second, shared by every sidecar.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThroughputConfig {
+    /// Off by default: a number Meta upgraded to 1,000 before tiergate saw its webhook must not be
+    /// held to 80 by surprise.
+    pub enabled: bool,
+    /// Messages per second of a number neither listed in `numbers` nor upgraded by a webhook.
+    pub default_mps: u32,
+    /// How far ahead of its rate a number may run after a quiet spell (a burst of `burst × mps`).
+    #[serde(with = "humantime_serde")]
+    pub burst: Duration,
+    /// Phone number id → messages per second, winning over what webhooks report.
+    pub numbers: BTreeMap<String, u32>,
+}
+
+impl Default for ThroughputConfig {
+    fn default() -> Self {
+        ThroughputConfig {
+            enabled: false,
+            default_mps: policy::DEFAULT_THROUGHPUT_MPS,
+            burst: Duration::from_millis(100),
+            numbers: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[policy.pair_rate]`: how often one number may message one user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PairRateConfig {
+    pub enabled: bool,
+    /// One message per this, from a number to a user (Meta: 6 s).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Messages allowed inside one interval, borrowing the intervals they skip (Meta: 45).
+    pub burst: u32,
+}
+
+impl Default for PairRateConfig {
+    fn default() -> Self {
+        PairRateConfig { enabled: true, interval: Duration::from_secs(6), burst: 45 }
+    }
 }
 
 /// `[server]`: where to listen and how to stop.
@@ -280,6 +326,10 @@ pub struct PolicyConfig {
     /// How often a simulating sidecar re-evaluates the scopes it has seen.
     #[serde(with = "humantime_serde")]
     pub simulate_interval: Duration,
+    /// `enforce`, or `shadow`: evaluate and report every rule, admit every message.
+    pub mode: Mode,
+    pub throughput: ThroughputConfig,
+    pub pair_rate: PairRateConfig,
 }
 
 impl Default for PolicyConfig {
@@ -295,6 +345,9 @@ impl Default for PolicyConfig {
             tier_source: TierSource::Authoritative,
             legacy_threshold: 0.5,
             simulate_interval: Duration::from_secs(60),
+            mode: Mode::Enforce,
+            throughput: ThroughputConfig::default(),
+            pair_rate: PairRateConfig::default(),
         }
     }
 }
@@ -312,6 +365,8 @@ pub struct PortfolioConfig {
     /// Sender ids whose messages are always denied (SENDER_BLOCKED).
     #[serde(default)]
     pub blocked_senders: Vec<String>,
+    /// This portfolio's mode, winning over `policy.mode` (UpdatePortfolio wins over both).
+    pub mode: Option<Mode>,
 }
 
 impl Config {
@@ -371,6 +426,9 @@ fn parse_toml(text: &str) -> Result<toml::Table, String> {
     })
 }
 
+/// The highest throughput a number may be configured with: far above Meta's 1,000.
+const MAX_MPS: u32 = 100_000;
+
 /// The validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -397,6 +455,14 @@ pub struct Settings {
     /// Every `[[portfolios]]` id, in the order listed.
     pub portfolios: Vec<String>,
     pub metrics: MetricsConfig,
+    /// The rate rules in force (`[policy.throughput]`, `[policy.pair_rate]`).
+    pub rates: Rates,
+    /// Phone number id → configured messages per second (`[policy.throughput] numbers`).
+    pub throughput_numbers: BTreeMap<String, u32>,
+    /// `policy.mode`.
+    pub mode: Mode,
+    /// `[[portfolios]] mode`, by portfolio id.
+    pub portfolio_modes: BTreeMap<String, Mode>,
     /// How long persisted state outlives a portfolio's last activity (`store.state_ttl`).
     pub state_ttl: Duration,
 }
@@ -476,7 +542,11 @@ impl Config {
         let mut wabas = BTreeMap::new();
         let mut blocked_senders = BTreeMap::new();
         let mut seen = BTreeSet::new();
+        let mut portfolio_modes = BTreeMap::new();
         for (i, pf) in self.portfolios.iter().enumerate() {
+            if let Some(mode) = pf.mode {
+                portfolio_modes.insert(pf.id.clone(), mode);
+            }
             let key = format!("portfolios[{i}]");
             policy::validate_id(&pf.id).map_err(|m| err(format!("{key}.id"), m))?;
             if !seen.insert(pf.id.clone()) {
@@ -605,6 +675,44 @@ impl Config {
             portfolios: self.portfolios.iter().map(|p| p.id.clone()).collect(),
             metrics: self.metrics.clone(),
             state_ttl: s.state_ttl,
+            rates: self.rates()?,
+            throughput_numbers: p.throughput.numbers.clone(),
+            mode: p.mode,
+            portfolio_modes,
+        })
+    }
+
+    /// The rate rules: `[policy.throughput]` (checked whether on or not) and `[policy.pair_rate]`.
+    fn rates(&self) -> Result<Rates, ConfigError> {
+        let t = &self.policy.throughput;
+        let mps = |key: String, mps: u32| {
+            if (1..=MAX_MPS).contains(&mps) {
+                Ok(())
+            } else {
+                Err(err(key, format!("must be 1 to {MAX_MPS} messages per second, got {mps}")))
+            }
+        };
+        mps("policy.throughput.default_mps".into(), t.default_mps)?;
+        for (id, n) in &t.numbers {
+            policy::validate_id(id).map_err(|m| err("policy.throughput.numbers", m))?;
+            mps(format!("policy.throughput.numbers.{id}"), *n)?;
+        }
+        if t.burst > Duration::from_secs(60) {
+            return Err(err(
+                "policy.throughput.burst",
+                format!("must be at most 1m, got {}", humantime::format_duration(t.burst)),
+            ));
+        }
+        let r = &self.policy.pair_rate;
+        if r.enabled && !(Duration::from_millis(1)..=Duration::from_secs(24 * 3600)).contains(&r.interval) {
+            return Err(err("policy.pair_rate.interval", "must be from 1ms to 24h"));
+        }
+        if r.enabled && !(1..=10_000).contains(&r.burst) {
+            return Err(err("policy.pair_rate.burst", format!("must be 1 to 10000 messages, got {}", r.burst)));
+        }
+        Ok(Rates {
+            throughput: t.enabled.then_some(ThroughputRule { default_mps: t.default_mps, burst: t.burst }),
+            pair: r.enabled.then_some(PairRule { interval: r.interval, burst: r.burst }),
         })
     }
 

@@ -53,6 +53,10 @@ pub struct AdmitAnswer {
     pub retry_after: Option<Duration>,
     /// The scope's usage right after the decision.
     pub usage: Usage,
+    /// How long the call was held for its paced slot.
+    pub waited: Duration,
+    /// In shadow mode: what enforcing would have answered.
+    pub shadow: Option<Reason>,
 }
 
 /// A checked and hashed [`AdmitInput`].
@@ -111,6 +115,7 @@ impl Limiter {
         let sender_blocked = sender
             .as_ref()
             .is_some_and(|s| self.blocked_senders.get(&input.portfolio_id).is_some_and(|b| b.contains(s)));
+        let op_sender_mps = sender.as_ref().and_then(|s| self.throughput_numbers.get(s)).copied();
         let op = AdmitOp {
             member: self.hasher.recipient(recipient.as_str()),
             service_member: sender.as_ref().map(|s| self.hasher.service_window(s, recipient.as_str())),
@@ -120,6 +125,8 @@ impl Limiter {
             sender_blocked,
             template_language: template_language.map(TemplateLanguage::into_string),
             idempotency_key: idempotency_key.map(|k| self.hasher.idempotency_key(k.as_str())),
+            max_wait: Duration::ZERO,
+            throughput_mps: op_sender_mps,
         };
         Ok(Prepared { scope, op })
     }
@@ -132,7 +139,12 @@ impl Limiter {
         let groups = group_by_scope(prepared);
         let mut granted: Vec<Lease> = Vec::new();
         for Group { scope, places, ops } in &groups {
-            let params = AdmitParams { fallback: self.fallback(scope).clone(), reserve_bp: self.reserve_bp };
+            let params = AdmitParams {
+                fallback: self.fallback(scope).clone(),
+                reserve_bp: self.reserve_bp,
+                rates: self.rates,
+                mode: self.configured_mode(&scope.portfolio),
+            };
             let admissions = match self.coalesce.admit(&self.store, scope, &params, ops).await {
                 Ok(a) => a,
                 Err(e) => {
@@ -165,6 +177,8 @@ impl Limiter {
                     lease,
                     retry_after: a.retry_after,
                     usage: Usage { scope: scope.clone(), snapshot: a.usage, detail: None },
+                    waited: a.wait,
+                    shadow: a.shadow,
                 });
             }
         }
@@ -223,5 +237,7 @@ fn unchecked(scope: &ScopeKey, fallback: &Tier) -> AdmitAnswer {
             snapshot: UsageSnapshot { tier: fallback.clone(), counted: 0, next_slot_at: None },
             detail: None,
         },
+        waited: Duration::ZERO,
+        shadow: None,
     }
 }

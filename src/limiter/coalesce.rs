@@ -377,7 +377,7 @@ mod tests {
     }
 
     fn params() -> AdmitParams {
-        AdmitParams { fallback: Tier::limited("T2", 2), reserve_bp: 0 }
+        AdmitParams::new(Tier::limited("T2", 2), 0)
     }
 
     fn op(recipient: &str) -> AdmitOp {

@@ -32,8 +32,8 @@ use async_trait::async_trait;
 use crate::config::{OnError, PortfolioAccess, Settings, TierSource};
 use crate::hashing::{LeaseSigner, RecipientHasher};
 use crate::metrics;
-use crate::policy::{Ladder, Micros, Ruleset, ScopeKey, ScopeMode, Tier};
-use crate::store::{Change, PortfolioState, ScopeReport, Store, StoreError};
+use crate::policy::{Ladder, Micros, Mode, Ruleset, ScopeKey, ScopeMode, Tier};
+use crate::store::{Change, PortfolioState, Rates, ScopeReport, Store, StoreError};
 
 pub use crate::error::Error;
 pub use admit::{AdmitAnswer, AdmitInput, MAX_BATCH};
@@ -75,6 +75,13 @@ pub struct Limiter {
     store_watch: Option<Arc<dyn StoreWatch>>,
     /// Shares admission calls among concurrent callers of one scope.
     coalesce: coalesce::Coalescer,
+    /// The rate rules (`[policy.throughput]`, `[policy.pair_rate]`).
+    rates: Rates,
+    /// Phone number id → configured messages per second.
+    throughput_numbers: BTreeMap<String, u32>,
+    /// `policy.mode`, and `[[portfolios]] mode` winning over it.
+    mode: Mode,
+    portfolio_modes: BTreeMap<String, Mode>,
 }
 
 /// The most portfolios remembered as found in the store; beyond, each call asks the store again.
@@ -116,7 +123,16 @@ impl Limiter {
             known: Mutex::new(HashSet::new()),
             store_watch: None,
             coalesce: coalesce::Coalescer::default(),
+            rates: settings.rates,
+            throughput_numbers: settings.throughput_numbers.clone(),
+            mode: settings.mode,
+            portfolio_modes: settings.portfolio_modes.clone(),
         }
+    }
+    /// The mode configured for a portfolio: its `[[portfolios]] mode`, else `policy.mode`. One set
+    /// by UpdatePortfolio, kept in the store, wins over both.
+    pub(crate) fn configured_mode(&self, portfolio: &str) -> Mode {
+        self.portfolio_modes.get(portfolio).copied().unwrap_or(self.mode)
     }
 
     /// The same limiter, telling `watch` of every transient store failure.

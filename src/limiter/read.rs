@@ -65,6 +65,8 @@ pub struct PortfolioView {
     /// The portfolio's scope, or one per known number in per-number scope (then the portfolio's
     /// own, when Meta reported a business-wide limit).
     pub usage: Vec<Usage>,
+    /// The mode in force: set by UpdatePortfolio, else configured.
+    pub mode: crate::policy::Mode,
 }
 
 impl PortfolioView {
@@ -129,6 +131,7 @@ impl Limiter {
         Ok(PortfolioView {
             portfolio: portfolio.to_owned(),
             blocked_senders: self.blocked_senders.get(portfolio).cloned().unwrap_or_default(),
+            mode: state.mode.unwrap_or_else(|| self.configured_mode(portfolio)),
             state,
             usage,
         })

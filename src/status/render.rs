@@ -363,6 +363,7 @@ mod tests {
             portfolio: "acme".into(),
             state,
             blocked_senders: ["\"><i>x".to_owned()].into(),
+            mode: crate::policy::Mode::Enforce,
             usage: vec![Usage {
                 scope: ScopeKey { portfolio: "acme".into(), sender: None },
                 snapshot: UsageSnapshot { tier: Tier::limited("TIER_<250>", 250), counted: 250, next_slot_at: None },

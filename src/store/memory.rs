@@ -15,10 +15,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    day_of, event_time, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, Store,
+    day_of, event_time, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, Rates, ScopeReport, Store,
     StoreError, TemplateKey, TemplateState, UsageSnapshot, Windows, DAYS_KEPT,
 };
 pub use super::{Clock, SystemClock};
+use crate::policy::rate::{self, PairState, RateSnapshot, ThroughputRule};
 use crate::policy::{
     self, Delivery, Effect, Lease, Limits, Micros, Remembered, ScopeKey, SenderStatus, Snapshot, Tier,
 };
@@ -154,6 +155,12 @@ struct Portfolio {
     state: PortfolioState,
     /// When the last status event of each number (`s:<id>`) happened (templates keep theirs).
     event_at: HashMap<String, Micros>,
+    /// Each number's throughput schedule (`tat`), kept while ahead of now.
+    numbers: HashMap<String, Micros>,
+    /// Each (number, user) pair's schedule, by its service-window hash, kept while ahead of now.
+    pairs: HashMap<Member, PairState>,
+    /// Recipients Meta's per-user marketing limit capped → until when.
+    capped: HashMap<Member, Micros>,
     /// The last write (an admit in any of its scopes, or a change): persisted state outlives it
     /// by the state TTL.
     active: Micros,
@@ -177,12 +184,18 @@ impl Portfolio {
     /// returns whether nothing is left.
     fn sweep(&mut self, now: Micros, state_ttl: Micros) -> bool {
         self.service.retain(|_, closes| *closes > now);
+        self.numbers.retain(|_, tat| *tat > now);
+        self.pairs.retain(|_, s| s.tat > now);
+        self.capped.retain(|_, until| *until > now);
         if now.saturating_sub(self.active) > state_ttl {
             self.opted_out.clear();
             self.state = PortfolioState::default();
             self.event_at.clear();
         }
         self.service.is_empty()
+            && self.numbers.is_empty()
+            && self.pairs.is_empty()
+            && self.capped.is_empty()
             && self.opted_out.is_empty()
             && self.event_at.is_empty()
             && self.state == PortfolioState::default()
@@ -279,6 +292,35 @@ fn written<'s>(scopes: &'s mut HashMap<ScopeKey, ScopeState>, scope: &ScopeKey, 
     s
 }
 
+/// The portfolio rate state is written to, created if need be and marked written at `now`.
+fn written_portfolio<'p>(
+    portfolios: &'p mut HashMap<String, Portfolio>,
+    portfolio: &str,
+    now: Micros,
+) -> &'p mut Portfolio {
+    let p = portfolios.entry(portfolio.to_owned()).or_default();
+    p.active = now;
+    p
+}
+
+/// The rates of one message: its number's throughput schedule and level, and its pair's.
+fn rate_snapshot(p: Option<&Portfolio>, op: &AdmitOp, rates: &Rates, now: Micros) -> RateSnapshot {
+    let Some(sender) = &op.sender else { return RateSnapshot::default() };
+    let number = p.and_then(|p| p.state.senders.get(sender));
+    RateSnapshot {
+        throughput: rates.throughput.map(|rule| {
+            let mps = rule.mps(op.throughput_mps, number.and_then(|n| n.throughput_mps));
+            let backing_off = number.and_then(|n| n.throughput_backoff_until).is_some_and(|until| until > now);
+            let tat = p.and_then(|p| p.numbers.get(sender)).copied().unwrap_or(0);
+            (tat, ThroughputRule::interval(mps, backing_off), rule.burst)
+        }),
+        pair: rates
+            .pair
+            .zip(op.service_member.as_ref())
+            .map(|(rule, pair)| (p.and_then(|p| p.pairs.get(pair)).copied().unwrap_or_default(), rule)),
+    }
+}
+
 fn sender_banned(p: Option<&Portfolio>, sender: Option<&String>) -> bool {
     let status = sender.and_then(|s| p?.state.senders.get(s)?.status);
     status == Some(SenderStatus::Banned)
@@ -316,10 +358,10 @@ impl Store for MemoryStore {
         let mut guard = self.lock();
         let state = &mut *guard;
         self.sweep_due(state, now);
-        let portfolio = state.portfolios.get_mut(&scope.portfolio).map(|p| {
+        if let Some(p) = state.portfolios.get_mut(&scope.portfolio) {
             p.active = now;
-            &*p
-        });
+        }
+        let mode = state.portfolios.get(&scope.portfolio).and_then(|p| p.state.mode).unwrap_or(params.mode);
         let s = state.scopes.entry(scope.clone()).or_default();
         (s.active, s.admitted) = (now, now);
         s.expire(now, &self.windows);
@@ -337,35 +379,50 @@ impl Store for MemoryStore {
                     usage: s.usage(&params.fallback, &self.windows),
                     now,
                     replay_of: Some(r.member.clone()),
+                    wait: Duration::ZERO,
+                    shadow: None,
                 });
                 continue;
             }
+            let portfolio = state.portfolios.get(&scope.portfolio);
             let service_window_open =
                 op.service_member.as_ref().and_then(|m| portfolio?.service.get(m)).is_some_and(|closes| *closes > now);
             let snapshot = Snapshot {
                 sender_blocked: op.sender_blocked || sender_banned(portfolio, op.sender.as_ref()),
                 template_blocked: template_blocked(portfolio, op.template.as_ref(), op.template_language.as_ref()),
                 opted_out: portfolio.is_some_and(|p| p.opted_out.contains(&op.member)),
+                marketing_capped: portfolio.and_then(|p| p.capped.get(&op.member)).is_some_and(|until| *until > now),
                 service_window_open,
                 already_counted: s.contacts.contains_key(&op.member),
                 counted: s.contacts.len() as u64,
             };
             let nth_oldest = |rank| s.by_score.iter().nth(usize::try_from(rank).ok()?).map(|(score, _)| *score);
             let outcome = policy::decide(&snapshot, op.category, limits, now, self.windows.window, nth_oldest);
-            let written = (outcome.effect != Effect::Nothing).then(|| s.touch(&op.member, now));
+            let rates = rate_snapshot(portfolio, op, &params.rates, now);
+            let g =
+                rate::govern(mode, &outcome, policy::admitted_as(&snapshot), &rates, now, policy::micros(op.max_wait));
+            if let (Some(sender), Some(tat)) = (&op.sender, g.schedule.throughput_tat) {
+                written_portfolio(&mut state.portfolios, &scope.portfolio, now).numbers.insert(sender.clone(), tat);
+            }
+            if let (Some(pair), Some(next)) = (&op.service_member, g.schedule.pair) {
+                written_portfolio(&mut state.portfolios, &scope.portfolio, now).pairs.insert(pair.clone(), next);
+            }
+            let written = (g.effect != Effect::Nothing).then(|| s.touch(&op.member, now));
             if let Some(key) = &op.idempotency_key {
-                match Remembered::of(outcome.reason, &op.member, written) {
+                match Remembered::of(g.reason, &op.member, written) {
                     Some(r) => s.remembered.insert(key.clone(), r),
                     None => s.remembered.remove(key),
                 };
             }
             out.push(Admission {
-                reason: outcome.reason,
-                lease_score: written.filter(|_| outcome.effect == Effect::Count),
-                retry_after: outcome.retry_after,
+                reason: g.reason,
+                lease_score: written.filter(|_| g.effect == Effect::Count),
+                retry_after: g.retry_after,
                 usage: s.usage(&params.fallback, &self.windows),
                 now,
                 replay_of: None,
+                wait: Duration::from_micros(g.wait),
+                shadow: g.shadow,
             });
         }
         Ok(out)
@@ -452,6 +509,29 @@ impl Store for MemoryStore {
                         p.service.retain(|_, c| *c > now);
                     }
                 }
+                Change::Traffic { sender, rule, configured_mps, at } => {
+                    let number = p.state.senders.get(sender);
+                    let mps = rule.mps(*configured_mps, number.and_then(|n| n.throughput_mps));
+                    let backing_off = number.and_then(|n| n.throughput_backoff_until).is_some_and(|until| until > now);
+                    let tat = p.numbers.entry(sender.clone()).or_insert(0);
+                    *tat =
+                        rate::throughput_take(*tat, event_time(*at, now), ThroughputRule::interval(mps, backing_off));
+                }
+                Change::ThroughputBackoff { sender, at } => {
+                    let until = event_time(*at, now).saturating_add(policy::micros(rate::THROUGHPUT_BACKOFF));
+                    let number = p.state.senders.entry(sender.clone()).or_default();
+                    number.throughput_backoff_until = number.throughput_backoff_until.max(Some(until));
+                }
+                Change::PairBackoff { pair, rule, at } => {
+                    let s = p.pairs.entry(pair.clone()).or_default();
+                    *s = rule.penalise(*s, event_time(*at, now));
+                }
+                Change::MarketingCapped { member, at } => {
+                    let until = event_time(*at, now).saturating_add(policy::micros(rate::MARKETING_CAPPED_FOR));
+                    let capped = p.capped.entry(member.clone()).or_insert(until);
+                    *capped = (*capped).max(until);
+                }
+                Change::Mode(mode) => p.state.mode = *mode,
                 Change::Throughput { sender, mps } => {
                     p.state.senders.entry(sender.clone()).or_default().throughput_mps = Some(*mps);
                 }
@@ -565,7 +645,7 @@ mod tests {
     }
 
     fn params() -> AdmitParams {
-        AdmitParams { fallback: Tier::limited("T2", 2), reserve_bp: 0 }
+        AdmitParams::new(Tier::limited("T2", 2), 0)
     }
 
     async fn admit(store: &MemoryStore, portfolio: &str, recipient: &str) -> Reason {

@@ -14,8 +14,9 @@ use async_trait::async_trait;
 
 use std::collections::BTreeMap;
 
+use crate::policy::rate::{PairRule, ThroughputRule};
 use crate::policy::{
-    Category, Delivery, Lease, Limit, Micros, Quality, Reason, ScopeKey, SenderStatus, TemplateEvent, Tier,
+    Category, Delivery, Lease, Limit, Micros, Mode, Quality, Reason, ScopeKey, SenderStatus, TemplateEvent, Tier,
 };
 
 /// A source of "now" for stores that keep their own time; tests inject a manual one.
@@ -74,6 +75,12 @@ pub struct AdmitOp {
     /// the scope remembers gets the remembered answer back (see
     /// [`policy::Remembered`](crate::policy::Remembered)).
     pub idempotency_key: Option<Member>,
+    /// How long the caller will wait for its number's throughput and its pair's rate (pacing);
+    /// zero: not at all.
+    pub max_wait: Duration,
+    /// The sender's throughput level as configured (`[policy.throughput] numbers`), which wins
+    /// over the level learnt from Meta.
+    pub throughput_mps: Option<u32>,
 }
 
 /// Scope-wide parameters of an admission call.
@@ -83,6 +90,24 @@ pub struct AdmitParams {
     pub fallback: Tier,
     /// Basis points of the limit kept from marketing to new recipients.
     pub reserve_bp: u32,
+    /// The send rates besides the messaging limit.
+    pub rates: Rates,
+    /// The mode configured for the portfolio; one set by UpdatePortfolio wins.
+    pub mode: Mode,
+}
+
+impl AdmitParams {
+    /// Parameters enforcing the messaging limit only: no rate rules, enforce mode.
+    pub fn new(fallback: Tier, reserve_bp: u32) -> AdmitParams {
+        AdmitParams { fallback, reserve_bp, rates: Rates::default(), mode: Mode::Enforce }
+    }
+}
+
+/// The rules on send rates, each `None` when off. They apply to messages that name a sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rates {
+    pub throughput: Option<ThroughputRule>,
+    pub pair: Option<PairRule>,
 }
 
 /// One day in microseconds.
@@ -150,6 +175,8 @@ pub struct SenderState {
     pub since: Option<Micros>,
     /// Messages per second Meta allows the number, when reported (`None`: Meta's default).
     pub throughput_mps: Option<u32>,
+    /// Until when the number sends at a reduced rate after Meta reported its throughput exceeded.
+    pub throughput_backoff_until: Option<Micros>,
 }
 
 /// A template as Meta pauses and rates it: a name in one language, or (`language` empty) the
@@ -199,6 +226,8 @@ pub struct PortfolioState {
     pub aliases: BTreeMap<String, String>,
     /// Recipients opted out.
     pub opted_out: u64,
+    /// The mode set by UpdatePortfolio, winning over the configured one.
+    pub mode: Option<Mode>,
 }
 
 /// One change to persisted state. A list of them is applied atomically and is idempotent:
@@ -272,6 +301,37 @@ pub enum Change {
         sender: String,
         mps: u32,
     },
+    /// A message the number received or sent outside tiergate's Admit, at `at` (now when `None`;
+    /// never later than now): it takes a slot of the number's throughput, as Meta counts it.
+    Traffic {
+        sender: String,
+        rule: ThroughputRule,
+        /// The number's configured level, as [`AdmitOp::throughput_mps`].
+        configured_mps: Option<u32>,
+        at: Option<Micros>,
+    },
+    /// Meta reported the number's throughput exceeded (error 130429) at `at`: it sends at a
+    /// reduced rate until [`THROUGHPUT_BACKOFF`](crate::policy::rate::THROUGHPUT_BACKOFF) after.
+    ThroughputBackoff {
+        sender: String,
+        at: Option<Micros>,
+    },
+    /// Meta refused a message to a (number, user) pair for its rate (error 131056) at `at`: the
+    /// pair (`pair`, the keyed hash of the service window) waits an interval.
+    PairBackoff {
+        pair: Member,
+        rule: PairRule,
+        at: Option<Micros>,
+    },
+    /// Meta's per-user marketing limit refused marketing to a recipient (error 131049) at `at`:
+    /// marketing to them is denied from every number of the portfolio for
+    /// [`MARKETING_CAPPED_FOR`](crate::policy::rate::MARKETING_CAPPED_FOR).
+    MarketingCapped {
+        member: Member,
+        at: Option<Micros>,
+    },
+    /// The portfolio's mode; `None` goes back to the configured one.
+    Mode(Option<Mode>),
     /// Meta's delivery status of a message to a recipient of a scope, reported at `at` (now when
     /// `None`; never later than now). See [`policy::Delivery`](crate::policy::Delivery) for what
     /// each status does to the window and to the 7- and 30-day counts.
@@ -298,6 +358,10 @@ pub struct Admission {
     /// recipient the remembered decision named, whom the lease names (it may not be the op's).
     /// Nothing was written for it.
     pub replay_of: Option<Member>,
+    /// Pacing: the message took the slots it waits for, and goes this long after `now`.
+    pub wait: Duration,
+    /// In shadow mode: what enforcing would have answered.
+    pub shadow: Option<Reason>,
 }
 
 /// Why a store call failed.

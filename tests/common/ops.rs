@@ -44,7 +44,7 @@ pub fn keyed(op: AdmitOp, key: &str) -> AdmitOp {
 
 /// Params with `tier` as the fallback and no marketing reserve.
 pub fn params(tier: &Tier) -> AdmitParams {
-    AdmitParams { fallback: tier.clone(), reserve_bp: 0 }
+    AdmitParams::new(tier.clone(), 0)
 }
 
 /// The whole-portfolio scope of `id`.

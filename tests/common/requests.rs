@@ -55,6 +55,7 @@ impl Admit {
             template: self.template.into(),
             template_language: self.language.into(),
             idempotency_key: String::new(),
+            max_wait: None,
         }
     }
 

@@ -415,6 +415,7 @@ fn admit_op(h: &RecipientHasher, m: &Msg) -> AdmitOp {
         // As the limiter asks: a language only with a template.
         template_language: m.template.and(m.language).map(|l| language(Some(l))),
         idempotency_key: m.key.map(|k| h.idempotency_key(&format!("msg-{k}"))),
+        ..AdmitOp::default()
     }
 }
 
@@ -488,7 +489,7 @@ async fn play(subject: Subject, steps: &[Step], seen: &Seen) -> Result<(), Strin
         match step {
             Step::Admit { scope: s, fallback: f, reserve, msgs } => {
                 let key = scope(*s);
-                let params = AdmitParams { fallback: fallback(*f), reserve_bp: RESERVES[usize::from(*reserve) % 5] };
+                let params = AdmitParams::new(fallback(*f), RESERVES[usize::from(*reserve) % 5]);
                 let ops: Vec<AdmitOp> = msgs.iter().map(|m| admit_op(&h, m)).collect();
                 let got = store.admit(&key, &params, &ops).await.map_err(failed)?;
                 got.iter().for_each(|a| saw(seen, a.reason.as_str()));

@@ -140,6 +140,8 @@ impl Model {
             let remembered = op.idempotency_key.as_ref().and_then(|key| s.remembered.get(key));
             if let Some(r) = remembered.filter(|r| r.replays(now, windows.window, s.contacts.contains_key(&r.member))) {
                 out.push(Admission {
+                    wait: std::time::Duration::ZERO,
+                    shadow: None,
                     reason: r.reason,
                     lease_score: r.lease_score(),
                     retry_after: None,
@@ -154,6 +156,7 @@ impl Model {
             let template_blocked = |name: &String| portfolio.is_some_and(|p| p.template_blocked(name, language));
             let window_open = |m: &Member| portfolio.and_then(|p| p.service.get(m)).is_some_and(|c| *c > now);
             let snapshot = Snapshot {
+                marketing_capped: false,
                 sender_blocked: op.sender_blocked || op.sender.as_ref().and_then(status) == Some(SenderStatus::Banned),
                 template_blocked: op.template.as_ref().is_some_and(template_blocked),
                 opted_out: portfolio.is_some_and(|p| p.opted_out.contains(&op.member)),
@@ -185,6 +188,8 @@ impl Model {
                 };
             }
             out.push(Admission {
+                wait: std::time::Duration::ZERO,
+                shadow: None,
                 reason: outcome.reason,
                 lease_score,
                 retry_after: outcome.retry_after,
@@ -217,6 +222,11 @@ impl Model {
         for change in changes {
             let p = self.portfolios.entry(portfolio.to_owned()).or_default();
             match change {
+                Change::Traffic { .. }
+                | Change::ThroughputBackoff { .. }
+                | Change::PairBackoff { .. }
+                | Change::MarketingCapped { .. }
+                | Change::Mode(_) => unimplemented!("not generated yet"),
                 Change::Tier { scope, tier, at } => {
                     let s = self.scopes.entry(scope.clone()).or_default();
                     let at = at.unwrap_or(now);

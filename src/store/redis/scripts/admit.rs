@@ -100,6 +100,8 @@ impl AdmitReply {
                 usage: UsageSnapshot { tier: tier.clone(), counted: op.counted, next_slot_at: op.next_slot_at },
                 now,
                 replay_of: op.replay_of,
+                wait: std::time::Duration::ZERO,
+                shadow: None,
             })
             .collect()
     }

@@ -65,6 +65,11 @@ impl Call for ApplyArgs<'_> {
         let mut push = |parts: &[&[u8]]| args.extend(parts.iter().map(|p| p.to_vec()));
         for change in self.changes {
             match change {
+                Change::Traffic { .. }
+                | Change::ThroughputBackoff { .. }
+                | Change::PairBackoff { .. }
+                | Change::MarketingCapped { .. }
+                | Change::Mode(_) => {}
                 Change::Tier { scope, tier, at } => {
                     let limit = tier.limit.to_i64().to_string();
                     push(&[

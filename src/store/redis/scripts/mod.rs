@@ -242,7 +242,7 @@ mod tests {
             assert_eq!(Reason::from_code(r.code().into()), Some(r));
         }
         // Every protobuf reason but UNSPECIFIED has a Rust one.
-        assert_eq!(Reason::ALL.len(), (1..).take_while(|c| pb::Reason::try_from(*c).is_ok()).count());
+        assert_eq!(Reason::ALL.len(), (1..100).filter(|c| pb::Reason::try_from(*c).is_ok()).count());
         assert_eq!(Reason::from_code(0), None);
     }
 

@@ -12,6 +12,8 @@
 use std::fmt;
 use std::time::Duration;
 
+pub mod rate;
+
 use serde::Deserialize;
 
 use crate::error::quote;
@@ -72,6 +74,13 @@ pub enum Reason {
     OutsideServiceWindow,
     /// Admitted without a check because the store could not answer and `store.on_error = "allow"`.
     StoreUnavailable,
+    /// Denied: the sending number's throughput is used up for now (Meta's error 130429).
+    ThroughputExceeded,
+    /// Denied: this number messaged this user too often lately (Meta's error 131056).
+    PairRate,
+    /// Denied: Meta's per-user marketing limit refused marketing to this user (error 131049), so
+    /// marketing to them waits a day.
+    RecipientMarketingCapped,
 }
 
 impl Reason {
@@ -86,7 +95,10 @@ impl Reason {
             | Reason::TemplateBlocked
             | Reason::HeadroomReserved
             | Reason::SenderBlocked
-            | Reason::OutsideServiceWindow => Decision::Denied,
+            | Reason::OutsideServiceWindow
+            | Reason::ThroughputExceeded
+            | Reason::PairRate
+            | Reason::RecipientMarketingCapped => Decision::Denied,
         }
     }
 
@@ -103,6 +115,9 @@ impl Reason {
             Reason::HeadroomReserved => "headroom_reserved",
             Reason::SenderBlocked => "sender_blocked",
             Reason::OutsideServiceWindow => "outside_service_window",
+            Reason::ThroughputExceeded => "throughput_exceeded",
+            Reason::PairRate => "pair_rate",
+            Reason::RecipientMarketingCapped => "recipient_marketing_capped",
         }
     }
 }
@@ -144,7 +159,7 @@ impl Category {
 
 impl Reason {
     /// Every reason, in code order.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 13] = [
         Reason::NewRecipient,
         Reason::AlreadyCounted,
         Reason::ServiceWindow,
@@ -155,6 +170,9 @@ impl Reason {
         Reason::SenderBlocked,
         Reason::OutsideServiceWindow,
         Reason::StoreUnavailable,
+        Reason::ThroughputExceeded,
+        Reason::PairRate,
+        Reason::RecipientMarketingCapped,
     ];
 
     /// The reason's wire code (`tiergate.v1.Reason`).
@@ -170,6 +188,9 @@ impl Reason {
             Reason::SenderBlocked => 8,
             Reason::OutsideServiceWindow => 9,
             Reason::StoreUnavailable => 10,
+            Reason::ThroughputExceeded => 12,
+            Reason::PairRate => 13,
+            Reason::RecipientMarketingCapped => 14,
         }
     }
 
@@ -420,6 +441,9 @@ pub struct Snapshot {
     pub template_blocked: bool,
     /// The recipient opted out of this business's messages.
     pub opted_out: bool,
+    /// Meta's per-user marketing limit refused marketing to the recipient within the last day
+    /// ([`rate::MARKETING_CAPPED_FOR`]).
+    pub marketing_capped: bool,
     /// The (sender, recipient) customer service window is open.
     pub service_window_open: bool,
     /// The recipient is counted in the rolling window.
@@ -487,6 +511,7 @@ pub const MIN_RETRY_AFTER: Duration = Duration::from_millis(1);
 /// 2. A template that is not active may not be sent (Meta would refuse it).
 /// 3. An opted-out recipient gets nothing outside a service window, and no marketing inside one.
 ///    (A message without a category may be marketing, so here and at step 7 it counts as one.)
+///    Nor does a recipient Meta's per-user marketing limit capped get marketing, for a day.
 /// 4. An open service window admits the message and counts nothing.
 /// 5. A free-form (SERVICE) message needs that window: without it, Meta would reject the send,
 ///    so it must not take a slot.
@@ -523,6 +548,9 @@ pub fn decide(
     if s.opted_out && (!s.service_window_open || category.may_be_marketing()) {
         return outcome(Reason::OptedOut, Effect::Nothing);
     }
+    if s.marketing_capped && category.may_be_marketing() {
+        return outcome(Reason::RecipientMarketingCapped, Effect::Nothing);
+    }
     if s.service_window_open {
         return outcome(Reason::ServiceWindow, Effect::Nothing);
     }
@@ -538,6 +566,44 @@ pub fn decide(
     match limits.limit {
         Limit::Limited(n) if s.counted >= n => full(Reason::LimitReached, n),
         _ => outcome(Reason::NewRecipient, Effect::Count),
+    }
+}
+
+/// What the messaging-limit rules answer for a message with every denial lifted, as shadow mode
+/// admits it ([`rate::govern`]): free in an open service window, else counted.
+pub fn admitted_as(s: &Snapshot) -> (Reason, Effect) {
+    if s.service_window_open {
+        (Reason::ServiceWindow, Effect::Nothing)
+    } else if s.already_counted {
+        (Reason::AlreadyCounted, Effect::Touch)
+    } else {
+        (Reason::NewRecipient, Effect::Count)
+    }
+}
+
+/// Whether a portfolio's decisions are enforced or only reported (`policy.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Denials deny.
+    #[default]
+    Enforce,
+    /// Every rule is evaluated and reported, and every message admitted.
+    Shadow,
+}
+
+impl Mode {
+    /// Stable lower-case name, as in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+        }
+    }
+
+    /// The mode with this name, if any.
+    pub fn parse(s: &str) -> Option<Mode> {
+        [Mode::Enforce, Mode::Shadow].into_iter().find(|m| m.as_str() == s)
     }
 }
 
