@@ -20,6 +20,9 @@ pub fn timestamp(us: Micros) -> prost_types::Timestamp {
     (UNIX_EPOCH + Duration::from_micros(us)).into()
 }
 
+/// The longest an Admit may ask to be held for a paced slot.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
 fn duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration { seconds: i64::MAX, nanos: 0 })
 }
@@ -100,8 +103,19 @@ impl AdmitInput {
             template: r.template,
             template_language: r.template_language,
             idempotency_key: r.idempotency_key,
+            max_wait: max_wait(r.max_wait, at)?,
         })
     }
+}
+
+/// `max_wait`: unset is zero (never wait); negative or beyond [`MAX_WAIT`] is refused.
+fn max_wait(d: Option<prost_types::Duration>, at: FieldPath) -> Result<Duration, Error> {
+    let Some(d) = d else { return Ok(Duration::ZERO) };
+    let wait = Duration::try_from(d).map_err(|_| at.invalid("max_wait", "must not be negative"))?;
+    if wait > MAX_WAIT {
+        return Err(at.invalid("max_wait", format!("must be at most {}s", MAX_WAIT.as_secs())));
+    }
+    Ok(wait)
 }
 
 impl TryFrom<pb::AdmitRequest> for AdmitInput {

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tonic::codegen::{http, Service};
 use tonic::server::NamedService;
@@ -116,5 +116,30 @@ mod tests {
         assert_eq!(method_of("/tiergate.v1.Limiter/GetPortfolio"), "GetPortfolio");
         assert_eq!(method_of("/tiergate.v1.Limiter/Nope"), metrics::OTHER_METHOD);
         assert_eq!(method_of(""), metrics::OTHER_METHOD);
+    }
+}
+
+/// The time a call has left, from its `grpc-timeout` header (`<digits><H|M|S|m|u|n>`), if it set one.
+pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A pacing wait shortened so the answer leaves before the call's deadline: the deadline less a
+/// tenth of it (at least 5 ms) for the store call and the way back.
+pub fn within(max_wait: Duration, deadline: Option<Duration>) -> Duration {
+    match deadline {
+        Some(left) => max_wait.min(left.saturating_sub((left / 10).max(Duration::from_millis(5)))),
+        None => max_wait,
     }
 }

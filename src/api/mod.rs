@@ -104,7 +104,9 @@ impl LimiterApi {
 impl pb::limiter_server::Limiter for LimiterApi {
     async fn admit(&self, request: Request<pb::AdmitRequest>) -> Result<Response<pb::AdmitResponse>, Status> {
         self.authorize(&request, Role::Sender)?;
-        let input = AdmitInput::try_from(request.into_inner())?;
+        let deadline = edge::deadline(request.metadata());
+        let mut input = AdmitInput::try_from(request.into_inner())?;
+        input.max_wait = edge::within(input.max_wait, deadline);
         let answer = self.limiter.admit(&input).await?;
         Ok(Response::new(answer.into()))
     }
@@ -114,7 +116,11 @@ impl pb::limiter_server::Limiter for LimiterApi {
         request: Request<pb::AdmitBatchRequest>,
     ) -> Result<Response<pb::AdmitBatchResponse>, Status> {
         self.authorize(&request, Role::Sender)?;
-        let inputs = Vec::<AdmitInput>::try_from(request.into_inner())?;
+        let deadline = edge::deadline(request.metadata());
+        let mut inputs = Vec::<AdmitInput>::try_from(request.into_inner())?;
+        for input in &mut inputs {
+            input.max_wait = edge::within(input.max_wait, deadline);
+        }
         let answers = self.limiter.admit_batch(&inputs).await?;
         Ok(Response::new(pb::AdmitBatchResponse { responses: answers.into_iter().map(Into::into).collect() }))
     }

@@ -40,6 +40,9 @@ pub struct AdmitInput {
     /// Makes a retry safe; empty for none (see `AdmitRequest.idempotency_key` and
     /// [`Remembered`](crate::policy::Remembered)).
     pub idempotency_key: String,
+    /// How long the caller will be held for a paced slot (zero: never); the edge has already
+    /// shortened it to the call's deadline.
+    pub max_wait: Duration,
 }
 
 /// The answer to one [`AdmitInput`].
@@ -125,7 +128,7 @@ impl Limiter {
             sender_blocked,
             template_language: template_language.map(TemplateLanguage::into_string),
             idempotency_key: idempotency_key.map(|k| self.hasher.idempotency_key(k.as_str())),
-            max_wait: Duration::ZERO,
+            max_wait: input.max_wait,
             throughput_mps: op_sender_mps,
         };
         Ok(Prepared { scope, op })
@@ -183,6 +186,11 @@ impl Limiter {
             }
         }
         let answers: Vec<AdmitAnswer> = answers.into_iter().map(|a| a.expect("every request answered")).collect();
+        // Paced messages took slots that many µs after the store's now: the call is held until
+        // the last of them. Counting from after the reply errs late, never early.
+        if let Some(hold) = answers.iter().map(|a| a.waited).max().filter(|w| !w.is_zero()) {
+            tokio::time::sleep(hold).await;
+        }
         metrics::admit_latency(started.elapsed());
         for a in &answers {
             metrics::decision(&self.labels, &a.usage.scope.portfolio, a.reason);
