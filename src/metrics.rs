@@ -21,6 +21,7 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::formatting::{sanitize_label_value, write_help_line, write_type_line};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::policy::rate::ThroughputRule;
 use crate::policy::{Decision, Limit, Projection, Quality, Reason, ScopeKey, SenderStatus};
 use crate::store::{PortfolioState, StoreError, UsageSnapshot};
 
@@ -124,6 +125,8 @@ pub fn install() -> PrometheusHandle {
                 .expect("buckets are not empty")
                 .set_buckets_for_metric(Matcher::Full(GRPC_SECONDS.into()), LATENCY_BUCKETS)
                 .expect("buckets are not empty")
+                .set_buckets_for_metric(Matcher::Full(PACED_SECONDS.into()), PACED_BUCKETS)
+                .expect("buckets are not empty")
                 .build_recorder();
             let handle = recorder.handle();
             // Fails only when another recorder is installed; then ours stays unused but renders.
@@ -162,6 +165,9 @@ fn describe() {
         Unit::Seconds,
         "Unix time of the last webhook delivery received with a valid signature (0 before the first)."
     );
+    describe_histogram!(PACED_SECONDS, Unit::Seconds, "How long paced admissions were held for their slot.");
+    describe_counter!(SHADOW_DECISIONS, "What shadow mode would have answered, by portfolio, decision and reason.");
+    describe_counter!(THROUGHPUT_MESSAGES, "Messages this sidecar admitted per number while policy.throughput is on.");
 }
 
 /// Exports at 0 every counter whose label values are known at start-up: decisions by reason,
@@ -237,6 +243,8 @@ pub struct Labels {
     max: usize,
     seen: RwLock<Seen>,
     active: Mutex<BTreeMap<String, Active>>,
+    /// `[policy.throughput]` when on: the levels [`THROUGHPUT_MPS`] shows.
+    throughput: Option<ThroughputLevels>,
 }
 
 #[derive(Default)]
@@ -267,6 +275,8 @@ impl Active {
 struct ScopeGauges {
     values: [Option<f64>; SCOPE_GAUGES.len()],
     status: Option<SenderStatus>,
+    /// A number's throughput level in force ([`THROUGHPUT_MPS`]).
+    throughput_mps: Option<u32>,
 }
 
 /// The per-scope gauges with their help text; [`ScopeGauges::values`] follows this order.
@@ -297,7 +307,8 @@ const STATUSES: [SenderStatus; 5] = [
 impl Labels {
     /// Room for `max` portfolios and `max` numbers, the `configured` portfolios taking theirs first.
     pub fn new(max: usize, configured: impl IntoIterator<Item = String>) -> Labels {
-        let labels = Labels { max, seen: RwLock::new(Seen::default()), active: Mutex::new(BTreeMap::new()) };
+        let labels =
+            Labels { max, seen: RwLock::new(Seen::default()), active: Mutex::new(BTreeMap::new()), throughput: None };
         for portfolio in configured {
             labels.admit(&portfolio, None);
         }
@@ -429,6 +440,7 @@ impl Labels {
             out.push_str(&family);
             out.push('\n');
         }
+        render_throughput_levels(out, rows());
     }
 
     /// The portfolios with label values of their own (at most `max`).
@@ -481,6 +493,7 @@ pub fn portfolio(labels: &Labels, portfolio: &str, state: &PortfolioState) {
             g.values[G_QUALITY] = Some(quality_value(s.quality));
             g.status = Some(s.status.unwrap_or_default());
         });
+        throughput_level(labels, portfolio, sender, s.throughput_mps);
     }
 }
 
@@ -620,6 +633,127 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+// The send governor (`[policy.throughput]`, `[policy.pair_rate]`, pacing, shadow mode).
+
+/// How long paced admissions were held for their slot (`AdmitResponse.waited`).
+pub const PACED_SECONDS: &str = "tiergate_paced_seconds";
+/// What shadow mode would have answered, by `portfolio`, `decision` and `reason`.
+pub const SHADOW_DECISIONS: &str = "tiergate_shadow_decisions_total";
+/// Messages this sidecar admitted per number, by `portfolio` and `number`, while
+/// `[policy.throughput]` is on: summed over sidecars, its rate is the number's throughput in use.
+pub const THROUGHPUT_MESSAGES: &str = "tiergate_throughput_messages_total";
+/// A number's throughput level in force (messages per second), by `portfolio` and `number`, while
+/// `[policy.throughput]` is on: configured, else learnt from Meta, else `default_mps`.
+pub const THROUGHPUT_MPS: &str = "tiergate_throughput_mps";
+
+/// Buckets of [`PACED_SECONDS`]: a paced wait is a few ms at a number's throughput, and seconds
+/// at a pair's rate.
+const PACED_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// The throughput levels in force: `[policy.throughput]`'s rule and its `numbers`.
+#[derive(Debug, Clone)]
+pub struct ThroughputLevels {
+    pub rule: ThroughputRule,
+    /// Phone number id → configured messages per second.
+    pub numbers: BTreeMap<String, u32>,
+}
+
+impl ThroughputLevels {
+    /// A number's level: configured, else `learnt` from Meta, else the default.
+    pub fn level(&self, number: &str, learnt: Option<u32>) -> u32 {
+        self.rule.mps(self.numbers.get(number).copied(), learnt)
+    }
+}
+
+impl Labels {
+    /// The same labels, exporting the governor's per-number throughput series with `levels`
+    /// (`None`: `[policy.throughput]` is off, and those series are not exported).
+    pub fn with_throughput(mut self, levels: Option<ThroughputLevels>) -> Labels {
+        self.throughput = levels;
+        self
+    }
+
+    /// Whether a number with labels of its own has no [`THROUGHPUT_MPS`] yet while the
+    /// throughput rule is on, so its level should be read and published.
+    pub fn throughput_unknown(&self, portfolio: &str, number: &str) -> bool {
+        if self.throughput.is_none() || !self.admit(portfolio, Some(number)) {
+            return false;
+        }
+        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        active.get(portfolio).and_then(|a| a.scopes.get(number)).is_none_or(|g| g.throughput_mps.is_none())
+    }
+}
+
+/// Exports at 0 what shadow mode would answer in each portfolio configured in shadow mode that
+/// has labels of its own, so an alert sees its first would-be denial.
+pub fn shadow_start<'a>(labels: &Labels, shadowed: impl IntoIterator<Item = &'a str>) {
+    for portfolio in shadowed.into_iter().filter(|p| labels.admit(p, None)) {
+        // A shadowed message is decided by the store, so it is never STORE_UNAVAILABLE.
+        for reason in Reason::ALL.into_iter().filter(|r| *r != Reason::StoreUnavailable) {
+            counter!(SHADOW_DECISIONS, "portfolio" => portfolio.to_owned(),
+                "decision" => decision_label(reason.decision()), "reason" => reason_label(reason))
+            .increment(0);
+        }
+    }
+}
+
+/// Counts what shadow mode would have answered for a message it admitted.
+pub fn shadow_decision(labels: &Labels, portfolio: &str, would_be: Reason) {
+    counter!(SHADOW_DECISIONS, "portfolio" => labels.portfolio(portfolio),
+        "decision" => decision_label(would_be.decision()), "reason" => reason_label(would_be))
+    .increment(1);
+}
+
+/// Records how long a paced admission was held.
+pub fn paced(waited: Duration) {
+    histogram!(PACED_SECONDS).record(waited.as_secs_f64());
+}
+
+/// Counts `messages` admitted from a number while the throughput rule is on. A number without
+/// labels of its own is counted as `number="_other"` (and its portfolio as its label allows), so
+/// sums by portfolio stay right.
+pub fn throughput_messages(labels: &Labels, portfolio: &str, number: &str, messages: u64) {
+    if labels.throughput.is_none() {
+        return;
+    }
+    let (portfolio, number) = if labels.admit(portfolio, Some(number)) {
+        (portfolio.to_owned(), number.to_owned())
+    } else {
+        (labels.portfolio(portfolio), OTHER.to_owned())
+    };
+    counter!(THROUGHPUT_MESSAGES, "portfolio" => portfolio, "number" => number).increment(messages);
+}
+
+/// Publishes a number's throughput level in force, with what Meta reported for it (`learnt`),
+/// while the throughput rule is on; a folded number's is not exported.
+pub fn throughput_level(labels: &Labels, portfolio: &str, number: &str, learnt: Option<u32>) {
+    let Some(levels) = &labels.throughput else { return };
+    let mps = levels.level(number, learnt);
+    labels.gauges(portfolio, Some(number), false, |g| g.throughput_mps = Some(mps));
+}
+
+/// Appends the [`THROUGHPUT_MPS`] family of the active numbers to a scrape.
+fn render_throughput_levels<'a>(
+    out: &mut String,
+    rows: impl Iterator<Item = (&'a String, &'a String, &'a ScopeGauges)>,
+) {
+    use std::fmt::Write as _;
+    let mut family = String::new();
+    for (p, n, g) in rows {
+        if let Some(mps) = g.throughput_mps {
+            let (p, n) = (sanitize_label_value(p), sanitize_label_value(n));
+            let _ = writeln!(family, "{THROUGHPUT_MPS}{{portfolio=\"{p}\",number=\"{n}\"}} {mps}");
+        }
+    }
+    if !family.is_empty() {
+        let help = "Throughput level in force of a number (messages per second).";
+        write_help_line(out, THROUGHPUT_MPS, None, None, help);
+        write_type_line(out, THROUGHPUT_MPS, None, None, "gauge");
+        out.push_str(&family);
+        out.push('\n');
     }
 }
 

@@ -164,7 +164,21 @@ impl TryFrom<pb::UpdatePortfolioRequest> for PortfolioUpdate {
             quality: known::<pb::Quality>(r.quality, FieldPath::TOP, "quality")?.into(),
             senders,
             templates,
+            mode: known::<pb::Mode>(r.mode, FieldPath::TOP, "mode")?.into(),
         })
+    }
+}
+
+/// `None` for UNSPECIFIED: leave the mode as it is; `Some(None)` for CONFIGURED: follow the
+/// configuration again.
+impl From<pb::Mode> for Option<Option<policy::Mode>> {
+    fn from(m: pb::Mode) -> Option<Option<policy::Mode>> {
+        match m {
+            pb::Mode::Unspecified => None,
+            pb::Mode::Enforce => Some(Some(policy::Mode::Enforce)),
+            pb::Mode::Shadow => Some(Some(policy::Mode::Shadow)),
+            pb::Mode::Configured => Some(None),
+        }
     }
 }
 
@@ -217,7 +231,7 @@ impl From<PortfolioView> for pb::Portfolio {
                 blocked: v.blocked_senders.contains(id),
                 status_since: s.since.map(timestamp),
                 display_phone_number: displays.get(id).map(|d| d.to_string()).unwrap_or_default(),
-                throughput_mps: s.throughput_mps.unwrap_or(policy::DEFAULT_THROUGHPUT_MPS),
+                throughput_mps: v.throughput_mps.get(id).copied().unwrap_or(policy::DEFAULT_THROUGHPUT_MPS),
                 throughput_backoff_until: s.throughput_backoff_until.map(timestamp),
             })
             .collect();

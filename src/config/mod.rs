@@ -944,4 +944,58 @@ mod tests {
         assert_eq!(e.key, "server.sender_token");
         assert!(!e.to_string().contains("12345678901234567"), "{e}");
     }
+
+    #[test]
+    fn the_send_governor_is_configured_with_throughput_off_and_pair_rate_on_by_default() {
+        let s = Config::default().validate().unwrap();
+        assert_eq!(s.rates.throughput, None, "a number Meta upgraded must not be held to 80 by surprise");
+        assert_eq!(s.rates.pair, Some(PairRule { interval: Duration::from_secs(6), burst: 45 }));
+        assert_eq!((s.mode, s.portfolio_modes.len()), (Mode::Enforce, 0));
+
+        let toml = "[policy]\nmode = \"shadow\"\n\n[policy.throughput]\nenabled = true\ndefault_mps = 80\n\
+                    burst = \"0s\"\nnumbers = { \"1001\" = 1000 }\n\n[policy.pair_rate]\ninterval = \"10s\"\n\
+                    burst = 3\n\n[[portfolios]]\nid = \"acme\"\nmode = \"enforce\"\n";
+        let s = Config::from_toml(toml).unwrap().validate().unwrap();
+        assert_eq!(s.rates.throughput, Some(ThroughputRule { default_mps: 80, burst: Duration::ZERO }));
+        assert_eq!(s.throughput_numbers, BTreeMap::from([("1001".to_owned(), 1000)]));
+        assert_eq!(s.rates.pair, Some(PairRule { interval: Duration::from_secs(10), burst: 3 }));
+        assert_eq!(s.mode, Mode::Shadow);
+        assert_eq!(s.portfolio_modes, BTreeMap::from([("acme".to_owned(), Mode::Enforce)]));
+
+        let off = Config::from_toml("[policy.pair_rate]\nenabled = false\nburst = 0").unwrap().validate().unwrap();
+        assert_eq!(off.rates.pair, None, "a disabled pair rate is not checked further");
+        // Numbers are checked while the rule is off too, so turning it on cannot fail later.
+        let listed = Config::from_toml("[policy.throughput]\nnumbers = { \"1001\" = 1000 }").unwrap();
+        let listed = listed.validate().unwrap();
+        assert_eq!((listed.rates.throughput, listed.throughput_numbers.len()), (None, 1));
+    }
+
+    #[test]
+    fn send_governor_errors_name_their_key() {
+        let parse = |toml: &str| Config::from_toml(toml).unwrap_err();
+        assert_eq!(parse("[policy]\nmode = \"loud\"").key, "policy.mode");
+        assert_eq!(parse("[[portfolios]]\nid = \"acme\"\nmode = \"quiet\"").key, "portfolios[0].mode");
+        assert_eq!(parse("[policy.throughput]\nenabled = true\nburst = \"soon\"").key, "policy.throughput.burst");
+        assert!(parse("[policy.throughput]\nmps = 80").to_string().contains("mps"));
+        assert!(parse("[policy.pair_rate]\nevery = \"6s\"").to_string().contains("every"));
+
+        let validate = |toml: &str| Config::from_toml(toml).unwrap().validate().unwrap_err();
+        for (toml, key) in [
+            ("[policy.throughput]\ndefault_mps = 0", "policy.throughput.default_mps"),
+            ("[policy.throughput]\nenabled = true\ndefault_mps = 100001", "policy.throughput.default_mps"),
+            ("[policy.throughput]\nnumbers = { \"1001\" = 0 }", "policy.throughput.numbers.1001"),
+            ("[policy.throughput]\nnumbers = { \"1001\" = 100001 }", "policy.throughput.numbers.1001"),
+            ("[policy.throughput]\nnumbers = { \"a b\" = 80 }", "policy.throughput.numbers"),
+            ("[policy.throughput]\nburst = \"2m\"", "policy.throughput.burst"),
+            ("[policy.pair_rate]\nburst = 0", "policy.pair_rate.burst"),
+            ("[policy.pair_rate]\nburst = 10001", "policy.pair_rate.burst"),
+            ("[policy.pair_rate]\ninterval = \"0s\"", "policy.pair_rate.interval"),
+            ("[policy.pair_rate]\ninterval = \"25h\"", "policy.pair_rate.interval"),
+        ] {
+            assert_eq!(validate(toml).key, key, "{toml}");
+        }
+        // A number id that is not one is not repeated whole.
+        let long = format!("[policy.throughput]\nnumbers = {{ \"{}\" = 80 }}", "9".repeat(300));
+        assert!(!validate(&long).to_string().contains(&"9".repeat(300)));
+    }
 }

@@ -5,14 +5,14 @@
 //! Each scope's messages go to the store through the limiter's coalescer (`coalesce`),
 //! which lets concurrent calls of one scope share a store call without changing their answers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::config::OnError;
 use crate::error::Error;
 use crate::metrics;
-use crate::policy::{Category, Lease, Reason, ScopeKey, Tier};
-use crate::store::{AdmitOp, AdmitParams, UsageSnapshot};
+use crate::policy::{Category, Decision, Lease, Reason, ScopeKey, Tier};
+use crate::store::{AdmitOp, AdmitParams, PortfolioState, UsageSnapshot};
 
 use super::input::{FieldPath, IdempotencyKey, Recipient, TemplateLanguage, TemplateName};
 use super::read::Usage;
@@ -186,6 +186,8 @@ impl Limiter {
             }
         }
         let answers: Vec<AdmitAnswer> = answers.into_iter().map(|a| a.expect("every request answered")).collect();
+        // Before the hold, which it then overlaps.
+        self.throughput_metrics(&groups, &answers).await;
         // Paced messages took slots that many µs after the store's now: the call is held until
         // the last of them. Counting from after the reply errs late, never early.
         if let Some(hold) = answers.iter().map(|a| a.waited).max().filter(|w| !w.is_zero()) {
@@ -194,6 +196,12 @@ impl Limiter {
         metrics::admit_latency(started.elapsed());
         for a in &answers {
             metrics::decision(&self.labels, &a.usage.scope.portfolio, a.reason);
+            if let Some(would_be) = a.shadow {
+                metrics::shadow_decision(&self.labels, &a.usage.scope.portfolio, would_be);
+            }
+            if !a.waited.is_zero() {
+                metrics::paced(a.waited);
+            }
         }
         for group in &groups {
             let last = group.places.last().and_then(|&i| answers.get(i)).expect("group is not empty");
@@ -201,6 +209,42 @@ impl Limiter {
         }
         self.remember(groups.into_iter().map(|g| g.scope));
         Ok(answers)
+    }
+
+    /// While the throughput rule is on: counts the messages admitted per number, and publishes
+    /// the level in force of a number seen for the first time (or again after its portfolio
+    /// went idle), reading what Meta reported of it once. A failed read only leaves the gauge
+    /// for the next one.
+    async fn throughput_metrics(&self, groups: &[Group], answers: &[AdmitAnswer]) {
+        if self.rates.throughput.is_none() {
+            return;
+        }
+        let mut admitted: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for group in groups {
+            for (&i, op) in group.places.iter().zip(&group.ops) {
+                if let (Some(sender), Decision::Admitted) = (&op.sender, answers[i].reason.decision()) {
+                    *admitted.entry((group.scope.portfolio.as_str(), sender.as_str())).or_default() += 1;
+                }
+            }
+        }
+        let mut states: BTreeMap<&str, Option<PortfolioState>> = BTreeMap::new();
+        for ((portfolio, number), messages) in admitted {
+            metrics::throughput_messages(&self.labels, portfolio, number, messages);
+            if !self.labels.throughput_unknown(portfolio, number) {
+                continue;
+            }
+            if !states.contains_key(portfolio) {
+                let state = self.store.portfolio(portfolio).await;
+                if let Err(e) = &state {
+                    tracing::debug!(portfolio, error = %e, "Could not read a number's throughput level for metrics.");
+                }
+                states.insert(portfolio, state.ok());
+            }
+            if let Some(state) = &states[portfolio] {
+                let learnt = state.senders.get(number).and_then(|s| s.throughput_mps);
+                metrics::throughput_level(&self.labels, portfolio, number, learnt);
+            }
+        }
     }
 
     /// Gives back what earlier groups of a failed batch counted, so the batch is not half-applied.

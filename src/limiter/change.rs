@@ -33,6 +33,9 @@ pub struct PortfolioUpdate {
     /// (template name, language, status, quality); an empty language sets the status for every
     /// language of the name (see [`policy::template_status_in_force`]).
     pub templates: Vec<(String, String, Option<String>, Option<Quality>)>,
+    /// The portfolio's mode: `Some(Some(mode))` sets it for every sidecar sharing the store,
+    /// `Some(None)` goes back to the configured one, `None` leaves it.
+    pub mode: Option<Option<policy::Mode>>,
 }
 
 /// Something Meta reported about a portfolio, with when it happened (the webhook entry's
@@ -195,6 +198,9 @@ impl Limiter {
                 return Err(at.invalid("status", message));
             }
             changes.extend(template_changes(name.as_str(), language.as_ref(), status.as_deref(), *quality, None));
+        }
+        if let Some(mode) = update.mode {
+            changes.push(Change::Mode(mode));
         }
         if !changes.is_empty() {
             self.apply(id.as_str(), &changes).await?;

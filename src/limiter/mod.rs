@@ -98,8 +98,18 @@ pub trait StoreWatch: Send + Sync + 'static {
 impl Limiter {
     /// A limiter over `store` with the validated settings.
     pub fn new(settings: &Settings, store: Arc<dyn Store>) -> Limiter {
-        let labels = metrics::Labels::new(settings.metrics.max_portfolios, settings.portfolios.iter().cloned());
+        let levels = settings
+            .rates
+            .throughput
+            .map(|rule| metrics::ThroughputLevels { rule, numbers: settings.throughput_numbers.clone() });
+        let labels = metrics::Labels::new(settings.metrics.max_portfolios, settings.portfolios.iter().cloned())
+            .with_throughput(levels);
         metrics::start(&labels, &settings.portfolios);
+        let mode = |p: &String| settings.portfolio_modes.get(p).copied().unwrap_or(settings.mode);
+        metrics::shadow_start(
+            &labels,
+            settings.portfolios.iter().filter(|p| mode(p) == Mode::Shadow).map(String::as_str),
+        );
         Limiter {
             store,
             hasher: settings.store.hasher().clone(),
@@ -129,10 +139,21 @@ impl Limiter {
             portfolio_modes: settings.portfolio_modes.clone(),
         }
     }
+
     /// The mode configured for a portfolio: its `[[portfolios]] mode`, else `policy.mode`. One set
     /// by UpdatePortfolio, kept in the store, wins over both.
     pub(crate) fn configured_mode(&self, portfolio: &str) -> Mode {
         self.portfolio_modes.get(portfolio).copied().unwrap_or(self.mode)
+    }
+
+    /// A number's throughput level in force: configured, else `learnt` from Meta, else
+    /// `[policy.throughput] default_mps` (Meta's default while the rule is off).
+    pub(crate) fn throughput_mps(&self, number: &str, learnt: Option<u32>) -> u32 {
+        let configured = self.throughput_numbers.get(number).copied();
+        match self.rates.throughput {
+            Some(rule) => rule.mps(configured, learnt),
+            None => configured.or(learnt).unwrap_or(crate::policy::DEFAULT_THROUGHPUT_MPS),
+        }
     }
 
     /// The same limiter, telling `watch` of every transient store failure.

@@ -3,7 +3,7 @@
 //! shows a number RESTRICTED while its limit is used up, so it is derived from usage, never
 //! stored.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::TierSource;
 use crate::error::Error;
@@ -67,6 +67,9 @@ pub struct PortfolioView {
     pub usage: Vec<Usage>,
     /// The mode in force: set by UpdatePortfolio, else configured.
     pub mode: crate::policy::Mode,
+    /// Each known number's throughput level in force (messages per second): configured, else
+    /// learnt from Meta, else the default.
+    pub throughput_mps: BTreeMap<String, u32>,
 }
 
 impl PortfolioView {
@@ -132,6 +135,11 @@ impl Limiter {
             portfolio: portfolio.to_owned(),
             blocked_senders: self.blocked_senders.get(portfolio).cloned().unwrap_or_default(),
             mode: state.mode.unwrap_or_else(|| self.configured_mode(portfolio)),
+            throughput_mps: state
+                .senders
+                .iter()
+                .map(|(id, s)| (id.clone(), self.throughput_mps(id, s.throughput_mps)))
+                .collect(),
             state,
             usage,
         })

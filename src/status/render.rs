@@ -364,6 +364,7 @@ mod tests {
             state,
             blocked_senders: ["\"><i>x".to_owned()].into(),
             mode: crate::policy::Mode::Enforce,
+            throughput_mps: [("1001".to_owned(), 80)].into(),
             usage: vec![Usage {
                 scope: ScopeKey { portfolio: "acme".into(), sender: None },
                 snapshot: UsageSnapshot { tier: Tier::limited("TIER_<250>", 250), counted: 250, next_slot_at: None },
