@@ -826,4 +826,42 @@ mod tests {
         }
         assert_eq!(decision_label(Decision::Denied), "DENIED");
     }
+
+    #[test]
+    fn throughput_levels_are_exported_per_number_only_when_the_rule_is_on_and_numbers_fold() {
+        let state = PortfolioState {
+            senders: [(
+                "n1".to_owned(),
+                crate::store::SenderState { throughput_mps: Some(1000), ..Default::default() },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let off = Labels::new(2, []);
+        portfolio(&off, "acme", &state);
+        assert!(!off.throughput_unknown("acme", "n2"), "nothing to read while the rule is off");
+        let mut out = String::new();
+        off.render(&mut out);
+        assert!(!out.contains(THROUGHPUT_MPS), "{out}");
+
+        let rule = ThroughputRule { default_mps: 80, burst: Duration::ZERO };
+        let levels = ThroughputLevels { rule, numbers: [("n2".to_owned(), 20)].into() };
+        let on = Labels::new(2, []).with_throughput(Some(levels));
+        assert!(on.throughput_unknown("acme", "n1"));
+        portfolio(&on, "acme", &state);
+        assert!(!on.throughput_unknown("acme", "n1"), "published by the read of its portfolio");
+        throughput_level(&on, "acme", "n2", Some(1000));
+        throughput_level(&on, "acme", "n3", None);
+        assert!(!on.throughput_unknown("acme", "n3"), "a folded number is never read");
+        let mut out = String::new();
+        on.render(&mut out);
+        assert!(out.contains("# TYPE tiergate_throughput_mps gauge\n"), "{out}");
+        assert!(out.contains("tiergate_throughput_mps{portfolio=\"acme\",number=\"n1\"} 1000\n"), "learnt: {out}");
+        assert!(out.contains("tiergate_throughput_mps{portfolio=\"acme\",number=\"n2\"} 20\n"), "configured: {out}");
+        assert!(!out.contains("n3"), "beyond metrics.max_portfolios numbers: {out}");
+        on.forget_idle(Duration::ZERO);
+        let mut out = String::new();
+        on.render(&mut out);
+        assert!(!out.contains(THROUGHPUT_MPS), "dropped with its idle portfolio: {out}");
+    }
 }

@@ -106,19 +106,6 @@ impl Drop for Call {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn methods_are_named_by_the_last_path_segment_and_unknown_ones_fold() {
-        assert_eq!(method_of("/tiergate.v1.Limiter/Admit"), "Admit");
-        assert_eq!(method_of("/tiergate.v1.Limiter/GetPortfolio"), "GetPortfolio");
-        assert_eq!(method_of("/tiergate.v1.Limiter/Nope"), metrics::OTHER_METHOD);
-        assert_eq!(method_of(""), metrics::OTHER_METHOD);
-    }
-}
-
 /// The time a call has left, from its `grpc-timeout` header (`<digits><H|M|S|m|u|n>`), if it set one.
 pub fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
@@ -141,5 +128,36 @@ pub fn within(max_wait: Duration, deadline: Option<Duration>) -> Duration {
     match deadline {
         Some(left) => max_wait.min(left.saturating_sub((left / 10).max(Duration::from_millis(5)))),
         None => max_wait,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_are_named_by_the_last_path_segment_and_unknown_ones_fold() {
+        assert_eq!(method_of("/tiergate.v1.Limiter/Admit"), "Admit");
+        assert_eq!(method_of("/tiergate.v1.Limiter/GetPortfolio"), "GetPortfolio");
+        assert_eq!(method_of("/tiergate.v1.Limiter/Nope"), metrics::OTHER_METHOD);
+        assert_eq!(method_of(""), metrics::OTHER_METHOD);
+    }
+
+    #[test]
+    fn a_pacing_wait_ends_before_the_calls_deadline() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(deadline(&metadata), None);
+        metadata.insert("grpc-timeout", "200m".parse().unwrap());
+        assert_eq!(deadline(&metadata), Some(Duration::from_millis(200)));
+        metadata.insert("grpc-timeout", "2S".parse().unwrap());
+        assert_eq!(deadline(&metadata), Some(Duration::from_secs(2)));
+        metadata.insert("grpc-timeout", "soon".parse().unwrap());
+        assert_eq!(deadline(&metadata), None, "unreadable: no deadline, as gRPC would read it");
+        let five = Duration::from_secs(5);
+        assert_eq!(within(five, None), five);
+        assert_eq!(within(five, Some(Duration::from_millis(200))), Duration::from_millis(180));
+        assert_eq!(within(five, Some(Duration::from_millis(20))), Duration::from_millis(15), "at least 5 ms kept");
+        assert_eq!(within(five, Some(Duration::from_millis(3))), Duration::ZERO);
+        assert_eq!(within(Duration::from_millis(10), Some(five)), Duration::from_millis(10));
     }
 }
