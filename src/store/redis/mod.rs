@@ -347,9 +347,15 @@ impl Store for RedisStore {
                     opted_out: pf.opted_out,
                     portfolio: pf.state,
                     legacy_window: self.keys.legacy_window(scope),
+                    marketing_capped: pf.marketing_capped,
                     idempotency: ops
                         .iter()
                         .filter_map(|op| op.idempotency_key.as_ref().map(|key| self.keys.idempotency(scope, key)))
+                        .collect(),
+                    pairs: ops
+                        .iter()
+                        .filter_map(|op| scripts::pair_of(op, &params.rates))
+                        .map(|pair| self.keys.pair(&scope.portfolio, pair))
                         .collect(),
                 },
                 window_us: self.window_us(),
@@ -359,6 +365,8 @@ impl Store for RedisStore {
                 ops,
                 deadline,
                 layout: self.layout,
+                rates: params.rates,
+                mode: params.mode,
             })
             .await?;
         Ok(reply.into_admissions())
@@ -382,6 +390,7 @@ impl Store for RedisStore {
         let keys = self.keys.portfolio(portfolio);
         self.write(&keys.state.clone(), |deadline| ApplyArgs {
             keys: &self.keys,
+            portfolio_id: portfolio,
             portfolio: keys,
             state_ttl_ms: self.state_ttl_ms(),
             service_window_us: policy::micros(self.opts.windows.service_window),
