@@ -176,7 +176,8 @@ pub fn constants() -> String {
     line("ACTIVE_TEMPLATE_STATUSES".into(), format!("{{{}}}", active.collect::<Vec<_>>().join(", ")));
     line("SENDER_STATUS_BANNED".into(), lua_string(SenderStatus::Banned.as_str()));
     line("MIN_RETRY_AFTER".into(), policy::micros(policy::MIN_RETRY_AFTER).to_string());
-    let admitted = Reason::ALL.iter().filter(|r| r.decision() == Decision::Admitted).map(|r| format!("[{}] = true", r.code()));
+    let admitted =
+        Reason::ALL.iter().filter(|r| r.decision() == Decision::Admitted).map(|r| format!("[{}] = true", r.code()));
     line("ADMITTED".into(), format!("{{{}}}", admitted.collect::<Vec<_>>().join(", ")));
     line("MODE_ENFORCE".into(), lua_string(Mode::Enforce.as_str()));
     line("MODE_SHADOW".into(), lua_string(Mode::Shadow.as_str()));
