@@ -51,7 +51,7 @@ macro_rules! shared_strings {
 /// A scope's state hash holds `tier`, `limit`, `since`, `seq`, `elig`, `flag` and `tat`. The
 /// portfolio hash holds `q` and fields named `<prefix>:<item>:<attribute>` (sender `s`, template
 /// in every language `t`, template in one language `tl` with `<language>:<name>` as its item) or
-/// `<prefix>:<item>` (alert `a`, alias `n`, a template's languages `tls`). A language is
+/// `<prefix>:<item>` (alert `a`, alias `n`, a template's languages `tls`), and `mode`. A language is
 /// `[A-Za-z0-9_-]` (checked at the edges), so the first `:` after `tl:` ends it and a name may
 /// hold any `:`.
 pub mod field {
