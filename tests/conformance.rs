@@ -794,3 +794,312 @@ async fn thousands_of_recipients_keep_exact_counts_oldest_and_ranks<F: Fn(Window
     assert!(!store.release(&stale).await.unwrap());
     assert_eq!(usage(store, &s, &lower).await.counted, counted);
 }
+
+/// The send governor: each number's throughput, each (number, user) pair's rate, pacing, shadow
+/// mode and Meta's feedback, on every backend. Redis decides on its own clock, so each check
+/// either compares answers of one call (one instant) or allows the few milliseconds between calls.
+mod governor {
+    use super::*;
+
+    use tiergate::policy::rate::{PairRule, ThroughputRule, MARKETING_CAPPED_FOR, THROUGHPUT_BACKOFF};
+    use tiergate::policy::{micros, Mode};
+    use tiergate::store::{Admission, Rates, Store};
+
+    conformance!(
+        throughput_denies_the_next_message_until_its_slot_and_the_denial_takes_no_tier_slot,
+        a_limit_denial_takes_no_throughput_slot,
+        pacing_reserves_consecutive_slots_and_a_shorter_max_wait_is_denied,
+        a_pair_bursts_then_waits_out_what_it_borrowed,
+        meta_refusing_a_pair_makes_it_wait_an_interval,
+        a_marketing_capped_recipient_gets_no_marketing_from_any_number_for_a_day,
+        a_throughput_backoff_doubles_the_spacing_for_a_minute,
+        traffic_outside_admit_takes_a_throughput_slot,
+        a_configured_level_wins_over_the_learnt_one_which_wins_over_the_default,
+        shadow_mode_admits_what_enforcing_would_deny_and_takes_its_slots,
+        the_portfolio_mode_wins_over_the_configured_one_until_cleared,
+    );
+
+    /// A throughput rule of `mps` messages per second and no burst.
+    fn throughput(mps: u32) -> Option<ThroughputRule> {
+        Some(ThroughputRule { default_mps: mps, burst: Duration::ZERO })
+    }
+
+    /// A pair rule of one message per 6 s and bursts of `burst`.
+    fn pair(burst: u32) -> PairRule {
+        PairRule { interval: Duration::from_secs(6), burst }
+    }
+
+    fn governed(tier: &Tier, rates: Rates, mode: Mode) -> AdmitParams {
+        AdmitParams { rates, mode, ..AdmitParams::new(tier.clone(), 0) }
+    }
+
+    /// The op waiting up to `max_wait` for its rates.
+    fn paced(op: AdmitOp, max_wait: Duration) -> AdmitOp {
+        AdmitOp { max_wait, ..op }
+    }
+
+    async fn send(store: &dyn Store, params: &AdmitParams, ops: &[AdmitOp]) -> Vec<Admission> {
+        store.admit(&portfolio("acme"), params, ops).await.unwrap()
+    }
+
+    async fn send_one(store: &dyn Store, params: &AdmitParams, op: AdmitOp) -> Admission {
+        send(store, params, &[op]).await.pop().unwrap()
+    }
+
+    fn waits(answers: &[Admission]) -> Vec<Duration> {
+        answers.iter().map(|a| a.wait).collect()
+    }
+
+    /// Whether `d` is at most `full` and at least `full` less a second (the calls between).
+    fn about(d: Option<Duration>, full: Duration) -> bool {
+        d.is_some_and(|d| d <= full && d + Duration::from_secs(1) > full)
+    }
+
+    async fn throughput_denies_the_next_message_until_its_slot_and_the_denial_takes_no_tier_slot<
+        F: Fn(Windows) -> Fixture,
+    >(
+        make: F,
+    ) {
+        let f = make(Windows::default());
+        let t = limited(10);
+        let params = governed(&t, Rates { throughput: throughput(1), pair: None }, Mode::Enforce);
+        let first = send_one(&*f.store, &params, keyed(op_from("num-1", "5511900000001"), "k1")).await;
+        assert_eq!((first.reason, first.wait, first.shadow), (Reason::NewRecipient, Duration::ZERO, None));
+        let next = send_one(&*f.store, &params, op_from("num-1", "5511900000002")).await;
+        assert_eq!(next.reason, Reason::ThroughputExceeded);
+        assert!(
+            next.retry_after.is_some_and(|r| r <= Duration::from_secs(1) && r > Duration::from_millis(500)),
+            "{next:?}"
+        );
+        assert_eq!((next.lease_score, next.usage.counted), (None, 1), "the denial took no tier slot");
+        assert_eq!(usage(&*f.store, &portfolio("acme"), &t).await.counted, 1);
+        // A replay takes no slot: it is answered as first decided.
+        let replay = send_one(&*f.store, &params, keyed(op_from("num-1", "5511900000001"), "k1")).await;
+        assert_eq!((replay.reason, replay.lease_score), (Reason::NewRecipient, first.lease_score));
+        // Another number has its own throughput.
+        let other = send_one(&*f.store, &params, op_from("num-2", "5511900000002")).await;
+        assert_eq!(other.reason, Reason::NewRecipient);
+        // Sending makes no number known to the portfolio.
+        assert!(f.store.portfolio("acme").await.unwrap().senders.is_empty());
+    }
+
+    async fn a_limit_denial_takes_no_throughput_slot<F: Fn(Windows) -> Fixture>(make: F) {
+        let f = make(Windows::default());
+        let t = limited(1);
+        let params = governed(&t, Rates { throughput: throughput(1), pair: None }, Mode::Enforce);
+        // Filled by a message from no number, which no throughput governs.
+        assert_eq!(send_one(&*f.store, &params, op("5511900000001")).await.reason, Reason::NewRecipient);
+        let full = send_one(&*f.store, &params, op_from("num-1", "5511900000002")).await;
+        assert_eq!(full.reason, Reason::LimitReached);
+        assert!(full.retry_after.is_some_and(|r| r > DAY - Duration::from_secs(60)), "the limit's retry_after");
+        // The number's slot is still free.
+        let counted = send_one(&*f.store, &params, op_from("num-1", "5511900000001")).await;
+        assert_eq!(counted.reason, Reason::AlreadyCounted);
+        let next = send_one(&*f.store, &params, op_from("num-1", "5511900000001")).await;
+        assert_eq!(next.reason, Reason::ThroughputExceeded, "that message took it");
+    }
+
+    async fn pacing_reserves_consecutive_slots_and_a_shorter_max_wait_is_denied<F: Fn(Windows) -> Fixture>(make: F) {
+        let f = make(Windows::default());
+        let t = limited(10);
+        let params = governed(&t, Rates { throughput: throughput(1), pair: None }, Mode::Enforce);
+        let s = Duration::from_secs;
+        let mut ops: Vec<AdmitOp> =
+            (1..=4).map(|i| paced(op_from("num-1", &format!("551190000000{i}")), s(10))).collect();
+        ops.push(paced(op_from("num-1", "5511900000005"), Duration::from_millis(3_500)));
+        let answers = send(&*f.store, &params, &ops).await;
+        let reasons: Vec<Reason> = answers.iter().map(|a| a.reason).collect();
+        assert_eq!(reasons, [[Reason::NewRecipient; 4].as_slice(), &[Reason::ThroughputExceeded]].concat());
+        assert_eq!(waits(&answers), [s(0), s(1), s(2), s(3), s(0)]);
+        assert_eq!(answers[4].retry_after, Some(s(4)), "the whole wait");
+        assert_eq!(answers[4].usage.counted, 4);
+        // The next call waits behind the slots reserved.
+        let later = send_one(&*f.store, &params, paced(op_from("num-1", "5511900000006"), s(10))).await;
+        assert_eq!(later.reason, Reason::NewRecipient);
+        assert!(about(Some(later.wait), s(4)), "{later:?}");
+    }
+
+    async fn a_pair_bursts_then_waits_out_what_it_borrowed<F: Fn(Windows) -> Fixture>(make: F) {
+        let f = make(Windows::default());
+        let t = limited(10);
+        let params = governed(&t, Rates { throughput: None, pair: Some(pair(3)) }, Mode::Enforce);
+        let to_user = op_from("num-1", "5511900000001");
+        let answers = send(&*f.store, &params, &vec![to_user.clone(); 4]).await;
+        let reasons: Vec<Reason> = answers.iter().map(|a| a.reason).collect();
+        assert_eq!(reasons, [Reason::NewRecipient, Reason::AlreadyCounted, Reason::AlreadyCounted, Reason::PairRate]);
+        assert_eq!(answers[3].retry_after, Some(Duration::from_secs(18)), "three intervals borrowed");
+        let again = send_one(&*f.store, &params, to_user.clone()).await;
+        assert_eq!(again.reason, Reason::PairRate);
+        assert!(about(again.retry_after, Duration::from_secs(18)), "{again:?}");
+        // Paced past it, the message goes when the pair owes nothing.
+        let paced_past = send_one(&*f.store, &params, paced(to_user, Duration::from_secs(20))).await;
+        assert_eq!(paced_past.reason, Reason::AlreadyCounted);
+        assert!(about(Some(paced_past.wait), Duration::from_secs(18)), "{paced_past:?}");
+        // The pair is one number and one user.
+        for other in [op_from("num-1", "5511900000002"), op_from("num-2", "5511900000001")] {
+            assert!(
+                send_one(&*f.store, &params, other).await.reason.decision() == tiergate::policy::Decision::Admitted
+            );
+        }
+    }
+
+    async fn meta_refusing_a_pair_makes_it_wait_an_interval<F: Fn(Windows) -> Fixture>(make: F) {
+        let f = make(Windows::default());
+        let t = limited(10);
+        let params = governed(&t, Rates { throughput: None, pair: Some(pair(45)) }, Mode::Enforce);
+        let pair_hash = hasher().service_window("num-1", "5511900000001");
+        f.store.apply("acme", &[Change::PairBackoff { pair: pair_hash, rule: pair(45), at: None }]).await.unwrap();
+        let refused = send_one(&*f.store, &params, op_from("num-1", "5511900000001")).await;
+        assert_eq!(refused.reason, Reason::PairRate);
+        assert!(about(refused.retry_after, Duration::from_secs(6)), "{refused:?}");
+        assert_eq!(refused.usage.counted, 0);
+        assert_eq!(send_one(&*f.store, &params, op_from("num-1", "5511900000002")).await.reason, Reason::NewRecipient);
+    }
+
+    async fn a_marketing_capped_recipient_gets_no_marketing_from_any_number_for_a_day<F: Fn(Windows) -> Fixture>(
+        make: F,
+    ) {
+        let f = make(Windows::default());
+        let t = limited(10);
+        let params = governed(&t, Rates::default(), Mode::Enforce);
+        let (capped, long_ago) = ("5511900000001", "5511900000002");
+        let now = f
+            .store
+            .apply("acme", &[Change::MarketingCapped { member: hasher().recipient(capped), at: None }])
+            .await
+            .unwrap();
+        // Capped a day and a minute ago: over.
+        let at = Some(now - micros(MARKETING_CAPPED_FOR) - 60_000_000);
+        f.store.apply("acme", &[Change::MarketingCapped { member: hasher().recipient(long_ago), at }]).await.unwrap();
+        for category in [Category::Marketing, Category::Unspecified] {
+            for sender in ["num-1", "num-2"] {
+                let denied = send_one(&*f.store, &params, with(op_from(sender, capped), category, None)).await;
+                assert_eq!(denied.reason, Reason::RecipientMarketingCapped, "{category:?} from {sender}");
+                assert_eq!(denied.usage.counted, 0);
+            }
+            let no_number = send_one(&*f.store, &params, with(op(capped), category, None)).await;
+            assert_eq!(no_number.reason, Reason::RecipientMarketingCapped);
+        }
+        let utility = send_one(&*f.store, &params, op_from("num-1", capped)).await;
+        assert_eq!(utility.reason, Reason::NewRecipient);
+        let over = send_one(&*f.store, &params, with(op_from("num-1", long_ago), Category::Marketing, None)).await;
+        assert_eq!(over.reason, Reason::NewRecipient);
+    }
+
+    async fn a_throughput_backoff_doubles_the_spacing_for_a_minute<F: Fn(Windows) -> Fixture>(make: F) {
+        let f = make(Windows::default());
+        let t = limited(10);
+        let params = governed(&t, Rates { throughput: throughput(10), pair: None }, Mode::Enforce);
+        let now =
+            f.store.apply("acme", &[Change::ThroughputBackoff { sender: "num-1".into(), at: None }]).await.unwrap();
+        let state = f.store.portfolio("acme").await.unwrap();
+        assert_eq!(state.senders["num-1"].throughput_backoff_until, Some(now + micros(THROUGHPUT_BACKOFF)));
+        let burst = |sender: &str| -> Vec<AdmitOp> {
+            (1..=3).map(|i| paced(op_from(sender, &format!("551190000000{i}")), Duration::from_secs(10))).collect()
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(waits(&send(&*f.store, &params, &burst("num-1")).await), [ms(0), ms(200), ms(400)]);
+        assert_eq!(waits(&send(&*f.store, &params, &burst("num-2")).await), [ms(0), ms(100), ms(200)]);
+        // An older report moves nothing back.
+        f.store
+            .apply("acme", &[Change::ThroughputBackoff { sender: "num-1".into(), at: Some(now - 1) }])
+            .await
+            .unwrap();
+        let state = f.store.portfolio("acme").await.unwrap();
+        assert_eq!(state.senders["num-1"].throughput_backoff_until, Some(now + micros(THROUGHPUT_BACKOFF)));
+    }
+
+    async fn traffic_outside_admit_takes_a_throughput_slot<F: Fn(Windows) -> Fixture>(make: F) {
+        let f = make(Windows::default());
+        let t = limited(10);
+        let rule = throughput(1);
+        let params = governed(&t, Rates { throughput: rule, pair: None }, Mode::Enforce);
+        let traffic = Change::Traffic { sender: "num-1".into(), rule: rule.unwrap(), configured_mps: None, at: None };
+        f.store.apply("acme", &[traffic]).await.unwrap();
+        let denied = send_one(&*f.store, &params, op_from("num-1", "5511900000001")).await;
+        assert_eq!(denied.reason, Reason::ThroughputExceeded);
+        assert!(about(denied.retry_after, Duration::from_secs(1)), "{denied:?}");
+        assert_eq!(send_one(&*f.store, &params, op_from("num-2", "5511900000001")).await.reason, Reason::NewRecipient);
+        // Traffic at a configured level of 10 per second takes a tenth of a second.
+        let fast = Change::Traffic { sender: "num-3".into(), rule: rule.unwrap(), configured_mps: Some(10), at: None };
+        f.store.apply("acme", &[fast]).await.unwrap();
+        let op =
+            AdmitOp { throughput_mps: Some(10), ..paced(op_from("num-3", "5511900000001"), Duration::from_secs(1)) };
+        let after = send_one(&*f.store, &params, op).await;
+        assert!(after.wait <= Duration::from_millis(100), "{after:?}");
+        assert!(f.store.portfolio("acme").await.unwrap().senders.is_empty(), "traffic names no number");
+    }
+
+    async fn a_configured_level_wins_over_the_learnt_one_which_wins_over_the_default<F: Fn(Windows) -> Fixture>(
+        make: F,
+    ) {
+        let f = make(Windows::default());
+        let t = limited(10);
+        let params = governed(&t, Rates { throughput: throughput(1_000), pair: None }, Mode::Enforce);
+        let learnt = ["num-1", "num-2"].map(|sender| Change::Throughput { sender: sender.into(), mps: 1 });
+        f.store.apply("acme", &learnt).await.unwrap();
+        let two = |sender: &str, configured: Option<u32>| -> Vec<AdmitOp> {
+            (1..=2)
+                .map(|i| AdmitOp {
+                    throughput_mps: configured,
+                    ..paced(op_from(sender, &format!("551190000000{i}")), Duration::from_secs(10))
+                })
+                .collect()
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(waits(&send(&*f.store, &params, &two("num-1", None)).await), [ms(0), ms(1_000)], "learnt");
+        assert_eq!(waits(&send(&*f.store, &params, &two("num-2", Some(10))).await), [ms(0), ms(100)], "configured");
+        assert_eq!(waits(&send(&*f.store, &params, &two("num-3", None)).await), [ms(0), ms(1)], "default");
+    }
+
+    async fn shadow_mode_admits_what_enforcing_would_deny_and_takes_its_slots<F: Fn(Windows) -> Fixture>(make: F) {
+        let f = make(Windows::default());
+        let t = limited(1);
+        let rates = Rates { throughput: throughput(1), pair: None };
+        let shadow = governed(&t, rates, Mode::Shadow);
+        let first = send_one(&*f.store, &shadow, op_from("num-1", "5511900000001")).await;
+        assert_eq!(
+            (first.reason, first.shadow, first.wait),
+            (Reason::NewRecipient, Some(Reason::NewRecipient), Duration::ZERO)
+        );
+        // The tier is full and the number's slot taken: the limit is what enforcing would answer.
+        let full = send_one(&*f.store, &shadow, op_from("num-1", "5511900000002")).await;
+        assert_eq!(
+            (full.reason, full.shadow, full.retry_after),
+            (Reason::NewRecipient, Some(Reason::LimitReached), None)
+        );
+        assert!(full.lease_score.is_some(), "counted as admitted");
+        assert_eq!(full.usage.counted, 2);
+        // A message the limit admits is reported by the rates.
+        let again = send_one(&*f.store, &shadow, op_from("num-1", "5511900000001")).await;
+        assert_eq!(
+            (again.reason, again.shadow, again.wait),
+            (Reason::AlreadyCounted, Some(Reason::ThroughputExceeded), Duration::ZERO)
+        );
+        // Each took a slot at once: enforcing now, the number waits three of them.
+        let enforce = governed(&t, rates, Mode::Enforce);
+        let denied = send_one(&*f.store, &enforce, op_from("num-1", "5511900000001")).await;
+        assert_eq!((denied.reason, denied.shadow), (Reason::ThroughputExceeded, None));
+        assert!(about(denied.retry_after, Duration::from_secs(3)), "{denied:?}");
+    }
+
+    async fn the_portfolio_mode_wins_over_the_configured_one_until_cleared<F: Fn(Windows) -> Fixture>(make: F) {
+        let f = make(Windows::default());
+        let t = limited(1);
+        let (enforce, shadow) =
+            (governed(&t, Rates::default(), Mode::Enforce), governed(&t, Rates::default(), Mode::Shadow));
+        f.store.apply("acme", &[Change::Mode(Some(Mode::Shadow))]).await.unwrap();
+        assert_eq!(f.store.portfolio("acme").await.unwrap().mode, Some(Mode::Shadow));
+        assert_eq!(send_one(&*f.store, &enforce, op("5511900000001")).await.reason, Reason::NewRecipient);
+        let over = send_one(&*f.store, &enforce, op("5511900000002")).await;
+        assert_eq!((over.reason, over.shadow), (Reason::NewRecipient, Some(Reason::LimitReached)));
+        f.store.apply("acme", &[Change::Mode(Some(Mode::Enforce))]).await.unwrap();
+        let enforced = send_one(&*f.store, &shadow, op("5511900000003")).await;
+        assert_eq!((enforced.reason, enforced.shadow), (Reason::LimitReached, None));
+        f.store.apply("acme", &[Change::Mode(None)]).await.unwrap();
+        assert_eq!(f.store.portfolio("acme").await.unwrap().mode, None);
+        assert_eq!(send_one(&*f.store, &enforce, op("5511900000003")).await.reason, Reason::LimitReached);
+        let configured = send_one(&*f.store, &shadow, op("5511900000003")).await;
+        assert_eq!((configured.reason, configured.shadow), (Reason::NewRecipient, Some(Reason::LimitReached)));
+    }
+}

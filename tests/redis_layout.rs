@@ -166,3 +166,31 @@ async fn a_sorted_set_started_beside_an_adopted_one_joins_it() {
     let pttl: u64 = redis.cli(&["PTTL", "tg:{beta}:wz"]).parse().unwrap();
     assert!(pttl > 23 * 3600 * 1000, "the joined set keeps its contacts' window: {pttl} ms");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_state_lives_under_the_portfolio_tag_and_pair_schedules_expire_on_their_own() {
+    use common::ops::{hasher, op_from, params};
+    use common::stores::redis_store;
+    use tiergate::policy::rate::{PairRule, ThroughputRule};
+    use tiergate::store::{AdmitParams, Change, Rates};
+
+    let (store, redis) = redis_store(Windows::default(), "tgrates");
+    let rates = Rates {
+        throughput: Some(ThroughputRule { default_mps: 80, burst: Duration::ZERO }),
+        pair: Some(PairRule { interval: Duration::from_secs(6), burst: 45 }),
+    };
+    let p = AdmitParams { rates, ..params(&limited(10)) };
+    let a = store.admit(&portfolio("acme"), &p, &[op_from("num-1", "5511900000001")]).await.unwrap();
+    assert_eq!(a[0].reason, Reason::NewRecipient);
+    // One key per pair, named by its keyed hash and kept until its schedule is past.
+    let key = format!("tgrates:{{acme}}:pr:{}", hex::encode(hasher().service_window("num-1", "5511900000001")));
+    let ttl: u64 = redis.cli(&["PTTL", &key]).parse().unwrap();
+    assert!(ttl > 0 && ttl <= 6_000, "{ttl}");
+    let tat: u64 = redis.cli(&["HGET", "tgrates:{acme}:pf", "s:num-1:tat"]).parse().unwrap();
+    assert_eq!(tat, a[0].now + 12_500, "the number's schedule, one interval at 80 per second on");
+    // Capped recipients: one sorted set, kept until the last cap ends.
+    let member = hasher().recipient("5511900000002");
+    store.apply("acme", &[Change::MarketingCapped { member, at: None }]).await.unwrap();
+    let ttl: u64 = redis.cli(&["PTTL", "tgrates:{acme}:mc"]).parse().unwrap();
+    assert!(ttl > 23 * 3_600_000 && ttl <= 24 * 3_600_000 + 1_000, "{ttl}");
+}

@@ -18,6 +18,8 @@ pub struct PortfolioKeys {
     pub opted_out: String,
     /// Service windows (sorted set).
     pub service_windows: String,
+    /// Recipients Meta's per-user marketing limit capped (sorted set, score = until when).
+    pub marketing_capped: String,
 }
 
 impl KeySpace {
@@ -75,7 +77,15 @@ impl KeySpace {
             state: format!("{tag}:pf"),
             opted_out: format!("{tag}:opt"),
             service_windows: format!("{tag}:sw"),
+            marketing_capped: format!("{tag}:mc"),
         }
+    }
+
+    /// A (number, user) pair's rate schedule (string `<tat>:<burst start>`, us), by the keyed hash
+    /// of the pair (its service-window hash), so it names no recipient in clear: one key per pair that
+    /// expires at its `tat`, when the pair owes nothing any more.
+    pub fn pair(&self, portfolio: &str, pair: &[u8]) -> String {
+        format!("{}:pr:{}", self.tag(portfolio), hex::encode(pair))
     }
 
     /// The [shared policy](crate::shared_policy) of the deployment (string).

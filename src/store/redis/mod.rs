@@ -12,9 +12,11 @@
 //! | `<p>:{portfolio}:d<scope>:<day>` | HyperLogLog | counted recipients delivered that UTC day   | 31 days |
 //! | `<p>:{portfolio}:dv<scope>`      | sorted set  | recipient hash → last confirmed delivered (µs) | window after its newest score |
 //! | `<p>:{portfolio}:sw`             | sorted set  | (sender, recipient) hash → window closes (µs)| its last closing time |
-//! | `<p>:{portfolio}:pf`             | hash        | quality, numbers, templates, alerts          | `store.state_ttl` |
+//! | `<p>:{portfolio}:pf`             | hash        | quality, numbers (their throughput level `s:<id>:mps`, backoff `s:<id>:bo` and schedule `s:<id>:tat`), templates, alerts, the mode set by UpdatePortfolio (`mode`) | `store.state_ttl` |
 //! | `<p>:{portfolio}:opt`            | set         | opted-out recipient hashes                   | `store.state_ttl` |
 //! | `<p>:{portfolio}:i<scope>:<key>` | string      | an idempotency key's remembered Admit        | window after its score |
+//! | `<p>:{portfolio}:pr:<pair>`      | string      | a (number, user) pair's rate schedule `<tat>:<burst start>` (µs), by the pair's keyed hash | until its `tat` |
+//! | `<p>:{portfolio}:mc`             | sorted set  | recipient hash → no marketing until (µs), after Meta's per-user marketing limit | its last until |
 //!
 //! TTLs run from the newest score a key holds (plus one second), never from now: scores can be
 //! ahead of the Redis clock (see `tg_ttl_until` in the scripts' prelude).
@@ -347,9 +349,15 @@ impl Store for RedisStore {
                     opted_out: pf.opted_out,
                     portfolio: pf.state,
                     legacy_window: self.keys.legacy_window(scope),
+                    marketing_capped: pf.marketing_capped,
                     idempotency: ops
                         .iter()
                         .filter_map(|op| op.idempotency_key.as_ref().map(|key| self.keys.idempotency(scope, key)))
+                        .collect(),
+                    pairs: ops
+                        .iter()
+                        .filter_map(|op| scripts::pair_of(op, &params.rates))
+                        .map(|pair| self.keys.pair(&scope.portfolio, pair))
                         .collect(),
                 },
                 window_us: self.window_us(),
@@ -359,6 +367,8 @@ impl Store for RedisStore {
                 ops,
                 deadline,
                 layout: self.layout,
+                rates: params.rates,
+                mode: params.mode,
             })
             .await?;
         Ok(reply.into_admissions())
@@ -382,6 +392,7 @@ impl Store for RedisStore {
         let keys = self.keys.portfolio(portfolio);
         self.write(&keys.state.clone(), |deadline| ApplyArgs {
             keys: &self.keys,
+            portfolio_id: portfolio,
             portfolio: keys,
             state_ttl_ms: self.state_ttl_ms(),
             service_window_us: policy::micros(self.opts.windows.service_window),

@@ -5,6 +5,9 @@
 --            s:<sender>:status  number status; s:<sender>:since when it last changed (us)
 --            s:<sender>:quality number quality
 --            s:<sender>:mps     number throughput level (messages per second)
+--            s:<sender>:bo      until when the number's throughput is reduced (us)
+--            s:<sender>:tat     the number's throughput schedule (us), also taken by Admit
+--            mode               the mode set by UpdatePortfolio (MODE_*; absent: configured)
 --            t:<name>:status    template status event set for every language of the name;
 --                               t:<name>:quality its quality
 --            tl:<language>:<name>:status   template status event in one language;
@@ -15,8 +18,10 @@
 --            n:<display number> phone number id
 -- KEYS[2]  opted-out recipients: set of recipient hashes
 -- KEYS[3]  service windows: sorted set, member = (sender, recipient) hash, score = closing time
--- KEYS[4..] scope state hashes that tier/elig/flag changes name by index (see admit.lua)
--- KEYS[4..] also the windows (hashes, layout at the top of window.lua), the windows as the previous
+-- KEYS[4]  recipients Meta's per-user marketing limit capped: sorted set, member = recipient
+--          hash, score = until when (us)
+-- KEYS[5..] scope state hashes that tier/elig/flag changes name by index (see admit.lua)
+-- KEYS[5..] also pair schedules (strings, see admit.lua) that pbo names by index, and the windows (hashes, layout at the top of window.lua), the windows as the previous
 --          version kept them (sorted sets), delivered sets and daily HyperLogLogs that deliveries
 --          name by index
 -- ARGV[1]  state TTL (ms), ARGV[2] service window (us), ARGV[3] rolling window (us),
@@ -42,6 +47,13 @@
 --     confirms the recipient (into that day's count when counted in the window), `f` gives its
 --     slot back as `policy::failure_gives_back` says
 --   tlst <template> <language> <status> <at>    tlq <template> <language> <quality>
+--   trf <sender> <configured mps or ''> <default mps> <at>   a message outside Admit takes a slot
+--     of the number's throughput at <at> (`rate::throughput_take`)
+--   tbo <sender> <at>    the number's throughput is reduced until <at> + THROUGHPUT_BACKOFF
+--   pbo <key index> <interval us> <at>   Meta refused the pair at <at> (`rate::PairRule::penalise`)
+--   mc <recipient hash> <at>   no marketing to the recipient until <at> + MARKETING_CAPPED_FOR
+--   mode <enforce, shadow or ''>   the portfolio's mode ('' = back to the configured one)
+--   (for in, dlv, trf, tbo, pbo and mc, <at> '' is now, and a time later than now is now)
 --   (tst and tq set the name in every language; which status is in force for a language is
 --   `policy::template_status_in_force`, read by the admit script)
 --
@@ -198,6 +210,36 @@ while i <= #ARGV do
       end
     end
     i = i + 5
+  elseif op == OP_TRAFFIC then
+    local sender = ARGV[i + 1]
+    local f = redis.call('HMGET', KEYS[1], tg_field(FIELD_SENDER, sender, FIELD_THROUGHPUT_TAT),
+      tg_field(FIELD_SENDER, sender, FIELD_THROUGHPUT), tg_field(FIELD_SENDER, sender, FIELD_THROUGHPUT_BACKOFF))
+    local mps = tonumber(ARGV[i + 2]) or tonumber(f[2]) or tonumber(ARGV[i + 3])
+    local interval = tg_throughput_interval(mps, (tonumber(f[3]) or 0) > now)
+    local tat = math.max(tonumber(f[1]) or 0, tg_event_time(ARGV[i + 4], now)) + interval
+    redis.call('HSET', KEYS[1], tg_field(FIELD_SENDER, sender, FIELD_THROUGHPUT_TAT), tg_fmt(tat))
+    i = i + 5
+  elseif op == OP_THROUGHPUT_BACKOFF then
+    local field = tg_field(FIELD_SENDER, ARGV[i + 1], FIELD_THROUGHPUT_BACKOFF)
+    local until_ = tg_event_time(ARGV[i + 2], now) + THROUGHPUT_BACKOFF
+    redis.call('HSET', KEYS[1], field, tg_fmt(math.max(tonumber(redis.call('HGET', KEYS[1], field)) or 0, until_)))
+    i = i + 3
+  elseif op == OP_PAIR_BACKOFF then
+    -- `rate::PairRule::penalise`: nothing more until an interval after <at>, and no burst before.
+    local key = KEYS[tonumber(ARGV[i + 1])]
+    local s = tg_pair_state(key)
+    local tat = math.max(s.tat, tg_event_time(ARGV[i + 3], now) + tonumber(ARGV[i + 2]))
+    tg_set_pair(key, {tat = tat, burst_start = tat}, now)
+    i = i + 4
+  elseif op == OP_MARKETING_CAPPED then
+    local until_ = tg_event_time(ARGV[i + 2], now) + MARKETING_CAPPED_FOR
+    redis.call('ZADD', KEYS[4], 'GT', tg_fmt(until_), ARGV[i + 1])
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tg_fmt(now))
+    tg_keep_scores(KEYS[4], 0, now)
+    i = i + 3
+  elseif op == OP_MODE then
+    set_or_clear(KEYS[1], FIELD_MODE, ARGV[i + 1])
+    i = i + 2
   elseif op == OP_TEMPLATE_LANGUAGE_QUALITY then
     local item = ARGV[i + 2] .. ':' .. ARGV[i + 1]
     redis.call('HSET', KEYS[1], tg_field(FIELD_TEMPLATE_LANGUAGE, item, FIELD_ITEM_QUALITY), ARGV[i + 3])

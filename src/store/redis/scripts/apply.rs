@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 use redis::{Script, ScriptInvocation, Value};
 
 use super::{bad_reply, op, time_arg, with_window, Call};
-use crate::policy::{Delivery, Micros};
+use crate::policy::{self, Delivery, Micros, Mode};
 use crate::store::redis::keys::{KeySpace, PortfolioKeys};
 use crate::store::{day_of, Change, StoreError};
 
@@ -16,7 +16,10 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| with_window(include_str!("app
 pub struct ApplyArgs<'a> {
     /// Names the state hashes of the scopes that changes touch.
     pub keys: &'a KeySpace,
-    /// The portfolio's state hash, opted-out set and service windows: KEYS[1..3].
+    /// The portfolio's id, which names its pairs' keys.
+    pub portfolio_id: &'a str,
+    /// The portfolio's state hash, opted-out set, service windows and marketing-capped
+    /// recipients: KEYS[1..4].
     pub portfolio: PortfolioKeys,
     /// TTL of everything touched (ms).
     pub state_ttl_ms: u64,
@@ -49,7 +52,8 @@ impl Call for ApplyArgs<'_> {
     fn encode(&self, inv: &mut ScriptInvocation<'static>) {
         // Scope state hashes follow the portfolio's keys, each once; changes name them by index.
         let p = &self.portfolio;
-        let mut keys = vec![p.state.clone(), p.opted_out.clone(), p.service_windows.clone()];
+        let mut keys =
+            vec![p.state.clone(), p.opted_out.clone(), p.service_windows.clone(), p.marketing_capped.clone()];
         let mut key_index = |key: String| {
             let i = match keys.iter().position(|k| *k == key) {
                 Some(i) => i + 1,
@@ -65,11 +69,6 @@ impl Call for ApplyArgs<'_> {
         let mut push = |parts: &[&[u8]]| args.extend(parts.iter().map(|p| p.to_vec()));
         for change in self.changes {
             match change {
-                Change::Traffic { .. }
-                | Change::ThroughputBackoff { .. }
-                | Change::PairBackoff { .. }
-                | Change::MarketingCapped { .. }
-                | Change::Mode(_) => {}
                 Change::Tier { scope, tier, at } => {
                     let limit = tier.limit.to_i64().to_string();
                     push(&[
@@ -156,6 +155,26 @@ impl Call for ApplyArgs<'_> {
                 Change::Throughput { sender, mps } => {
                     push(&[op::THROUGHPUT.as_bytes(), sender.as_bytes(), mps.to_string().as_bytes()])
                 }
+                Change::Traffic { sender, rule, configured_mps, at } => push(&[
+                    op::TRAFFIC.as_bytes(),
+                    sender.as_bytes(),
+                    configured_mps.map(|mps| mps.to_string()).unwrap_or_default().as_bytes(),
+                    rule.default_mps.to_string().as_bytes(),
+                    time_arg(*at).as_bytes(),
+                ]),
+                Change::ThroughputBackoff { sender, at } => {
+                    push(&[op::THROUGHPUT_BACKOFF.as_bytes(), sender.as_bytes(), time_arg(*at).as_bytes()])
+                }
+                Change::PairBackoff { pair, rule, at } => push(&[
+                    op::PAIR_BACKOFF.as_bytes(),
+                    key_index(self.keys.pair(self.portfolio_id, pair)).as_bytes(),
+                    policy::micros(rule.interval).to_string().as_bytes(),
+                    time_arg(*at).as_bytes(),
+                ]),
+                Change::MarketingCapped { member, at } => {
+                    push(&[op::MARKETING_CAPPED.as_bytes(), member, time_arg(*at).as_bytes()])
+                }
+                Change::Mode(mode) => push(&[op::MODE.as_bytes(), mode.map_or("", Mode::as_str).as_bytes()]),
             }
         }
         inv.key(&keys[..]).arg(args);

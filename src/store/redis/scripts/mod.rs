@@ -19,7 +19,7 @@ use std::fmt::Write as _;
 
 use redis::{Script, ScriptInvocation, Value};
 
-pub use admit::{AdmitArgs, AdmitKeys};
+pub use admit::{pair_of, AdmitArgs, AdmitKeys};
 pub use apply::ApplyArgs;
 pub use clock::ClockArgs;
 pub use portfolio::PortfolioArgs;
@@ -28,7 +28,7 @@ pub use shared_policy::SharedPolicyArgs;
 pub use usage::UsageArgs;
 
 use crate::hashing::MEMBER_LEN;
-use crate::policy::{self, Category, Micros, Reason, SenderStatus};
+use crate::policy::{self, rate, Category, Decision, Micros, Mode, Reason, SenderStatus};
 use crate::store::{StoreError, DAY_US};
 
 /// Declares string constants shared with the scripts: each becomes a Rust `pub const` and a Lua
@@ -51,7 +51,7 @@ macro_rules! shared_strings {
 /// A scope's state hash holds `tier`, `limit`, `since`, `seq`, `elig`, `flag` and `tat`. The
 /// portfolio hash holds `q` and fields named `<prefix>:<item>:<attribute>` (sender `s`, template
 /// in every language `t`, template in one language `tl` with `<language>:<name>` as its item) or
-/// `<prefix>:<item>` (alert `a`, alias `n`, a template's languages `tls`). A language is
+/// `<prefix>:<item>` (alert `a`, alias `n`, a template's languages `tls`), and `mode`. A language is
 /// `[A-Za-z0-9_-]` (checked at the edges), so the first `:` after `tl:` ends it and a name may
 /// hold any `:`.
 pub mod field {
@@ -94,6 +94,13 @@ pub mod field {
         /// Portfolio: the languages of a template with a status of their own, `tls:<name>`,
         /// comma-separated, so an Admit without a language checks them all without a scan.
         TEMPLATE_LANGUAGES = "tls";
+        /// Attribute: a sender's throughput schedule, the `tat` of its GCRA (us); read by Admit
+        /// only, so it names no sender in the portfolio's state.
+        THROUGHPUT_TAT = "tat";
+        /// Attribute: until when a sender's throughput is reduced (us).
+        THROUGHPUT_BACKOFF = "bo";
+        /// Portfolio: the mode set by UpdatePortfolio (`enforce` or `shadow`; absent: configured).
+        MODE = "mode";
     }
 }
 
@@ -137,6 +144,16 @@ pub mod op {
         TEMPLATE_LANGUAGE_STATUS = "tlst";
         /// `tlq <template> <language> <quality>`.
         TEMPLATE_LANGUAGE_QUALITY = "tlq";
+        /// `trf <sender> <configured mps or ''> <default mps> <at>`.
+        TRAFFIC = "trf";
+        /// `tbo <sender> <at>`.
+        THROUGHPUT_BACKOFF = "tbo";
+        /// `pbo <key index> <interval us> <at>`.
+        PAIR_BACKOFF = "pbo";
+        /// `mc <recipient hash> <at>`.
+        MARKETING_CAPPED = "mc";
+        /// `mode <enforce, shadow or ''>`.
+        MODE = "mode";
     }
 }
 
@@ -159,6 +176,14 @@ pub fn constants() -> String {
     line("ACTIVE_TEMPLATE_STATUSES".into(), format!("{{{}}}", active.collect::<Vec<_>>().join(", ")));
     line("SENDER_STATUS_BANNED".into(), lua_string(SenderStatus::Banned.as_str()));
     line("MIN_RETRY_AFTER".into(), policy::micros(policy::MIN_RETRY_AFTER).to_string());
+    let admitted =
+        Reason::ALL.iter().filter(|r| r.decision() == Decision::Admitted).map(|r| format!("[{}] = true", r.code()));
+    line("ADMITTED".into(), format!("{{{}}}", admitted.collect::<Vec<_>>().join(", ")));
+    line("MODE_ENFORCE".into(), lua_string(Mode::Enforce.as_str()));
+    line("MODE_SHADOW".into(), lua_string(Mode::Shadow.as_str()));
+    line("THROUGHPUT_BACKOFF".into(), policy::micros(rate::THROUGHPUT_BACKOFF).to_string());
+    line("THROUGHPUT_BACKOFF_FACTOR".into(), rate::THROUGHPUT_BACKOFF_FACTOR.to_string());
+    line("MARKETING_CAPPED_FOR".into(), policy::micros(rate::MARKETING_CAPPED_FOR).to_string());
     // Daily keys are named by `store::day_of`; the scripts find today's by the Redis clock with
     // the same division.
     line("DAY_US".into(), DAY_US.to_string());
@@ -271,5 +296,9 @@ mod tests {
         assert!(lua.contains("local OP_INBOUND = \"in\"\n"), "{lua}");
         assert!(lua.contains("local DEADLINE_PASSED = \"TGDEADLINE\"\n"), "{lua}");
         assert!(lua.contains("local MEMBER_LEN = 8\n"), "{lua}");
+        assert!(lua.contains("local ADMITTED = {[1] = true, [2] = true, [3] = true, [10] = true}\n"), "{lua}");
+        assert!(lua.contains("local MODE_SHADOW = \"shadow\"\n"), "{lua}");
+        assert!(lua.contains("local THROUGHPUT_BACKOFF = 60000000\n"), "{lua}");
+        assert!(lua.contains("local MARKETING_CAPPED_FOR = 86400000000\n"), "{lua}");
     }
 }

@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 use redis::{Script, ScriptInvocation, Value};
 
 use super::{bad_reply, field, Call};
-use crate::policy::{Quality, SenderStatus};
+use crate::policy::{Mode, Quality, SenderStatus};
 use crate::store::{PortfolioState, StoreError, TemplateKey, TemplateState};
 
 // No prelude: the script returns the hash as it is, and Rust reads the field names.
@@ -59,14 +59,22 @@ fn portfolio_state(fields: Vec<(String, String)>, opted_out: u64) -> PortfolioSt
             state.quality = Quality::parse(&value).unwrap_or_default();
         } else if let Some(rest) = strip(&name, field::SENDER) {
             let Some((sender, attr)) = rest.rsplit_once(':') else { continue };
+            // A number's throughput schedule is Admit's bookkeeping: it names no sender, as a
+            // number that only sent is not one the portfolio knows anything about.
+            if attr == field::THROUGHPUT_TAT {
+                continue;
+            }
             let s = state.senders.entry(sender.to_owned()).or_default();
             match attr {
                 field::STATUS => s.status = SenderStatus::parse(&value),
                 field::ITEM_QUALITY => s.quality = Quality::parse(&value).unwrap_or_default(),
                 field::SINCE => s.since = value.parse().ok(),
                 field::THROUGHPUT => s.throughput_mps = value.parse().ok(),
+                field::THROUGHPUT_BACKOFF => s.throughput_backoff_until = value.parse().ok(),
                 _ => {}
             }
+        } else if name == field::MODE {
+            state.mode = Mode::parse(&value);
         } else if let Some(rest) = strip(&name, field::TEMPLATE) {
             let Some((template, attr)) = rest.rsplit_once(':') else { continue };
             template_attribute(state.templates.entry(TemplateKey::new(template, "")).or_default(), attr, value);
@@ -115,5 +123,14 @@ mod tests {
         let en = &state.templates[&TemplateKey::new("otp:v2", "en_US")];
         assert_eq!((en.status.as_deref(), en.quality, en.at), (Some("APPROVED"), Quality::Low, Some(7)));
         assert_eq!(state.templates.len(), 2, "the list of languages is no template");
+    }
+
+    #[test]
+    fn a_numbers_throughput_schedule_names_no_sender_and_its_backoff_and_the_mode_are_read() {
+        let fields = [("s:15550001:tat", "9"), ("s:15550002:bo", "11"), ("mode", "shadow")];
+        let state = portfolio_state(fields.iter().map(|(f, v)| (f.to_string(), v.to_string())).collect(), 0);
+        assert_eq!(state.senders.keys().collect::<Vec<_>>(), ["15550002"]);
+        assert_eq!(state.senders["15550002"].throughput_backoff_until, Some(11));
+        assert_eq!(state.mode, Some(Mode::Shadow));
     }
 }

@@ -139,3 +139,53 @@ local function tg_template_sendable(portfolio_key, template, language)
   end
   return true
 end
+
+-- The spacing (us) of a number's messages at `mps` (`rate::ThroughputRule::interval`): rounded
+-- up, so never faster than `mps`, and THROUGHPUT_BACKOFF_FACTOR times that while it backs off.
+local function tg_throughput_interval(mps, backing_off)
+  mps = math.max(mps, 1)
+  local interval = math.floor(1000000 / mps)
+  if interval * mps < 1000000 then
+    interval = interval + 1
+  end
+  if backing_off then
+    return interval * THROUGHPUT_BACKOFF_FACTOR
+  end
+  return interval
+end
+
+-- A (number, user) pair's schedule (`rate::PairState`) from its key: {tat, burst_start} (us),
+-- zero when the key is gone (it expires at its tat, past which the two are the same).
+local function tg_pair_state(key)
+  local v = redis.call('GET', key)
+  local sep = v and string.find(v, ':', 1, true)
+  if not sep then
+    return {tat = 0, burst_start = 0}
+  end
+  return {tat = tonumber(string.sub(v, 1, sep - 1)), burst_start = tonumber(string.sub(v, sep + 1))}
+end
+
+-- How long a message at `at` waits for its pair (`rate::PairRule::wait`; 0: it may go now).
+local function tg_pair_wait(s, at, interval, burst)
+  local in_burst = s.burst_start <= at and at < s.burst_start + interval
+    and s.tat + interval <= s.burst_start + interval * burst
+  if s.tat <= at or in_burst then
+    return 0
+  end
+  return s.tat - at
+end
+
+-- The pair's schedule once a message takes its slot at `at` (`rate::PairRule::take`).
+local function tg_pair_take(s, at, interval)
+  if s.tat <= at then
+    return {tat = at + interval, burst_start = at}
+  end
+  return {tat = s.tat + interval, burst_start = s.burst_start}
+end
+
+-- Writes a pair's schedule, kept until its tat (at least a millisecond): after it, the pair owes
+-- nothing, as if it had never sent.
+local function tg_set_pair(key, s, now)
+  local ttl = math.max(math.ceil((s.tat - now) / 1000), 1)
+  redis.call('SET', key, tg_fmt(s.tat) .. ':' .. tg_fmt(s.burst_start), 'PX', ttl)
+end
