@@ -173,6 +173,7 @@ fn describe() {
 /// Exports at 0 every counter whose label values are known at start-up: decisions by reason,
 /// store errors by operation and kind, releases, fail-open admits, inbound messages, folded
 /// updates, and the denials of the portfolios in `[[portfolios]]` that have labels of their own.
+/// Also the Meta error codes tiergate knows ([`MetaError::CODES`]).
 pub fn start(labels: &Labels, configured: &[String]) {
     for reason in Reason::ALL {
         counter!(DECISIONS, "decision" => decision_label(reason.decision()), "reason" => reason_label(reason))

@@ -3,6 +3,10 @@
 //! RecordInbound, UpdatePortfolio) and from Meta's webhook events ([`Event`]); both build their
 //! store changes through the same few functions, so a status set by hand and one Meta reports are
 //! stored the same way. Every list of changes is applied in one atomic store call.
+//!
+//! Meta's feedback closes the loop of the send rates: an inbound message takes a slot of its
+//! number's throughput, and the error codes of a failed message ([`MetaError`]) back the number's
+//! throughput off, make the pair wait, or cap marketing to the user.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -411,8 +415,9 @@ impl Limiter {
                         tracing::warn!(
                             portfolio,
                             number = number.as_str(),
-                            "Meta reported the number's throughput exceeded (error 130429); it sends at a reduced \
-                             rate for a while."
+                            backoff = %humantime::format_duration(THROUGHPUT_BACKOFF),
+                            "Meta reported the number's throughput exceeded (error 130429); every sidecar spaces \
+                             its messages further apart for the backoff."
                         );
                     }
                 }
