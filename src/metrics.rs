@@ -13,7 +13,7 @@
 //! Every counter whose label values are known up front is exported at 0 from start-up
 //! ([`start`]), so alerts on `increase()` see the first event.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,7 +21,7 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::formatting::{sanitize_label_value, write_help_line, write_type_line};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::policy::rate::ThroughputRule;
+use crate::policy::rate::{MetaError, ThroughputRule};
 use crate::policy::{Decision, Limit, Projection, Quality, Reason, ScopeKey, SenderStatus};
 use crate::store::{PortfolioState, StoreError, UsageSnapshot};
 
@@ -168,11 +168,17 @@ fn describe() {
     describe_histogram!(PACED_SECONDS, Unit::Seconds, "How long paced admissions were held for their slot.");
     describe_counter!(SHADOW_DECISIONS, "What shadow mode would have answered, by portfolio, decision and reason.");
     describe_counter!(THROUGHPUT_MESSAGES, "Messages this sidecar admitted per number while policy.throughput is on.");
+    describe_counter!(META_ERRORS, "Error codes Meta reported on failed messages, by code.");
+    describe_counter!(
+        THROUGHPUT_BACKOFFS,
+        "Throughput backoff episodes (Meta's error 130429) this sidecar saw, by portfolio and number."
+    );
 }
 
 /// Exports at 0 every counter whose label values are known at start-up: decisions by reason,
 /// store errors by operation and kind, releases, fail-open admits, inbound messages, folded
 /// updates, and the denials of the portfolios in `[[portfolios]]` that have labels of their own.
+/// Also the Meta error codes tiergate knows ([`MetaError::CODES`]).
 pub fn start(labels: &Labels, configured: &[String]) {
     for reason in Reason::ALL {
         counter!(DECISIONS, "decision" => decision_label(reason.decision()), "reason" => reason_label(reason))
@@ -193,6 +199,9 @@ pub fn start(labels: &Labels, configured: &[String]) {
         for reason in Reason::ALL.into_iter().filter(|r| r.decision() == Decision::Denied) {
             counter!(DENIALS, "portfolio" => portfolio.clone(), "reason" => reason_label(reason)).increment(0);
         }
+    }
+    for (code, _) in MetaError::CODES {
+        counter!(META_ERRORS, "code" => code.to_string()).increment(0);
     }
 }
 
@@ -757,6 +766,52 @@ fn render_throughput_levels<'a>(
     }
 }
 
+/// Error codes of failed messages Meta reported (`statuses[].errors[].code`), by `code`.
+pub const META_ERRORS: &str = "tiergate_meta_errors_total";
+/// Throughput backoff episodes (Meta's error 130429), by `portfolio` and `number`.
+pub const THROUGHPUT_BACKOFFS: &str = "tiergate_throughput_backoffs_total";
+
+/// The most codes tiergate does not know that get a `code` label of their own; later ones share
+/// [`OTHER_META_CODE`].
+pub const MAX_UNKNOWN_META_CODES: usize = 32;
+/// The `code` label the unknown codes beyond [`MAX_UNKNOWN_META_CODES`] share.
+pub const OTHER_META_CODE: &str = "other";
+
+/// Counts one error code Meta reported on a failed message.
+pub fn meta_error(code: u32) {
+    counter!(META_ERRORS, "code" => meta_code_label(code)).increment(1);
+}
+
+/// The `code` label of a Meta error code: its own for a code in [`MetaError::CODES`] and for the
+/// first [`MAX_UNKNOWN_META_CODES`] others, so a signed webhook cannot add values without bound.
+/// The codes seen are process-wide, as the recorder is.
+fn meta_code_label(code: u32) -> String {
+    static UNKNOWN: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+    if MetaError::from_code(code) != MetaError::Unknown {
+        return code.to_string();
+    }
+    let mut unknown = UNKNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if unknown.contains(&code) || unknown.len() < MAX_UNKNOWN_META_CODES {
+        unknown.insert(code);
+        code.to_string()
+    } else {
+        OTHER_META_CODE.to_owned()
+    }
+}
+
+/// Counts a throughput backoff episode of a number: under its own labels, else under the
+/// portfolio's with `number="_other"`, else under [`OTHER`] for both.
+pub fn throughput_backoff(labels: &Labels, portfolio: &str, number: &str) {
+    let (portfolio, number) = if !labels.admit(portfolio, None) {
+        (OTHER, OTHER)
+    } else if labels.admit(portfolio, Some(number)) {
+        (portfolio, number)
+    } else {
+        (portfolio, OTHER)
+    };
+    counter!(THROUGHPUT_BACKOFFS, "portfolio" => portfolio.to_owned(), "number" => number.to_owned()).increment(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -863,5 +918,19 @@ mod tests {
         let mut out = String::new();
         on.render(&mut out);
         assert!(!out.contains(THROUGHPUT_MPS), "dropped with its idle portfolio: {out}");
+    }
+
+    #[test]
+    fn meta_codes_tiergate_knows_keep_their_label_and_unknown_ones_are_bounded() {
+        assert_eq!(meta_code_label(130429), "130429");
+        let labels: Vec<String> =
+            (0..MAX_UNKNOWN_META_CODES as u32 + 10).map(|i| meta_code_label(900_000 + i)).collect();
+        let own = labels.iter().filter(|l| *l != OTHER_META_CODE).count();
+        assert!(own <= MAX_UNKNOWN_META_CODES, "{labels:?}");
+        assert_eq!(labels.last().map(String::as_str), Some(OTHER_META_CODE), "{labels:?}");
+        assert_eq!(meta_code_label(131049), "131049", "known codes never fold");
+        if own > 0 {
+            assert_eq!(meta_code_label(900_000), "900000", "an unknown code keeps the label it got");
+        }
     }
 }

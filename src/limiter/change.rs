@@ -3,11 +3,17 @@
 //! RecordInbound, UpdatePortfolio) and from Meta's webhook events ([`Event`]); both build their
 //! store changes through the same few functions, so a status set by hand and one Meta reports are
 //! stored the same way. Every list of changes is applied in one atomic store call.
+//!
+//! Meta's feedback closes the loop of the send rates: an inbound message takes a slot of its
+//! number's throughput, and the error codes of a failed message ([`MetaError`]) back the number's
+//! throughput off, make the pair wait, or cap marketing to the user.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 use crate::error::Error;
 use crate::metrics;
+use crate::policy::rate::{MetaError, THROUGHPUT_BACKOFF};
 use crate::policy::{self, Delivery, Micros, Quality, ScopeKey, ScopeMode, SenderStatus, Tier, TierValue};
 use crate::store::{Change, PortfolioState};
 
@@ -103,13 +109,19 @@ pub struct Status {
     pub delivery: Delivery,
     /// When Meta reported it.
     pub at: Option<Micros>,
+    /// The error codes of a failed message (`errors[].code`), at most
+    /// [`MAX_STATUS_ERRORS`](crate::webhooks::parse::MAX_STATUS_ERRORS); see
+    /// [`MetaError`](crate::policy::rate::MetaError).
+    pub errors: Vec<u32>,
 }
 
-/// A message a user sent to a number, which opens that pair's service window.
+/// A message a user sent to a number, which opens that pair's service window for every form of
+/// the user, and takes a slot of the number's throughput.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inbound {
-    /// The user.
-    pub from: Recipient,
+    /// The user: each form of them the message names (phone number, user id); none when no form
+    /// could be read.
+    pub from: Vec<Recipient>,
     /// When the user sent it.
     pub at: Option<Micros>,
 }
@@ -160,7 +172,9 @@ impl Limiter {
         let recipient = Recipient::parse(recipient, FieldPath::TOP)?;
         let scope = self.scope_of(portfolio.as_str(), sender.as_str());
         self.require_served(&scope, FieldPath::TOP).await?;
-        let now = self.apply(portfolio.as_str(), &[self.inbound(&sender, &recipient, None)]).await?;
+        let changes: Vec<Change> =
+            std::iter::once(self.inbound(&sender, &recipient, None)).chain(self.traffic(&sender, None)).collect();
+        let now = self.apply(portfolio.as_str(), &changes).await?;
         metrics::inbound();
         self.labels.seen(portfolio.as_str());
         Ok(now.saturating_add(policy::micros(self.service_window)))
@@ -222,7 +236,8 @@ impl Limiter {
             made.push(changes.len() - before);
         }
         if !changes.is_empty() {
-            self.apply(portfolio.as_str(), &changes).await?;
+            let now = self.apply(portfolio.as_str(), &changes).await?;
+            self.count_meta_errors(portfolio.as_str(), events, now);
         }
         self.labels.seen(portfolio.as_str());
         Ok(made)
@@ -279,16 +294,22 @@ impl Limiter {
                 if !known.senders.iter().any(|s| s == id) {
                     known.senders.push(id.to_owned());
                 }
-                out.extend(inbound.iter().map(|m| self.inbound(number, &m.from, m.at)));
+                for m in inbound {
+                    out.extend(m.from.iter().map(|from| self.inbound(number, from, m.at)));
+                    out.extend(self.traffic(number, m.at));
+                }
                 // A status belongs to the limit scope the message was counted in: the number's
                 // own in per-number scope, else the portfolio's.
                 let scope = self.scope_of(portfolio, id);
-                out.extend(statuses.iter().map(|s| Change::Delivery {
-                    scope: scope.clone(),
-                    member: self.hasher.recipient(s.recipient.as_str()),
-                    status: s.delivery,
-                    at: s.at,
-                }));
+                for s in statuses {
+                    out.push(Change::Delivery {
+                        scope: scope.clone(),
+                        member: self.hasher.recipient(s.recipient.as_str()),
+                        status: s.delivery,
+                        at: s.at,
+                    });
+                    out.extend(self.meta_error_changes(number, s));
+                }
             }
             Event::Alert { key, body } => out.push(Change::Alert { key: key.clone(), body: body.clone() }),
         }
@@ -352,6 +373,91 @@ impl Limiter {
     fn inbound(&self, sender: &SenderId, from: &Recipient, at: Option<Micros>) -> Change {
         Change::Inbound { service_member: self.hasher.service_window(sender.as_str(), from.as_str()), at }
     }
+
+    /// The slot of the sender's throughput an inbound message takes, as Meta counts it, while
+    /// `[policy.throughput]` is on.
+    fn traffic(&self, sender: &SenderId, at: Option<Micros>) -> Option<Change> {
+        let sender = sender.as_str();
+        self.rates.throughput.map(|rule| Change::Traffic {
+            sender: sender.to_owned(),
+            rule,
+            configured_mps: self.throughput_numbers.get(sender).copied(),
+            at,
+        })
+    }
+
+    /// What Meta's error codes on a failed message from `sender` change besides the slot coming
+    /// back (the status's own [`Change::Delivery`]): the number's throughput backs off, the pair
+    /// waits an interval (while `[policy.pair_rate]` is on), or marketing to the user waits a day.
+    fn meta_error_changes<'s>(&'s self, sender: &'s SenderId, s: &'s Status) -> impl Iterator<Item = Change> + 's {
+        let (number, recipient) = (sender.as_str(), s.recipient.as_str());
+        s.errors.iter().filter_map(move |code| match MetaError::from_code(*code) {
+            MetaError::ThroughputExceeded => Some(Change::ThroughputBackoff { sender: number.to_owned(), at: s.at }),
+            MetaError::PairRate => self.rates.pair.map(|rule| Change::PairBackoff {
+                pair: self.hasher.service_window(number, recipient),
+                rule,
+                at: s.at,
+            }),
+            MetaError::MarketingCapped => {
+                Some(Change::MarketingCapped { member: self.hasher.recipient(recipient), at: s.at })
+            }
+            MetaError::Undeliverable | MetaError::Unknown => None,
+        })
+    }
+
+    /// Counts the error codes of the failed messages among `events`, applied at the store's `now`,
+    /// and each throughput backoff that starts an episode, which is also logged.
+    fn count_meta_errors(&self, portfolio: &str, events: &[Reported], now: Micros) {
+        for reported in events {
+            let Event::Messages { number, statuses, .. } = &reported.event else { continue };
+            for s in statuses {
+                for code in &s.errors {
+                    metrics::meta_error(*code);
+                    let at = crate::store::event_time(s.at, now);
+                    if MetaError::from_code(*code) == MetaError::ThroughputExceeded
+                        && self.backoff_episodes.start(portfolio, number.as_str(), at)
+                    {
+                        metrics::throughput_backoff(&self.labels, portfolio, number.as_str());
+                        tracing::warn!(
+                            portfolio,
+                            number = number.as_str(),
+                            backoff = %humantime::format_duration(THROUGHPUT_BACKOFF),
+                            "Meta reported the number's throughput exceeded (error 130429); every sidecar spaces \
+                             its messages further apart for the backoff."
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The most numbers [`BackoffEpisodes`] remembers; beyond, every 130429 of another number is
+/// counted as an episode of its own until older episodes end.
+const MAX_EPISODES: usize = 10_000;
+
+/// The throughput backoff episodes this sidecar counted: (portfolio, number) → when the last one
+/// ends. An episode starts with a 130429 for a number that has none in force here, and lasts
+/// [`THROUGHPUT_BACKOFF`] from that report; more 130429s inside it are the same episode.
+#[derive(Default)]
+pub(super) struct BackoffEpisodes(Mutex<HashMap<(String, String), Micros>>);
+
+impl BackoffEpisodes {
+    /// Whether a 130429 for `number` reported at `at` starts an episode, which is then remembered.
+    fn start(&self, portfolio: &str, number: &str, at: Micros) -> bool {
+        let mut episodes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (portfolio.to_owned(), number.to_owned());
+        if episodes.get(&key).is_some_and(|ends| *ends > at) {
+            return false;
+        }
+        if episodes.len() >= MAX_EPISODES {
+            episodes.retain(|_, ends| *ends > at);
+        }
+        if episodes.len() < MAX_EPISODES {
+            episodes.insert(key, at.saturating_add(policy::micros(THROUGHPUT_BACKOFF)));
+        }
+        true
+    }
 }
 
 /// A number's status and quality, each when given.
@@ -388,4 +494,24 @@ fn template_changes(
         quality,
     });
     status.into_iter().chain(quality)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_throughput_backoff_episode_lasts_from_its_first_report_for_the_backoff() {
+        let episodes = BackoffEpisodes::default();
+        let t0 = 1_000_000_000;
+        let backoff = policy::micros(THROUGHPUT_BACKOFF);
+        assert!(episodes.start("acme", "n1", t0));
+        assert!(!episodes.start("acme", "n1", t0 + 1), "a second report is the same episode");
+        assert!(episodes.start("acme", "n2", t0 + 1), "each number has its own");
+        assert!(episodes.start("globex", "n1", t0 + 1), "and each portfolio");
+        // More reports inside the episode do not lengthen it.
+        assert!(!episodes.start("acme", "n1", t0 + backoff - 1));
+        assert!(episodes.start("acme", "n1", t0 + backoff));
+        assert!(!episodes.start("acme", "n1", t0), "a late retry of the first report is inside the new one");
+    }
 }

@@ -82,6 +82,8 @@ pub struct Limiter {
     /// `policy.mode`, and `[[portfolios]] mode` winning over it.
     mode: Mode,
     portfolio_modes: BTreeMap<String, Mode>,
+    /// The throughput backoff episodes (Meta's 130429) this sidecar counted and logged.
+    backoff_episodes: change::BackoffEpisodes,
 }
 
 /// The most portfolios remembered as found in the store; beyond, each call asks the store again.
@@ -137,6 +139,7 @@ impl Limiter {
             throughput_numbers: settings.throughput_numbers.clone(),
             mode: settings.mode,
             portfolio_modes: settings.portfolio_modes.clone(),
+            backoff_episodes: change::BackoffEpisodes::default(),
         }
     }
 

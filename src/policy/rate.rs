@@ -255,6 +255,60 @@ pub fn govern(
     }
 }
 
+/// What tiergate does about an error code Meta reports on a failed message
+/// (`statuses[].errors[].code` of a `messages` webhook). Every failed message gives its
+/// messaging-limit slot back whatever its code (see [`Delivery`](super::Delivery)); these say
+/// what else a code changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaError {
+    /// The number's throughput was exceeded: it backs off ([`THROUGHPUT_BACKOFF`]).
+    ThroughputExceeded,
+    /// The (number, user) pair was messaged too often: the pair waits an interval.
+    PairRate,
+    /// Meta's per-user marketing limit: marketing to the user waits [`MARKETING_CAPPED_FOR`].
+    MarketingCapped,
+    /// The message did not reach the user for a reason of that message or user alone: nothing
+    /// more than the slot coming back.
+    Undeliverable,
+    /// A code tiergate does not act on: only counted.
+    Unknown,
+}
+
+impl MetaError {
+    /// The one table of the codes tiergate knows, with Meta's documented meaning of each. A code
+    /// is listed only when its meaning is certain; the others are [`MetaError::Unknown`].
+    pub const CODES: [(u32, MetaError); 8] = [
+        // "Rate limit hit": the number's Cloud API throughput was reached.
+        (130429, MetaError::ThroughputExceeded),
+        // "(Business Account, Consumer Account) pair rate limit hit": too many messages from the
+        // number to this user in a short time.
+        (131056, MetaError::PairRate),
+        // "This message was not delivered to maintain healthy ecosystem engagement": Meta's own
+        // per-user marketing limit.
+        (131049, MetaError::MarketingCapped),
+        // "Message undeliverable": the user is not on WhatsApp, has not accepted the terms, or
+        // runs an old app.
+        (131026, MetaError::Undeliverable),
+        // "Re-engagement message": a free-form message more than 24 hours after the user last
+        // wrote; it was not sent.
+        (131047, MetaError::Undeliverable),
+        // "Unsupported message type": this message's type cannot be sent.
+        (131051, MetaError::Undeliverable),
+        // "Media upload error": the media of this message could not be sent.
+        (131053, MetaError::Undeliverable),
+        // "Something went wrong": the message failed on Meta's side, for no stated reason.
+        (131000, MetaError::Undeliverable),
+        // Not listed: 131048 ("Spam rate limit hit", a quality limit of the number tiergate does
+        // not model), 131052 (a user's media could not be downloaded: inbound, never a status of
+        // a message sent), 131057 (the number is being upgraded: it passes by itself).
+    ];
+
+    /// What tiergate does about `code`.
+    pub fn from_code(code: u32) -> MetaError {
+        MetaError::CODES.iter().find(|(c, _)| *c == code).map_or(MetaError::Unknown, |(_, e)| *e)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,5 +431,22 @@ mod tests {
         assert!(marketing_capped(Category::Unspecified, Some(10), 9));
         assert!(!marketing_capped(Category::Utility, Some(10), 9));
         assert!(!marketing_capped(Category::Marketing, Some(10), 10));
+    }
+
+    #[test]
+    fn meta_codes_map_to_what_tiergate_does_and_others_are_unknown() {
+        assert_eq!(MetaError::from_code(130429), MetaError::ThroughputExceeded);
+        assert_eq!(MetaError::from_code(131056), MetaError::PairRate);
+        assert_eq!(MetaError::from_code(131049), MetaError::MarketingCapped);
+        for code in [131026, 131047, 131051, 131053, 131000] {
+            assert_eq!(MetaError::from_code(code), MetaError::Undeliverable, "{code}");
+        }
+        for code in [0, 1, 131048, 131052, 131057, 999_999, u32::MAX] {
+            assert_eq!(MetaError::from_code(code), MetaError::Unknown, "{code}");
+        }
+        let mut codes: Vec<u32> = MetaError::CODES.iter().map(|(c, _)| *c).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), MetaError::CODES.len(), "each code once");
     }
 }

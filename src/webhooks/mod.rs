@@ -1,5 +1,6 @@
 //! Meta's WhatsApp webhooks, received on the admin HTTP server at `/webhooks/whatsapp`, so that
-//! tiergate follows the business's real tier, quality, template statuses and service windows.
+//! tiergate follows the business's real tier, quality, template statuses and service windows, and
+//! Meta's verdicts on the messages sent (the error codes of failed ones).
 //!
 //! This edge only verifies, parses and hands over: every delivery is verified (HMAC-SHA256 of
 //! the raw body under the app secret) before anything is read; [`parse`] turns Meta's payload
@@ -7,7 +8,9 @@
 //! is mapped to in the configuration (or to a portfolio named after the WABA); and the limiter
 //! applies each portfolio's events in one atomic store call. A 200 means every change is applied
 //! and visible to every sidecar on the store. Every change is idempotent, so Meta's retries of a
-//! delivery leave the same state. Failures are answered from the table in
+//! delivery leave the same state, but one: the throughput slot an inbound message takes is taken
+//! again by a retry of a delivery that was applied (its 200 lost), which only spaces that
+//! number's next messages a little further. Failures are answered from the table in
 //! [`error`]: 503 when the store is down (Meta retries), 500 when a retry cannot
 //! help.
 

@@ -87,12 +87,13 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
             let number = SenderId::parse(&number, FieldPath::TOP).ok()?;
             let display = metadata.and_then(|m| m.get("display_phone_number")).and_then(text).and_then(|d| digits(&d));
             let contacts = v.get("contacts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
-            let inbound = v.get("messages").and_then(Value::as_array).into_iter().flatten().flat_map(|m| {
+            let inbound = v.get("messages").and_then(Value::as_array).into_iter().flatten().map(|m| {
                 let at = m.get("timestamp").and_then(seconds_to_micros);
-                // A sender we cannot parse is skipped, not logged: it may be a number.
-                user_forms(m, contacts)
-                    .into_iter()
-                    .filter_map(move |from| Some(Inbound { from: Recipient::parse(&from, FieldPath::TOP).ok()?, at }))
+                // A form we cannot parse is skipped, not logged: it may be a number. The message
+                // is kept even without any, since it still took its number's throughput.
+                let forms = user_forms(m, contacts);
+                let from = forms.iter().filter_map(|f| Recipient::parse(f, FieldPath::TOP).ok()).collect();
+                Inbound { from, at }
             });
             let statuses = v.get("statuses").and_then(Value::as_array).into_iter().flatten().filter_map(|s| {
                 let delivery = match s.get("status").and_then(Value::as_str)? {
@@ -105,7 +106,8 @@ pub fn event(field: &str, v: &Value) -> Option<Event> {
                 // Meta's timestamps are whole seconds: a status is taken at the end of its second,
                 // so the Admit of the message it reports (sent before it) is never seen as later.
                 let at = s.get("timestamp").and_then(seconds_to_micros).map(|t| t + 999_999);
-                Some(Status { recipient, delivery, at })
+                let errors = if delivery == Delivery::Failed { error_codes(s) } else { Vec::new() };
+                Some(Status { recipient, delivery, at, errors })
             });
             Some(Event::Messages { number, display, inbound: inbound.collect(), statuses: statuses.collect() })
         }
@@ -145,6 +147,16 @@ fn user_forms(m: &Value, contacts: &[Value]) -> Vec<String> {
         }
     }
     forms
+}
+
+/// The most error codes kept of one failed status (Meta sends one).
+pub const MAX_STATUS_ERRORS: usize = 8;
+
+/// The codes of a failed status's `errors[]`, each a number or a numeric string; others are
+/// skipped, and at most [`MAX_STATUS_ERRORS`] are kept.
+fn error_codes(status: &Value) -> Vec<u32> {
+    let errors = status.get("errors").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
+    errors.iter().filter_map(|e| text(e.get("code")?)?.parse::<u32>().ok()).take(MAX_STATUS_ERRORS).collect()
 }
 
 /// A string or a number, as text (Meta sends ids both ways).
@@ -215,7 +227,8 @@ mod tests {
                        "messages": [{"from": "16505551234", "timestamp": "1700000000"}, {"from": "call me"}]});
         let Some(Event::Messages { number, inbound, .. }) = event("messages", &v) else { panic!("messages") };
         assert_eq!(number.as_str(), "106540352242922");
-        assert_eq!(inbound.len(), 1);
+        let users: Vec<Vec<&str>> = inbound.iter().map(|m| m.from.iter().map(Recipient::as_str).collect()).collect();
+        assert_eq!(users, [vec!["16505551234"], vec![]], "the unreadable user's message is still a message");
         assert_eq!(inbound[0].at, Some(1_700_000_000_000_000));
         assert_eq!(event("messages", &json!({"metadata": {"phone_number_id": "not an id"}})), None);
         assert_eq!(event("security", &json!({})), None);
@@ -229,14 +242,13 @@ mod tests {
                        "messages": [{"from": "16505551234", "timestamp": "1700000000"},
                                     {"from_user_id": "GB.99", "timestamp": "1700000001"}]});
         let Some(Event::Messages { inbound, .. }) = event("messages", &v) else { panic!("messages") };
-        let users: Vec<(&str, Option<Micros>)> = inbound.iter().map(|m| (m.from.as_str(), m.at)).collect();
+        let users: Vec<(Vec<&str>, Option<Micros>)> =
+            inbound.iter().map(|m| (m.from.iter().map(Recipient::as_str).collect(), m.at)).collect();
         assert_eq!(
             users,
             [
-                ("16505551234", Some(1_700_000_000_000_000)),
-                ("US.13491208655302741918", Some(1_700_000_000_000_000)),
-                ("GB.99", Some(1_700_000_001_000_000)),
-                ("447700900123", Some(1_700_000_001_000_000)),
+                (vec!["16505551234", "US.13491208655302741918"], Some(1_700_000_000_000_000)),
+                (vec!["GB.99", "447700900123"], Some(1_700_000_001_000_000)),
             ]
         );
     }
@@ -285,5 +297,37 @@ mod tests {
             panic!("a quality update")
         };
         assert_eq!((language.as_ref().map(TemplateLanguage::as_str), quality), (Some("en_US"), Quality::Low));
+    }
+
+    #[test]
+    fn a_failed_status_carries_its_error_codes_as_numbers_or_numeric_strings() {
+        let errors = json!([{"code": 131049, "title": "not delivered"}, {"code": "131056"}, {"code": "x"},
+                            {"code": -1}, {"code": 1.5}, {"title": "no code"}, {"code": 4_294_967_296u64}]);
+        let v = json!({"metadata": {"phone_number_id": "106540352242922"},
+                       "statuses": [{"status": "failed", "recipient_id": "16505551234", "timestamp": "1700000000",
+                                     "errors": errors},
+                                    {"status": "failed", "recipient_id": "16505551235"},
+                                    {"status": "delivered", "recipient_id": "16505551236",
+                                     "errors": [{"code": 131026}]}]});
+        let Some(Event::Messages { statuses, .. }) = event("messages", &v) else { panic!("messages") };
+        let codes: Vec<(&str, Delivery, &[u32])> =
+            statuses.iter().map(|s| (s.recipient.as_str(), s.delivery, s.errors.as_slice())).collect();
+        assert_eq!(
+            codes,
+            [
+                ("16505551234", Delivery::Failed, &[131_049, 131_056][..]),
+                ("16505551235", Delivery::Failed, &[][..]),
+                ("16505551236", Delivery::Delivered, &[][..]),
+            ]
+        );
+    }
+
+    #[test]
+    fn at_most_a_few_error_codes_are_kept_of_one_status() {
+        let errors: Vec<Value> = (0..1_000).map(|i| json!({"code": 131_000 + i})).collect();
+        let v = json!({"metadata": {"phone_number_id": "106540352242922"},
+                       "statuses": [{"status": "failed", "recipient_id": "16505551234", "errors": errors}]});
+        let Some(Event::Messages { statuses, .. }) = event("messages", &v) else { panic!("messages") };
+        assert_eq!(statuses[0].errors, (131_000..131_000 + MAX_STATUS_ERRORS as u32).collect::<Vec<_>>());
     }
 }
