@@ -148,6 +148,26 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
     println!("default_tier  {}", settings.default_tier.name);
     println!("tier_source   {:?}", settings.tier_source);
     println!("reserve       {}% of the limit kept from marketing", f64::from(settings.reserve_bp) / 100.0);
+    println!("mode          {}", settings.mode.as_str());
+    match settings.rates.throughput {
+        Some(t) => println!(
+            "throughput    {} msg/s per number unless listed ({} listed), bursts of {}",
+            t.default_mps,
+            settings.throughput_numbers.len(),
+            humantime::format_duration(t.burst)
+        ),
+        None => println!("throughput    off"),
+    }
+    match settings.rates.pair {
+        Some(p) => {
+            println!(
+                "pair_rate     1 per {} per (number, user), bursts of {}",
+                humantime::format_duration(p.interval),
+                p.burst
+            )
+        }
+        None => println!("pair_rate     off"),
+    }
     println!("webhooks      {}", if settings.webhooks.is_some() { "on, at /webhooks/whatsapp" } else { "off" });
     let set = |token: &Option<String>| if token.is_some() { "set" } else { "not set" };
     println!(
@@ -157,6 +177,9 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
     );
     for (id, tier) in &settings.portfolio_tiers {
         println!("portfolio     {id} = {}", tier.name);
+    }
+    for (id, mode) in &settings.portfolio_modes {
+        println!("portfolio     {id} mode {}", mode.as_str());
     }
     for (waba, id) in &settings.wabas {
         println!("waba          {waba} -> {id}");

@@ -17,6 +17,21 @@ fn check_config_accepts_the_example_and_names_the_bad_key() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("acme-prod = TIER_10K"), "{text}");
+    assert!(text.contains("throughput    off") && text.contains("pair_rate     1 per 6s"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let on = dir.path().join("on.toml");
+    std::fs::write(
+        &on,
+        "[policy]\nmode = \"shadow\"\n[policy.throughput]\nenabled = true\nnumbers = { \"1001\" = 1000 }\n",
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&tiergate(&["check-config", on.to_str().unwrap()]).stdout).into_owned();
+    assert!(
+        text.contains("mode          shadow")
+            && text.contains("throughput    80 msg/s per number unless listed (1 listed)"),
+        "{text}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
