@@ -745,43 +745,49 @@ fn regressions() -> Vec<(&'static str, Vec<Step>, &'static [&'static str])> {
     let paced = |max_wait, m: Msg| Msg { max_wait, ..m };
     let to = |category, recipient| Msg { category, ..one(recipient) };
     let unlimited = 3;
+    // An Admit in the whole portfolio, with no reserve, and no rates (`admit`) or these rules.
+    let with = |fallback, rules, msgs| Step::Admit { scope: portfolio, fallback, reserve: 0, rules, msgs };
+    let admit = |fallback, msgs| with(fallback, NO_RULES, msgs);
+    let pair = Rules { pair: Some((6, 3)), ..NO_RULES };
+    let ten_per_second = Rules { throughput: Some((10, 0)), ..NO_RULES };
+    let shadow = Rules { shadow: true, ..NO_RULES };
     vec![
         (
             // The memory store's sweep forgot a scope with no contact left, and with it the keys
             // that replay once their recipient is counted again.
             "a key replays after its slot was given back and its recipient counted again, however long the scope was idle",
             vec![
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, rules: NO_RULES, msgs: vec![keyed(2, 0)] },
+                admit(1, vec![keyed(2, 0)]),
                 Step::Release { lease: 0 },
                 Step::Wait { eighths: 1 },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, rules: NO_RULES, msgs: vec![one(2)] },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, rules: NO_RULES, msgs: vec![keyed(0, 0)] },
+                admit(1, vec![one(2)]),
+                admit(1, vec![keyed(0, 0)]),
             ],
             &[],
         ),
         (
             "an idempotency key replays what it counted, also for another recipient, until the slot is given back",
             vec![
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, rules: NO_RULES, msgs: vec![keyed(0, 0), keyed(0, 0)] },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, rules: NO_RULES, msgs: vec![keyed(1, 0), keyed(1, 1)] },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, rules: NO_RULES, msgs: vec![keyed(2, 2)] },
+                admit(1, vec![keyed(0, 0), keyed(0, 0)]),
+                admit(1, vec![keyed(1, 0), keyed(1, 1)]),
+                admit(1, vec![keyed(2, 2)]),
                 Step::Release { lease: 0 },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, rules: NO_RULES, msgs: vec![keyed(0, 0), keyed(2, 2)] },
+                admit(1, vec![keyed(0, 0), keyed(2, 2)]),
                 Step::Wait { eighths: 8 },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, rules: NO_RULES, msgs: vec![keyed(0, 0)] },
+                admit(1, vec![keyed(0, 0)]),
             ],
             &[],
         ),
         (
             "a key whose last decision took nothing replays nothing, even once its first recipient is counted again",
             vec![
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, rules: NO_RULES, msgs: vec![keyed(0, 0)] },
+                admit(0, vec![keyed(0, 0)]),
                 Step::Release { lease: 0 },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, rules: NO_RULES, msgs: vec![one(1)] },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, rules: NO_RULES, msgs: vec![keyed(0, 0)] },
+                admit(0, vec![one(1)]),
+                admit(0, vec![keyed(0, 0)]),
                 Step::Release { lease: 1 },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, rules: NO_RULES, msgs: vec![one(0)] },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, rules: NO_RULES, msgs: vec![keyed(0, 0)] },
+                admit(0, vec![one(0)]),
+                admit(0, vec![keyed(0, 0)]),
             ],
             &[],
         ),
@@ -790,8 +796,8 @@ fn regressions() -> Vec<(&'static str, Vec<Step>, &'static [&'static str])> {
             "a status for every language and one for a language at the same time: the language's own is in force",
             vec![
                 Step::Apply { portfolio: 0, changes: vec![status(None, 1), status(Some(0), 0)] },
-                Step::Admit { scope: portfolio, fallback: 2, reserve: 0, rules: NO_RULES, msgs: vec![promo(Some(0)), promo(Some(1))] },
-                Step::Admit { scope: portfolio, fallback: 2, reserve: 0, rules: NO_RULES, msgs: vec![promo(None)] },
+                admit(2, vec![promo(Some(0)), promo(Some(1))]),
+                admit(2, vec![promo(None)]),
                 Step::Portfolio { portfolio: 0 },
             ],
             &[],
@@ -800,10 +806,10 @@ fn regressions() -> Vec<(&'static str, Vec<Step>, &'static [&'static str])> {
             "a message without a language is blocked when one language is, until a newer status for every language",
             vec![
                 Step::Apply { portfolio: 0, changes: vec![status(Some(1), 2), status(Some(0), 0)] },
-                Step::Admit { scope: portfolio, fallback: 2, reserve: 0, rules: NO_RULES, msgs: vec![promo(None), promo(Some(0))] },
+                admit(2, vec![promo(None), promo(Some(0))]),
                 Step::Wait { eighths: 1 },
                 Step::Apply { portfolio: 0, changes: vec![status(None, 4)] },
-                Step::Admit { scope: portfolio, fallback: 2, reserve: 0, rules: NO_RULES, msgs: vec![promo(None), promo(Some(1))] },
+                admit(2, vec![promo(None), promo(Some(1))]),
             ],
             &[],
         ),
@@ -813,7 +819,7 @@ fn regressions() -> Vec<(&'static str, Vec<Step>, &'static [&'static str])> {
             "a full scope with nothing counted says retry after a window",
             vec![
                 Step::Apply { portfolio: 0, changes: vec![Chg::Tier { number: None, tier: 4, at: When::Now }] },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, rules: NO_RULES, msgs: vec![one(0)] },
+                admit(0, vec![one(0)]),
                 Step::Apply { portfolio: 0, changes: vec![Chg::Tier { number: None, tier: 0, at: When::Now }] },
                 Step::Admit { scope: portfolio, fallback: 0, reserve: 4, rules: NO_RULES, msgs: vec![one(1)] },
             ],
@@ -824,9 +830,9 @@ fn regressions() -> Vec<(&'static str, Vec<Step>, &'static [&'static str])> {
             // stale lease still "gave back" a slot.
             "a contact that left the window cannot be released after an unlimited admit",
             vec![
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, rules: NO_RULES, msgs: vec![one(0)] },
+                admit(0, vec![one(0)]),
                 Step::Wait { eighths: 8 },
-                Step::Admit { scope: portfolio, fallback: 3, reserve: 0, rules: NO_RULES, msgs: vec![one(0)] },
+                admit(3, vec![one(0)]),
                 Step::Release { lease: 0 },
             ],
             &[],
@@ -836,84 +842,53 @@ fn regressions() -> Vec<(&'static str, Vec<Step>, &'static [&'static str])> {
             // the oldest contact leaves: Redis pointed at the oldest.
             "after a downgrade new recipients wait until the count drops below the new limit",
             vec![
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, rules: NO_RULES, msgs: vec![one(0), one(1)] },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, rules: NO_RULES, msgs: vec![one(0)] },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, rules: NO_RULES, msgs: vec![one(2)] },
+                admit(1, vec![one(0), one(1)]),
+                admit(0, vec![one(0)]),
+                admit(0, vec![one(2)]),
             ],
             &[],
         ),
         (
-            "a burst to one user borrows the intervals it skips: past it, a message waits them out or is denied PAIR_RATE",
+            "a burst to one user borrows the intervals it skips: past it, a message waits or is denied PAIR_RATE",
             vec![
-                Step::Admit {
-                    scope: portfolio,
-                    fallback: unlimited,
-                    reserve: 0,
-                    rules: Rules { pair: Some((6, 3)), ..NO_RULES },
-                    msgs: vec![from(0, 0); 4],
-                },
-                Step::Admit {
-                    scope: portfolio,
-                    fallback: unlimited,
-                    reserve: 0,
-                    rules: Rules { pair: Some((6, 3)), ..NO_RULES },
-                    msgs: vec![from(1, 0), paced(5, from(0, 0)), from(0, 0)],
-                },
+                with(unlimited, pair, vec![from(0, 0); 4]),
+                with(unlimited, pair, vec![from(1, 0), paced(5, from(0, 0)), from(0, 0)]),
             ],
             &["pair_rate", "paced"],
         ),
         (
-            "paced messages reserve their slots, so one that will not wait as long is denied THROUGHPUT_EXCEEDED and takes none",
-            vec![Step::Admit {
-                scope: portfolio,
-                fallback: unlimited,
-                reserve: 0,
-                rules: Rules { throughput: Some((10, 0)), ..NO_RULES },
-                msgs: vec![
+            // 100 ms apart: waits of 0, 100 and 200 ms, then 300 ms, too long for 30 ms.
+            "paced messages reserve their slots: one that waits less is denied THROUGHPUT_EXCEEDED, taking none",
+            vec![with(
+                unlimited,
+                ten_per_second,
+                vec![
                     paced(4, from(0, 0)),
                     paced(4, from(0, 1)),
                     paced(4, from(0, 2)),
                     paced(3, from(0, 3)),
                     paced(4, from(0, 3)),
                 ],
-            }],
+            )],
             &["paced", "throughput_exceeded"],
         ),
         (
             "shadow mode admits a message the limit denies and reports it, until the portfolio is set to enforce",
             vec![
-                Step::Admit {
-                    scope: portfolio,
-                    fallback: 0,
-                    reserve: 0,
-                    rules: Rules { shadow: true, ..NO_RULES },
-                    msgs: vec![one(0), one(1)],
-                },
+                with(0, shadow, vec![one(0), one(1)]),
                 Step::Apply { portfolio: 0, changes: vec![Chg::Mode(1)] },
-                Step::Admit {
-                    scope: portfolio,
-                    fallback: 0,
-                    reserve: 0,
-                    rules: Rules { shadow: true, ..NO_RULES },
-                    msgs: vec![one(2)],
-                },
+                with(0, shadow, vec![one(2)]),
                 Step::Portfolio { portfolio: 0 },
             ],
             &["shadow admitted a denial", "limit_reached"],
         ),
         (
-            "a recipient Meta capped gets no marketing (nor a message that may be marketing) for a day, but utility goes",
+            "a recipient Meta capped gets nothing that may be marketing for a day, but utility goes",
             vec![
                 Step::Apply { portfolio: 0, changes: vec![Chg::MarketingCapped { recipient: 0, at: When::Now }] },
-                Step::Admit {
-                    scope: portfolio,
-                    fallback: unlimited,
-                    reserve: 0,
-                    rules: NO_RULES,
-                    msgs: vec![to(1, 0), to(2, 0), to(0, 0), to(1, 1)],
-                },
+                admit(unlimited, vec![to(1, 0), to(2, 0), to(0, 0), to(1, 1)]),
                 Step::Wait { eighths: 8 },
-                Step::Admit { scope: portfolio, fallback: unlimited, reserve: 0, rules: NO_RULES, msgs: vec![to(1, 0)] },
+                admit(unlimited, vec![to(1, 0)]),
             ],
             &["recipient_marketing_capped"],
         ),
