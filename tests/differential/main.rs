@@ -1,7 +1,7 @@
 //! The differential test: random sequences of store calls, run on every backend (memory, a real
 //! Redis, a real three-master Redis Cluster) and on the reference model in `model.rs`, which
-//! must agree on every answer: decision, reason, lease, `retry_after`, usage, `next_slot_at`,
-//! projections' counts and the portfolio's state.
+//! must agree on every answer: decision, reason, lease, `retry_after`, pacing `wait`, `shadow`,
+//! usage, `next_slot_at`, projections' counts and the portfolio's state.
 //!
 //! A failing case shrinks to a minimal sequence, printed with the step where the store and the
 //! model part ways. Cases per backend: `PROPTEST_CASES` (defaults below); the generator's seed
@@ -14,7 +14,9 @@
 //! Time: the memory store runs on a manual clock that `Wait` steps move by fractions of its 24 h
 //! window; the Redis stores take time from Redis `TIME` with a window of a few tens of
 //! milliseconds, and `Wait` steps sleep. Either way the model is told the store's own clock for
-//! each call (every answer carries it), so answers are compared exactly.
+//! each call (every answer carries it), so answers are compared exactly. The send rates are slow
+//! enough (at most 50 messages per second, pairs of seconds) to deny within a handful of calls on
+//! either clock; on memory a `Wait` of an eighth or more lets every schedule run out.
 
 #[path = "../common/mod.rs"]
 mod common;
