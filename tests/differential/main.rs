@@ -1,7 +1,7 @@
 //! The differential test: random sequences of store calls, run on every backend (memory, a real
 //! Redis, a real three-master Redis Cluster) and on the reference model in `model.rs`, which
-//! must agree on every answer: decision, reason, lease, `retry_after`, usage, `next_slot_at`,
-//! projections' counts and the portfolio's state.
+//! must agree on every answer: decision, reason, lease, `retry_after`, pacing `wait`, `shadow`,
+//! usage, `next_slot_at`, projections' counts and the portfolio's state.
 //!
 //! A failing case shrinks to a minimal sequence, printed with the step where the store and the
 //! model part ways. Cases per backend: `PROPTEST_CASES` (defaults below); the generator's seed
@@ -14,7 +14,9 @@
 //! Time: the memory store runs on a manual clock that `Wait` steps move by fractions of its 24 h
 //! window; the Redis stores take time from Redis `TIME` with a window of a few tens of
 //! milliseconds, and `Wait` steps sleep. Either way the model is told the store's own clock for
-//! each call (every answer carries it), so answers are compared exactly.
+//! each call (every answer carries it), so answers are compared exactly. The send rates are slow
+//! enough (at most 50 messages per second, pairs of seconds) to deny within a handful of calls on
+//! either clock; on memory a `Wait` of an eighth or more lets every schedule run out.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -28,10 +30,13 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestError, TestRunner};
 
 use tiergate::hashing::RecipientHasher;
-use tiergate::policy::{Category, Delivery, Lease, Micros, Quality, Reason, ScopeKey, SenderStatus, Tier};
+use tiergate::policy::rate::{PairRule, ThroughputRule, THROUGHPUT_BACKOFF};
+use tiergate::policy::{
+    Category, Decision, Delivery, Lease, Micros, Mode, Quality, Reason, ScopeKey, SenderStatus, Tier,
+};
 use tiergate::store::memory::MemoryStore;
 use tiergate::store::redis::{RedisStore, Topology, WindowLayout};
-use tiergate::store::{AdmitOp, AdmitParams, Change, Clock, Store, SystemClock, Windows};
+use tiergate::store::{AdmitOp, AdmitParams, Change, Clock, Rates, Store, SystemClock, Windows};
 
 use common::stores;
 use model::Model;
@@ -60,6 +65,24 @@ const CATEGORIES: [Category; 5] =
     [Category::Unspecified, Category::Marketing, Category::Utility, Category::Authentication, Category::Service];
 /// Basis points kept from marketing: none, some, almost all (the cap rounds to one), all.
 const RESERVES: [u32; 5] = [0, 3_000, 5_000, 9_999, 10_000];
+/// How long a message may wait for its rates: not at all (mostly), a few throughput slots, or
+/// long enough to pace past a pair's burst. Stores answer the wait without sleeping, so long
+/// waits cost no time.
+const MAX_WAITS: [Duration; 6] = [
+    Duration::ZERO,
+    Duration::ZERO,
+    Duration::from_millis(3),
+    Duration::from_millis(30),
+    Duration::from_secs(5),
+    Duration::from_secs(60),
+];
+/// Levels Meta may report for a number: its own (80, 1,000, 20 with the app) and a few slow
+/// enough to deny within one Admit.
+const LEARNT_MPS: [u32; 5] = [80, 1_000, 20, 2, 10];
+/// How long ago Meta's feedback happened: a few ms, or exactly one throughput backoff (which
+/// then ends now).
+const FEEDBACK_AGO: [Duration; 4] =
+    [Duration::from_millis(1), Duration::from_millis(5), Duration::from_millis(20), THROUGHPUT_BACKOFF];
 
 /// Tiers a scope can be given, and fallbacks a call can pass: limits at and near 0, 1 and the
 /// cap, and unlimited.
@@ -107,7 +130,34 @@ struct Msg {
     /// The idempotency key, from a pool small enough that keys repeat, with the same recipient
     /// (a retry) or another (the key wins).
     key: Option<u8>,
+    /// How long it may wait for its rates ([`MAX_WAITS`]).
+    max_wait: u8,
+    /// Its number's configured throughput level.
+    mps: Option<u8>,
 }
+
+/// The rate rules and mode an Admit call passes.
+#[derive(Debug, Clone, Copy)]
+struct Rules {
+    /// Throughput: default messages per second, and burst in ms; slow, so one Admit is denied.
+    throughput: Option<(u8, u8)>,
+    /// Pair rate: interval in seconds, and burst.
+    pair: Option<(u8, u8)>,
+    shadow: bool,
+}
+
+const NO_RULES: Rules = Rules { throughput: None, pair: None, shadow: false };
+
+fn throughput_rule((mps, burst_ms): (u8, u8)) -> ThroughputRule {
+    ThroughputRule { default_mps: u32::from(mps), burst: Duration::from_millis(u64::from(burst_ms)) }
+}
+
+fn pair_rule((interval_s, burst): (u8, u8)) -> PairRule {
+    PairRule { interval: Duration::from_secs(u64::from(interval_s)), burst: u32::from(burst) }
+}
+
+/// When Meta's feedback happened: now (`None`), or [`FEEDBACK_AGO`] before.
+type Ago = Option<u8>;
 
 /// When an event happened, relative to the backend's clock, in eighths of its window.
 #[derive(Debug, Clone, Copy)]
@@ -174,6 +224,32 @@ enum Chg {
         sender: u8,
         level: u8,
     },
+    /// A message of the number's outside Admit, at its throughput rule and configured level.
+    Traffic {
+        sender: u8,
+        throughput: (u8, u8),
+        mps: Option<u8>,
+        at: Ago,
+    },
+    /// Meta's 130429 for a number.
+    ThroughputBackoff {
+        sender: u8,
+        at: Ago,
+    },
+    /// Meta's 131056 for a (number, user) pair, at its pair rule.
+    PairBackoff {
+        sender: u8,
+        recipient: u8,
+        pair: (u8, u8),
+        at: Ago,
+    },
+    /// Meta's 131049 for a recipient.
+    MarketingCapped {
+        recipient: u8,
+        at: When,
+    },
+    /// The portfolio's mode: configured, enforce, shadow.
+    Mode(u8),
     /// A delivery status of a message to a recipient in a scope of this portfolio.
     Delivery {
         number: Option<u8>,
@@ -190,6 +266,7 @@ enum Step {
         scope: Sel,
         fallback: u8,
         reserve: u8,
+        rules: Rules,
         msgs: Vec<Msg>,
     },
     /// Release the n-th lease handed out so far (modulo their number): valid, stale or twice.
@@ -236,8 +313,10 @@ fn msg() -> impl Strategy<Value = Msg> {
         proptest::bool::weighted(0.05),
         proptest::option::weighted(0.6, 0..3u8),
         proptest::option::weighted(0.3, 0..3u8),
+        0..6u8,
+        proptest::option::weighted(0.15, 1..=50u8),
     )
-        .prop_map(|(sender, recipient, category, template, blocked, language, key)| Msg {
+        .prop_map(|(sender, recipient, category, template, blocked, language, key, max_wait, mps)| Msg {
             sender,
             recipient,
             category,
@@ -245,7 +324,33 @@ fn msg() -> impl Strategy<Value = Msg> {
             blocked,
             language,
             key,
+            max_wait,
+            mps,
         })
+}
+
+/// Throughput slow enough (at most 50 messages per second, a burst of at most 50 ms) that one
+/// Admit or a few in a row are denied, on Redis too.
+fn throughput() -> impl Strategy<Value = (u8, u8)> {
+    (1..=50u8, 0..=50u8)
+}
+
+/// Pair intervals of seconds and bursts of a few messages.
+fn pair() -> impl Strategy<Value = (u8, u8)> {
+    (1..=10u8, 1..=3u8)
+}
+
+fn rules() -> impl Strategy<Value = Rules> {
+    (
+        proptest::option::weighted(0.5, throughput()),
+        proptest::option::weighted(0.5, pair()),
+        proptest::bool::weighted(0.15),
+    )
+        .prop_map(|(throughput, pair, shadow)| Rules { throughput, pair, shadow })
+}
+
+fn ago() -> impl Strategy<Value = Ago> {
+    proptest::option::weighted(0.5, 0..4u8)
 }
 
 fn chg() -> impl Strategy<Value = Chg> {
@@ -267,7 +372,14 @@ fn chg() -> impl Strategy<Value = Chg> {
         1 => (0..2u8, 0..2u8).prop_map(|(key, body)| Chg::Alert { key, body }),
         1 => (0..2u8, 0..3u8).prop_map(|(display, id)| Chg::Alias { display, id }),
         5 => (0..3u8, 0..5u8, when()).prop_map(|(sender, recipient, at)| Chg::Inbound { sender, recipient, at }),
-        1 => (0..3u8, 0..3u8).prop_map(|(sender, level)| Chg::Throughput { sender, level }),
+        1 => (0..3u8, 0..5u8).prop_map(|(sender, level)| Chg::Throughput { sender, level }),
+        2 => (0..3u8, throughput(), proptest::option::weighted(0.3, 1..=50u8), ago())
+            .prop_map(|(sender, throughput, mps, at)| Chg::Traffic { sender, throughput, mps, at }),
+        3 => (0..3u8, ago()).prop_map(|(sender, at)| Chg::ThroughputBackoff { sender, at }),
+        2 => (0..3u8, 0..5u8, pair(), ago())
+            .prop_map(|(sender, recipient, pair, at)| Chg::PairBackoff { sender, recipient, pair, at }),
+        3 => (0..5u8, when()).prop_map(|(recipient, at)| Chg::MarketingCapped { recipient, at }),
+        1 => (0..3u8).prop_map(Chg::Mode),
         6 => (proptest::option::weighted(0.3, 0..3u8), 0..5u8, any::<bool>(), when())
             .prop_map(|(number, recipient, failed, at)| Chg::Delivery { number, recipient, failed, at }),
     ]
@@ -275,15 +387,15 @@ fn chg() -> impl Strategy<Value = Chg> {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        12 => (sel(), 0..4u8, prop_oneof![3 => Just(0u8), 1 => 0..5u8], proptest::collection::vec(msg(), 1..5))
-            .prop_map(|(scope, fallback, reserve, msgs)| Step::Admit { scope, fallback, reserve, msgs }),
+        12 => (sel(), 0..4u8, prop_oneof![3 => Just(0u8), 1 => 0..5u8], rules(), proptest::collection::vec(msg(), 1..5))
+            .prop_map(|(scope, fallback, reserve, rules, msgs)| Step::Admit { scope, fallback, reserve, rules, msgs }),
         3 => any::<u8>().prop_map(|lease| Step::Release { lease }),
         1 => (sel(), 0..5u8, 0..3u8)
             .prop_map(|(scope, recipient, score_offset)| Step::ReleaseForged { scope, recipient, score_offset }),
         5 => (0..2u8, proptest::collection::vec(chg(), 1..4))
             .prop_map(|(portfolio, changes)| Step::Apply { portfolio, changes }),
         2 => (sel(), 0..4u8).prop_map(|(scope, fallback)| Step::Usage { scope, fallback }),
-        1 => (0..2u8).prop_map(|portfolio| Step::Portfolio { portfolio }),
+        2 => (0..2u8).prop_map(|portfolio| Step::Portfolio { portfolio }),
         2 => (0..11u8).prop_map(|eighths| Step::Wait { eighths }),
     ]
 }
@@ -415,13 +527,27 @@ fn admit_op(h: &RecipientHasher, m: &Msg) -> AdmitOp {
         // As the limiter asks: a language only with a template.
         template_language: m.template.and(m.language).map(|l| language(Some(l))),
         idempotency_key: m.key.map(|k| h.idempotency_key(&format!("msg-{k}"))),
-        ..AdmitOp::default()
+        max_wait: MAX_WAITS[usize::from(m.max_wait) % MAX_WAITS.len()],
+        throughput_mps: m.mps.map(u32::from),
+    }
+}
+
+fn admit_params(f: u8, reserve: u8, rules: &Rules) -> AdmitParams {
+    AdmitParams {
+        rates: Rates { throughput: rules.throughput.map(throughput_rule), pair: rules.pair.map(pair_rule) },
+        mode: if rules.shadow { Mode::Shadow } else { Mode::Enforce },
+        ..AdmitParams::new(fallback(f), RESERVES[usize::from(reserve) % RESERVES.len()])
     }
 }
 
 fn change(subject: &Subject, h: &RecipientHasher, portfolio: u8, c: &Chg) -> Change {
     let scope_of = |number: Option<u8>| scope(Sel { portfolio, number });
     let since = |s: Option<u8>| s.map(|k| START + u64::from(k) * 1_000_000);
+    let ago = |a: Ago| {
+        a.map(|i| {
+            subject.now().saturating_sub(tiergate::policy::micros(FEEDBACK_AGO[usize::from(i) % FEEDBACK_AGO.len()]))
+        })
+    };
     match *c {
         Chg::Tier { number, tier: t, at } => {
             Change::Tier { scope: scope_of(number), tier: tier(t), at: subject.at(at) }
@@ -457,8 +583,22 @@ fn change(subject: &Subject, h: &RecipientHasher, portfolio: u8, c: &Chg) -> Cha
             Change::Inbound { service_member: h.service_window(&sender(s), recipient(r)), at: subject.at(at) }
         }
         Chg::Throughput { sender: s, level } => {
-            Change::Throughput { sender: sender(s), mps: [80, 1_000, 20][usize::from(level) % 3] }
+            Change::Throughput { sender: sender(s), mps: LEARNT_MPS[usize::from(level) % LEARNT_MPS.len()] }
         }
+        Chg::Traffic { sender: s, throughput, mps, at } => Change::Traffic {
+            sender: sender(s),
+            rule: throughput_rule(throughput),
+            configured_mps: mps.map(u32::from),
+            at: ago(at),
+        },
+        Chg::ThroughputBackoff { sender: s, at } => Change::ThroughputBackoff { sender: sender(s), at: ago(at) },
+        Chg::PairBackoff { sender: s, recipient: r, pair, at } => {
+            Change::PairBackoff { pair: h.service_window(&sender(s), recipient(r)), rule: pair_rule(pair), at: ago(at) }
+        }
+        Chg::MarketingCapped { recipient: r, at } => {
+            Change::MarketingCapped { member: h.recipient(recipient(r)), at: subject.at(at) }
+        }
+        Chg::Mode(m) => Change::Mode([None, Some(Mode::Enforce), Some(Mode::Shadow)][usize::from(m) % 3]),
         Chg::Delivery { number, recipient: r, failed, at } => Change::Delivery {
             scope: scope_of(number),
             member: h.recipient(recipient(r)),
@@ -487,13 +627,25 @@ async fn play(subject: Subject, steps: &[Step], seen: &Seen) -> Result<(), Strin
         };
         let failed = |e: tiergate::store::StoreError| format!("step {i} ({step:?}): store call failed: {e}");
         match step {
-            Step::Admit { scope: s, fallback: f, reserve, msgs } => {
+            Step::Admit { scope: s, fallback: f, reserve, rules, msgs } => {
                 let key = scope(*s);
-                let params = AdmitParams::new(fallback(*f), RESERVES[usize::from(*reserve) % 5]);
+                let params = admit_params(*f, *reserve, rules);
                 let ops: Vec<AdmitOp> = msgs.iter().map(|m| admit_op(&h, m)).collect();
                 let got = store.admit(&key, &params, &ops).await.map_err(failed)?;
-                got.iter().for_each(|a| saw(seen, a.reason.as_str()));
-                got.iter().filter(|a| a.replay_of.is_some()).for_each(|_| saw(seen, "replayed under its key"));
+                for a in &got {
+                    saw(seen, a.reason.as_str());
+                    if a.replay_of.is_some() {
+                        saw(seen, "replayed under its key");
+                    }
+                    if !a.wait.is_zero() {
+                        saw(seen, "paced");
+                    }
+                    match a.shadow {
+                        Some(r) if r.decision() == Decision::Denied => saw(seen, "shadow admitted a denial"),
+                        Some(_) => saw(seen, "shadow"),
+                        None => {}
+                    }
+                }
                 let now = got.first().map_or(0, |a| a.now);
                 let want = model.admit(now, &key, &params, &ops);
                 if got != want {
@@ -573,8 +725,9 @@ fn seed() -> RngSeed {
 }
 
 /// Sequences that once made a store and the model disagree, as the generator shrank them, and a
-/// few that random cases rarely reach; every backend plays them before the random ones.
-fn regressions() -> Vec<(&'static str, Vec<Step>)> {
+/// few that random cases rarely reach, each with the outcomes it must reach (so it still tests
+/// what it names); every backend plays them before the random ones.
+fn regressions() -> Vec<(&'static str, Vec<Step>, &'static [&'static str])> {
     let one = |recipient| Msg {
         sender: None,
         recipient,
@@ -583,67 +736,84 @@ fn regressions() -> Vec<(&'static str, Vec<Step>)> {
         blocked: false,
         language: None,
         key: None,
+        max_wait: 0,
+        mps: None,
     };
     let keyed = |recipient, key| Msg { key: Some(key), ..one(recipient) };
     let portfolio = Sel { portfolio: 0, number: None };
     let promo = |language| Msg { template: Some(2), language, ..one(0) };
     let status = |language, status| Chg::TemplateStatus { template: 2, language, status, at: When::Now };
+    let from = |sender, recipient| Msg { sender: Some(sender), category: 2, ..one(recipient) };
+    let paced = |max_wait, m: Msg| Msg { max_wait, ..m };
+    let to = |category, recipient| Msg { category, ..one(recipient) };
+    let unlimited = 3;
+    // An Admit in the whole portfolio, with no reserve, and no rates (`admit`) or these rules.
+    let with = |fallback, rules, msgs| Step::Admit { scope: portfolio, fallback, reserve: 0, rules, msgs };
+    let admit = |fallback, msgs| with(fallback, NO_RULES, msgs);
+    let pair = Rules { pair: Some((6, 3)), ..NO_RULES };
+    let ten_per_second = Rules { throughput: Some((10, 0)), ..NO_RULES };
+    let shadow = Rules { shadow: true, ..NO_RULES };
     vec![
         (
             // The memory store's sweep forgot a scope with no contact left, and with it the keys
             // that replay once their recipient is counted again.
             "a key replays after its slot was given back and its recipient counted again, however long the scope was idle",
             vec![
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(2, 0)] },
+                admit(1, vec![keyed(2, 0)]),
                 Step::Release { lease: 0 },
                 Step::Wait { eighths: 1 },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![one(2)] },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(0, 0)] },
+                admit(1, vec![one(2)]),
+                admit(1, vec![keyed(0, 0)]),
             ],
+            &[],
         ),
         (
             "an idempotency key replays what it counted, also for another recipient, until the slot is given back",
             vec![
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(0, 0), keyed(0, 0)] },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(1, 0), keyed(1, 1)] },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(2, 2)] },
+                admit(1, vec![keyed(0, 0), keyed(0, 0)]),
+                admit(1, vec![keyed(1, 0), keyed(1, 1)]),
+                admit(1, vec![keyed(2, 2)]),
                 Step::Release { lease: 0 },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(0, 0), keyed(2, 2)] },
+                admit(1, vec![keyed(0, 0), keyed(2, 2)]),
                 Step::Wait { eighths: 8 },
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![keyed(0, 0)] },
+                admit(1, vec![keyed(0, 0)]),
             ],
+            &[],
         ),
         (
             "a key whose last decision took nothing replays nothing, even once its first recipient is counted again",
             vec![
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![keyed(0, 0)] },
+                admit(0, vec![keyed(0, 0)]),
                 Step::Release { lease: 0 },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![one(1)] },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![keyed(0, 0)] },
+                admit(0, vec![one(1)]),
+                admit(0, vec![keyed(0, 0)]),
                 Step::Release { lease: 1 },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![one(0)] },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![keyed(0, 0)] },
+                admit(0, vec![one(0)]),
+                admit(0, vec![keyed(0, 0)]),
             ],
+            &[],
         ),
         (
             // On Redis a tie needs two statuses in one call, which random cases rarely make.
             "a status for every language and one for a language at the same time: the language's own is in force",
             vec![
                 Step::Apply { portfolio: 0, changes: vec![status(None, 1), status(Some(0), 0)] },
-                Step::Admit { scope: portfolio, fallback: 2, reserve: 0, msgs: vec![promo(Some(0)), promo(Some(1))] },
-                Step::Admit { scope: portfolio, fallback: 2, reserve: 0, msgs: vec![promo(None)] },
+                admit(2, vec![promo(Some(0)), promo(Some(1))]),
+                admit(2, vec![promo(None)]),
                 Step::Portfolio { portfolio: 0 },
             ],
+            &[],
         ),
         (
             "a message without a language is blocked when one language is, until a newer status for every language",
             vec![
                 Step::Apply { portfolio: 0, changes: vec![status(Some(1), 2), status(Some(0), 0)] },
-                Step::Admit { scope: portfolio, fallback: 2, reserve: 0, msgs: vec![promo(None), promo(Some(0))] },
+                admit(2, vec![promo(None), promo(Some(0))]),
                 Step::Wait { eighths: 1 },
                 Step::Apply { portfolio: 0, changes: vec![status(None, 4)] },
-                Step::Admit { scope: portfolio, fallback: 2, reserve: 0, msgs: vec![promo(None), promo(Some(1))] },
+                admit(2, vec![promo(None), promo(Some(1))]),
             ],
+            &[],
         ),
         (
             // Redis answered `retry_after` = 1 ms (a hot retry loop) where nothing counted would
@@ -651,31 +821,78 @@ fn regressions() -> Vec<(&'static str, Vec<Step>)> {
             "a full scope with nothing counted says retry after a window",
             vec![
                 Step::Apply { portfolio: 0, changes: vec![Chg::Tier { number: None, tier: 4, at: When::Now }] },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![one(0)] },
+                admit(0, vec![one(0)]),
                 Step::Apply { portfolio: 0, changes: vec![Chg::Tier { number: None, tier: 0, at: When::Now }] },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 4, msgs: vec![one(1)] },
+                Step::Admit { scope: portfolio, fallback: 0, reserve: 4, rules: NO_RULES, msgs: vec![one(1)] },
             ],
+            &[],
         ),
         (
             // Redis kept contacts that had left the window while the tier was unlimited, so a
             // stale lease still "gave back" a slot.
             "a contact that left the window cannot be released after an unlimited admit",
             vec![
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![one(0)] },
+                admit(0, vec![one(0)]),
                 Step::Wait { eighths: 8 },
-                Step::Admit { scope: portfolio, fallback: 3, reserve: 0, msgs: vec![one(0)] },
+                admit(3, vec![one(0)]),
                 Step::Release { lease: 0 },
             ],
+            &[],
         ),
         (
             // Above a lowered limit, room comes back when the count drops below it, not when
             // the oldest contact leaves: Redis pointed at the oldest.
             "after a downgrade new recipients wait until the count drops below the new limit",
             vec![
-                Step::Admit { scope: portfolio, fallback: 1, reserve: 0, msgs: vec![one(0), one(1)] },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![one(0)] },
-                Step::Admit { scope: portfolio, fallback: 0, reserve: 0, msgs: vec![one(2)] },
+                admit(1, vec![one(0), one(1)]),
+                admit(0, vec![one(0)]),
+                admit(0, vec![one(2)]),
             ],
+            &[],
+        ),
+        (
+            "a burst to one user borrows the intervals it skips: past it, a message waits or is denied PAIR_RATE",
+            vec![
+                with(unlimited, pair, vec![from(0, 0); 4]),
+                with(unlimited, pair, vec![from(1, 0), paced(5, from(0, 0)), from(0, 0)]),
+            ],
+            &["pair_rate", "paced"],
+        ),
+        (
+            // 100 ms apart: waits of 0, 100 and 200 ms, then 300 ms, too long for 30 ms.
+            "paced messages reserve their slots: one that waits less is denied THROUGHPUT_EXCEEDED, taking none",
+            vec![with(
+                unlimited,
+                ten_per_second,
+                vec![
+                    paced(4, from(0, 0)),
+                    paced(4, from(0, 1)),
+                    paced(4, from(0, 2)),
+                    paced(3, from(0, 3)),
+                    paced(4, from(0, 3)),
+                ],
+            )],
+            &["paced", "throughput_exceeded"],
+        ),
+        (
+            "shadow mode admits a message the limit denies and reports it, until the portfolio is set to enforce",
+            vec![
+                with(0, shadow, vec![one(0), one(1)]),
+                Step::Apply { portfolio: 0, changes: vec![Chg::Mode(1)] },
+                with(0, shadow, vec![one(2)]),
+                Step::Portfolio { portfolio: 0 },
+            ],
+            &["shadow admitted a denial", "limit_reached"],
+        ),
+        (
+            "a recipient Meta capped gets nothing that may be marketing for a day, but utility goes",
+            vec![
+                Step::Apply { portfolio: 0, changes: vec![Chg::MarketingCapped { recipient: 0, at: When::Now }] },
+                admit(unlimited, vec![to(1, 0), to(2, 0), to(0, 0), to(1, 1)]),
+                Step::Wait { eighths: 8 },
+                admit(unlimited, vec![to(1, 0)]),
+            ],
+            &["recipient_marketing_capped"],
         ),
     ]
 }
@@ -687,12 +904,16 @@ fn differential(name: &str, default_cases: u32, make: impl Fn() -> Subject) {
     // Redis stores spawn their connection tasks on the current runtime.
     let _entered = runtime.enter();
     let case = AtomicU64::new(0);
-    for (what, steps) in regressions() {
+    for (what, steps, reaches) in regressions() {
         case.fetch_add(1, Ordering::SeqCst);
         let subject = make();
-        if let Err(why) = runtime.block_on(play(subject, &steps, &Seen::default())) {
+        let seen = Seen::default();
+        if let Err(why) = runtime.block_on(play(subject, &steps, &seen)) {
             panic!("{name}: regression \"{what}\" is back: {why}");
         }
+        let seen = seen.into_inner().unwrap();
+        let missing: Vec<&str> = reaches.iter().copied().filter(|what| !seen.contains_key(what)).collect();
+        assert!(missing.is_empty(), "{name}: regression \"{what}\" no longer reaches {missing:?}");
     }
     let config = Config {
         cases: cases(default_cases),
@@ -719,7 +940,8 @@ fn differential(name: &str, default_cases: u32, make: impl Fn() -> Subject) {
                 .iter()
                 .filter(|r| **r != Reason::StoreUnavailable)
                 .map(|r| r.as_str())
-                .chain(["release given back", "release refused", "replayed under its key"])
+                .chain(["release given back", "release refused", "replayed under its key", "paced", "shadow"])
+                .chain(["shadow admitted a denial"])
                 .filter(|what| !seen.contains_key(what))
                 .collect();
             // (Only for runs long enough to reach them: a quick PROPTEST_CASES=5 run may not.)

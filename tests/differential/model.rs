@@ -6,13 +6,15 @@
 //! one of them gets wrong shows up as a difference.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
+use tiergate::policy::rate::{self, PairState, RateSnapshot, ThroughputRule};
 use tiergate::policy::{
     self, Delivery, Effect, Lease, Limits, Micros, Remembered, ScopeKey, SenderStatus, Snapshot, TemplateEvent, Tier,
 };
 use tiergate::store::{
-    day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, ScopeReport, TemplateKey, UsageSnapshot,
-    Windows,
+    day_of, Admission, AdmitOp, AdmitParams, Change, Member, PortfolioState, Rates, ScopeReport, TemplateKey,
+    UsageSnapshot, Windows,
 };
 
 /// Days of daily recipient sets a store keeps for the 30-day count.
@@ -75,6 +77,13 @@ struct Portfolio {
     state: PortfolioState,
     /// Item → time of the last status event applied to it.
     event_at: BTreeMap<String, Micros>,
+    /// Number → its throughput schedule (`tat`); never forgotten here: one in the past owes
+    /// nothing.
+    numbers: BTreeMap<String, Micros>,
+    /// (number, user) pair, by its service-window hash → its schedule.
+    pairs: BTreeMap<Member, PairState>,
+    /// Recipient → until when Meta's per-user marketing limit caps marketing to them.
+    capped: BTreeMap<Member, Micros>,
 }
 
 impl Portfolio {
@@ -103,6 +112,31 @@ impl Portfolio {
         }
     }
 
+    /// The spacing of `sender`'s messages at `now`: its configured level, else the one learnt
+    /// from Meta, else the rule's default; twice that while Meta's 130429 backoff lasts.
+    fn interval(&self, sender: &str, rule: &ThroughputRule, configured: Option<u32>, now: Micros) -> Micros {
+        let number = self.state.senders.get(sender);
+        let learnt = number.and_then(|n| n.throughput_mps);
+        let backing_off = number.and_then(|n| n.throughput_backoff_until).is_some_and(|until| until > now);
+        ThroughputRule::interval(rule.mps(configured, learnt), backing_off)
+    }
+
+    /// The rates of `op` at `now`: its number's throughput and its pair's schedule, for each
+    /// rule that is on, when it names a sender.
+    fn rates(&self, op: &AdmitOp, rates: &Rates, now: Micros) -> RateSnapshot {
+        let Some(sender) = &op.sender else { return RateSnapshot::default() };
+        let tat = self.numbers.get(sender).copied().unwrap_or(0);
+        RateSnapshot {
+            throughput: rates
+                .throughput
+                .map(|rule| (tat, self.interval(sender, &rule, op.throughput_mps, now), rule.burst)),
+            pair: rates
+                .pair
+                .zip(op.service_member.as_ref())
+                .map(|(rule, pair)| (self.pairs.get(pair).copied().unwrap_or_default(), rule)),
+        }
+    }
+
     fn newer(&mut self, item: String, at: Micros) -> bool {
         let last = self.event_at.entry(item).or_default();
         if at < *last {
@@ -127,9 +161,14 @@ impl Model {
     }
 
     /// What `Store::admit` must answer at `now`.
+    ///
+    /// A replay takes no rate slot; a decision is the messaging-limit rules' (`policy::decide`),
+    /// then the rates' and the mode's (`rate::govern`), whose schedule the number and pair keep.
     pub fn admit(&mut self, now: Micros, scope: &ScopeKey, params: &AdmitParams, ops: &[AdmitOp]) -> Vec<Admission> {
         let windows = self.windows;
-        let portfolio = self.portfolios.get(&scope.portfolio);
+        // An empty portfolio reads as none, so admitting may create it.
+        let p = self.portfolios.entry(scope.portfolio.clone()).or_default();
+        let mode = p.state.mode.unwrap_or(params.mode);
         let s = self.scopes.entry(scope.clone()).or_default();
         s.forget_old(now, &windows);
         s.admitted = now;
@@ -140,7 +179,7 @@ impl Model {
             let remembered = op.idempotency_key.as_ref().and_then(|key| s.remembered.get(key));
             if let Some(r) = remembered.filter(|r| r.replays(now, windows.window, s.contacts.contains_key(&r.member))) {
                 out.push(Admission {
-                    wait: std::time::Duration::ZERO,
+                    wait: Duration::ZERO,
                     shadow: None,
                     reason: r.reason,
                     lease_score: r.lease_score(),
@@ -151,15 +190,14 @@ impl Model {
                 });
                 continue;
             }
-            let status = |sender: &String| portfolio?.state.senders.get(sender)?.status;
+            let status = |sender: &String| p.state.senders.get(sender)?.status;
             let language = op.template_language.as_deref();
-            let template_blocked = |name: &String| portfolio.is_some_and(|p| p.template_blocked(name, language));
-            let window_open = |m: &Member| portfolio.and_then(|p| p.service.get(m)).is_some_and(|c| *c > now);
+            let window_open = |m: &Member| p.service.get(m).is_some_and(|c| *c > now);
             let snapshot = Snapshot {
-                marketing_capped: false,
+                marketing_capped: p.capped.get(&op.member).is_some_and(|until| *until > now),
                 sender_blocked: op.sender_blocked || op.sender.as_ref().and_then(status) == Some(SenderStatus::Banned),
-                template_blocked: op.template.as_ref().is_some_and(template_blocked),
-                opted_out: portfolio.is_some_and(|p| p.opted_out.contains(&op.member)),
+                template_blocked: op.template.as_ref().is_some_and(|name| p.template_blocked(name, language)),
+                opted_out: p.opted_out.contains(&op.member),
                 service_window_open: op.service_member.as_ref().is_some_and(window_open),
                 already_counted: s.contacts.contains_key(&op.member),
                 counted: s.contacts.len() as u64,
@@ -168,31 +206,40 @@ impl Model {
             scores.sort_unstable();
             let nth_oldest = |rank: u64| scores.get(usize::try_from(rank).ok()?).copied();
             let outcome = policy::decide(&snapshot, op.category, limits, now, windows.window, nth_oldest);
+            let rates = p.rates(op, &params.rates, now);
+            let max_wait = policy::micros(op.max_wait);
+            let g = rate::govern(mode, &outcome, policy::admitted_as(&snapshot), &rates, now, max_wait);
+            if let (Some(sender), Some(tat)) = (&op.sender, g.schedule.throughput_tat) {
+                p.numbers.insert(sender.clone(), tat);
+            }
+            if let (Some(pair), Some(next)) = (&op.service_member, g.schedule.pair) {
+                p.pairs.insert(pair.clone(), next);
+            }
             let mut lease_score = None;
             let mut written = None;
-            if outcome.effect != Effect::Nothing {
+            if g.effect != Effect::Nothing {
                 // Every tier keeps the window, unlimited ones too.
                 let score = policy::next_score(now, s.last_score);
                 s.last_score = score;
                 s.contacts.insert(op.member.clone(), score);
                 written = Some(score);
-                if outcome.effect == Effect::Count {
+                if g.effect == Effect::Count {
                     lease_score = Some(score);
                 }
             }
             // A key remembers the last decision under it that wrote; one that wrote nothing forgets.
             if let Some(key) = &op.idempotency_key {
-                match Remembered::of(outcome.reason, &op.member, written) {
+                match Remembered::of(g.reason, &op.member, written) {
                     Some(r) => s.remembered.insert(key.clone(), r),
                     None => s.remembered.remove(key),
                 };
             }
             out.push(Admission {
-                wait: std::time::Duration::ZERO,
-                shadow: None,
-                reason: outcome.reason,
+                wait: Duration::from_micros(g.wait),
+                shadow: g.shadow,
+                reason: g.reason,
                 lease_score,
-                retry_after: outcome.retry_after,
+                retry_after: g.retry_after,
                 usage: s.usage(&params.fallback, &windows),
                 now,
                 replay_of: None,
@@ -206,7 +253,7 @@ impl Model {
     /// window and a second after the scope's last admit (the TTL of Redis's window key).
     pub fn release(&mut self, now: Micros, lease: &Lease) -> bool {
         let Some(s) = self.scopes.get_mut(&lease.scope) else { return false };
-        let kept = policy::micros(self.windows.window + std::time::Duration::from_secs(1));
+        let kept = policy::micros(self.windows.window + Duration::from_secs(1));
         if now.saturating_sub(s.admitted) > kept {
             return false;
         }
@@ -222,11 +269,29 @@ impl Model {
         for change in changes {
             let p = self.portfolios.entry(portfolio.to_owned()).or_default();
             match change {
-                Change::Traffic { .. }
-                | Change::ThroughputBackoff { .. }
-                | Change::PairBackoff { .. }
-                | Change::MarketingCapped { .. }
-                | Change::Mode(_) => unimplemented!("not generated yet"),
+                Change::Traffic { sender, rule, configured_mps, at } => {
+                    // Backing off or not as of now, whenever the message was.
+                    let interval = p.interval(sender, rule, *configured_mps, now);
+                    let tat = p.numbers.entry(sender.clone()).or_default();
+                    *tat = rate::throughput_take(*tat, at.unwrap_or(now).min(now), interval);
+                }
+                Change::ThroughputBackoff { sender, at } => {
+                    let until = at.unwrap_or(now).min(now) + policy::micros(rate::THROUGHPUT_BACKOFF);
+                    let number = p.state.senders.entry(sender.clone()).or_default();
+                    // A late report of an older 130429 cannot shorten a backoff.
+                    number.throughput_backoff_until =
+                        Some(number.throughput_backoff_until.map_or(until, |u| u.max(until)));
+                }
+                Change::PairBackoff { pair, rule, at } => {
+                    let s = p.pairs.entry(pair.clone()).or_default();
+                    *s = rule.penalise(*s, at.unwrap_or(now).min(now));
+                }
+                Change::MarketingCapped { member, at } => {
+                    let until = at.unwrap_or(now).min(now) + policy::micros(rate::MARKETING_CAPPED_FOR);
+                    let c = p.capped.entry(member.clone()).or_default();
+                    *c = (*c).max(until);
+                }
+                Change::Mode(mode) => p.state.mode = *mode,
                 Change::Tier { scope, tier, at } => {
                     let s = self.scopes.entry(scope.clone()).or_default();
                     let at = at.unwrap_or(now);
