@@ -155,7 +155,8 @@ struct Portfolio {
     state: PortfolioState,
     /// When the last status event of each number (`s:<id>`) happened (templates keep theirs).
     event_at: HashMap<String, Micros>,
-    /// Each number's throughput schedule (`tat`), kept while ahead of now.
+    /// Each number's throughput schedule (`tat`), kept with the persisted state as on Redis: a
+    /// late inbound report (`Change::Traffic`) dated before a past `tat` still counts after it.
     numbers: HashMap<String, Micros>,
     /// Each (number, user) pair's schedule, by its service-window hash, kept while ahead of now.
     pairs: HashMap<Member, PairState>,
@@ -184,11 +185,11 @@ impl Portfolio {
     /// returns whether nothing is left.
     fn sweep(&mut self, now: Micros, state_ttl: Micros) -> bool {
         self.service.retain(|_, closes| *closes > now);
-        self.numbers.retain(|_, tat| *tat > now);
         self.pairs.retain(|_, s| s.tat > now);
         self.capped.retain(|_, until| *until > now);
         if now.saturating_sub(self.active) > state_ttl {
             self.opted_out.clear();
+            self.numbers.clear();
             self.state = PortfolioState::default();
             self.event_at.clear();
         }
@@ -731,5 +732,23 @@ mod tests {
         admit(&store, "acme", "1111111").await;
         let state = store.lock();
         assert_eq!((state.scopes.len(), state.portfolios.len()), (1, 0), "the 50 idle scopes are gone");
+    }
+
+    #[tokio::test]
+    async fn a_late_inbound_report_counts_after_a_schedule_already_past_as_on_redis() {
+        let (store, clock) = store();
+        let rule = ThroughputRule { default_mps: 1, burst: Duration::ZERO };
+        let params = AdmitParams { rates: Rates { throughput: Some(rule), pair: None }, ..params() };
+        let from = |recipient| AdmitOp { sender: Some("n1".into()), ..op(recipient) };
+        let sent = store.admit(&scope("acme"), &params, &[from("1111111")]).await.unwrap();
+        assert_eq!(sent[0].reason, Reason::NewRecipient);
+        let t0 = sent[0].now;
+        // Past the number's schedule (t0 + 1 s) and past a sweep, a message received at
+        // t0 + 0.5 s is reported: its slot follows the first message's, at t0 + 1 s.
+        clock.advance(2 * SWEEP_EVERY.as_micros() as Micros);
+        let at = t0 + 500_000;
+        let traffic = Change::Traffic { sender: "n1".into(), rule, configured_mps: None, at: Some(at) };
+        store.apply("acme", &[traffic]).await.unwrap();
+        assert_eq!(store.lock().portfolios["acme"].numbers["n1"], t0 + 2_000_000);
     }
 }
