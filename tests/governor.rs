@@ -82,6 +82,40 @@ on_stores!(
     ]
 );
 
+/// The same tests on a real redis-server of their own, started for each test.
+mod redis {
+    use super::common::redis::RedisServer;
+
+    macro_rules! on_redis {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let redis = RedisServer::start();
+                    let store = format!(
+                        "[store]\nbackend = \"redis\"\nurl = \"{}\"\nhash_key = \"governor-test-hash-key\"\n",
+                        redis.url()
+                    );
+                    super::$name(&store).await
+                }
+            )*
+        };
+    }
+
+    on_redis!(
+        concurrent_admits_of_one_number_are_paced_a_slot_apart,
+        a_wait_beyond_max_wait_is_throughput_exceeded_with_retry_after,
+        a_call_is_never_held_past_its_deadline,
+        admit_batch_paces_each_message_in_order,
+        max_wait_out_of_range_is_invalid_naming_the_field,
+        a_pair_past_its_burst_is_pair_rate,
+        the_messaging_limit_is_never_paced,
+        shadow_mode_from_the_configuration_admits_and_reports,
+        shadow_mode_from_update_portfolio_and_back_to_the_configuration,
+        metrics_show_pacing_throughput_shadow_and_the_new_reasons,
+    );
+}
+
 /// A sidecar on `store` with [`POLICY`], and a client.
 async fn start(store: &str) -> (TestServer, Client) {
     let server = TestServer::start(&format!("{store}\n{POLICY}")).await;
