@@ -3,7 +3,7 @@
 //! configuration and from UpdatePortfolio, and what `/metrics` shows of them.
 //!
 //! Every test takes the `[store]` section of the sidecar it starts, so the same tests can run on
-//! each backend; [`on_stores!`] lists them once per backend.
+//! each backend; [`on_every_store!`] lists them once for both.
 //!
 //! Waits are asserted on the `waited` values the store computes, never on the wall clock. A
 //! number sends 10 messages per second here, so a test about something else gives its Admits a
@@ -47,47 +47,22 @@ tier = "T2"
 mode = "shadow"
 "#;
 
-/// The memory store (the default backend).
-const MEMORY: &str = "";
-
-/// Generates, for a backend, one test per name, each calling the function of that name with the
-/// backend's `[store]` section.
-macro_rules! on_stores {
-    ($backend:ident, $store:expr, [$($name:ident),* $(,)?]) => {
-        mod $backend {
+/// Generates one test per name on each backend, each calling the function of that name with the
+/// backend's `[store]` section: the memory store (the default, an empty section), and a real
+/// redis-server of its own, started for each test.
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name($store).await
+                    super::$name("").await
                 }
             )*
         }
-    };
-}
 
-on_stores!(
-    memory,
-    super::MEMORY,
-    [
-        concurrent_admits_of_one_number_are_paced_a_slot_apart,
-        a_wait_beyond_max_wait_is_throughput_exceeded_with_retry_after,
-        a_call_is_never_held_past_its_deadline,
-        admit_batch_paces_each_message_in_order,
-        max_wait_out_of_range_is_invalid_naming_the_field,
-        a_pair_past_its_burst_is_pair_rate,
-        the_messaging_limit_is_never_paced,
-        shadow_mode_from_the_configuration_admits_and_reports,
-        shadow_mode_from_update_portfolio_and_back_to_the_configuration,
-        metrics_show_pacing_throughput_shadow_and_the_new_reasons,
-    ]
-);
-
-/// The same tests on a real redis-server of their own, started for each test.
-mod redis {
-    use super::common::redis::RedisServer;
-
-    macro_rules! on_redis {
-        ($($name:ident),* $(,)?) => {
+        mod redis {
+            use super::common::redis::RedisServer;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
@@ -99,22 +74,22 @@ mod redis {
                     super::$name(&store).await
                 }
             )*
-        };
-    }
-
-    on_redis!(
-        concurrent_admits_of_one_number_are_paced_a_slot_apart,
-        a_wait_beyond_max_wait_is_throughput_exceeded_with_retry_after,
-        a_call_is_never_held_past_its_deadline,
-        admit_batch_paces_each_message_in_order,
-        max_wait_out_of_range_is_invalid_naming_the_field,
-        a_pair_past_its_burst_is_pair_rate,
-        the_messaging_limit_is_never_paced,
-        shadow_mode_from_the_configuration_admits_and_reports,
-        shadow_mode_from_update_portfolio_and_back_to_the_configuration,
-        metrics_show_pacing_throughput_shadow_and_the_new_reasons,
-    );
+        }
+    };
 }
+
+on_every_store!(
+    concurrent_admits_of_one_number_are_paced_a_slot_apart,
+    a_wait_beyond_max_wait_is_throughput_exceeded_with_retry_after,
+    a_call_is_never_held_past_its_deadline,
+    admit_batch_paces_each_message_in_order,
+    max_wait_out_of_range_is_invalid_naming_the_field,
+    a_pair_past_its_burst_is_pair_rate,
+    the_messaging_limit_is_never_paced,
+    shadow_mode_from_the_configuration_admits_and_reports,
+    shadow_mode_from_update_portfolio_and_back_to_the_configuration,
+    metrics_show_pacing_throughput_shadow_and_the_new_reasons,
+);
 
 /// A sidecar on `store` with [`POLICY`], and a client.
 async fn start(store: &str) -> (TestServer, Client) {
