@@ -186,6 +186,9 @@ impl Limiter {
             }
         }
         let answers: Vec<AdmitAnswer> = answers.into_iter().map(|a| a.expect("every request answered")).collect();
+        // The decision's latency, without the pacing hold (`tiergate_paced_seconds` has that), so
+        // the latency alert speaks of the store, not of callers that asked to wait.
+        metrics::admit_latency(started.elapsed());
         // Before the hold, which it then overlaps.
         self.throughput_metrics(&groups, &answers).await;
         // Paced messages took slots that many µs after the store's now: the call is held until
@@ -193,7 +196,6 @@ impl Limiter {
         if let Some(hold) = answers.iter().map(|a| a.waited).max().filter(|w| !w.is_zero()) {
             tokio::time::sleep(hold).await;
         }
-        metrics::admit_latency(started.elapsed());
         for a in &answers {
             metrics::decision(&self.labels, &a.usage.scope.portfolio, a.reason);
             if let Some(would_be) = a.shadow {
