@@ -444,6 +444,9 @@ impl Store for MemoryStore {
         let mut guard = self.lock();
         let state = &mut *guard;
         self.sweep_due(state, now);
+        // The scopes a delivery status already expired in this call: every change of one call
+        // shares `now`, so a second expiry finds nothing to drop, only walks the scope again.
+        let mut expired: Vec<&ScopeKey> = Vec::new();
         for change in changes {
             let p = state.portfolios.entry(portfolio.to_owned()).or_default();
             p.active = now;
@@ -537,7 +540,10 @@ impl Store for MemoryStore {
                 }
                 Change::Delivery { scope, member, status, at } => {
                     let s = written(&mut state.scopes, scope, now);
-                    s.expire(now, &self.windows);
+                    if !expired.contains(&scope) {
+                        s.expire(now, &self.windows);
+                        expired.push(scope);
+                    }
                     let at = event_time(*at, now);
                     match status {
                         Delivery::Delivered => {
