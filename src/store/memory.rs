@@ -44,6 +44,9 @@ struct ScopeState {
     delivered: HashMap<Member, Micros>,
     /// What each idempotency key (hashed) remembers, until its contact leaves the window.
     remembered: HashMap<Member, Remembered>,
+    /// At most the oldest time in `delivered` and `remembered`, so an expiry walks them only
+    /// when something may have left the window.
+    kept_from: Micros,
     /// The last write (an admit, or a change naming the scope): persisted fields outlive it by
     /// the state TTL.
     active: Micros,
@@ -68,8 +71,12 @@ impl ScopeState {
     /// older than the longest count.
     fn expire_kept(&mut self, now: Micros, windows: &Windows) {
         let start = policy::window_start(now, windows.window);
-        self.delivered.retain(|_, at| *at > start);
-        self.remembered.retain(|_, r| r.score > start);
+        if self.kept_from <= start {
+            self.delivered.retain(|_, at| *at > start);
+            self.remembered.retain(|_, r| r.score > start);
+            let delivered = self.delivered.values().copied();
+            self.kept_from = delivered.chain(self.remembered.values().map(|r| r.score)).min().unwrap_or(Micros::MAX);
+        }
         let oldest_day = day_of(now).saturating_sub(DAYS_KEPT - 1);
         self.days.retain(|day, _| *day >= oldest_day);
     }
@@ -411,7 +418,10 @@ impl Store for MemoryStore {
             let written = (g.effect != Effect::Nothing).then(|| s.touch(&op.member, now));
             if let Some(key) = &op.idempotency_key {
                 match Remembered::of(g.reason, &op.member, written) {
-                    Some(r) => s.remembered.insert(key.clone(), r),
+                    Some(r) => {
+                        s.kept_from = s.kept_from.min(r.score);
+                        s.remembered.insert(key.clone(), r)
+                    }
                     None => s.remembered.remove(key),
                 };
             }
@@ -445,6 +455,9 @@ impl Store for MemoryStore {
         let mut guard = self.lock();
         let state = &mut *guard;
         self.sweep_due(state, now);
+        // The scopes a delivery status already expired in this call: every change of one call
+        // shares `now`, so a second expiry finds nothing to drop, only walks the scope again.
+        let mut expired: Vec<&ScopeKey> = Vec::new();
         for change in changes {
             let p = state.portfolios.entry(portfolio.to_owned()).or_default();
             p.active = now;
@@ -538,10 +551,14 @@ impl Store for MemoryStore {
                 }
                 Change::Delivery { scope, member, status, at } => {
                     let s = written(&mut state.scopes, scope, now);
-                    s.expire(now, &self.windows);
+                    if !expired.contains(&scope) {
+                        s.expire(now, &self.windows);
+                        expired.push(scope);
+                    }
                     let at = event_time(*at, now);
                     match status {
                         Delivery::Delivered => {
+                            s.kept_from = s.kept_from.min(at);
                             let last = s.delivered.entry(member.clone()).or_insert(at);
                             *last = (*last).max(at);
                             if s.contacts.contains_key(member) {

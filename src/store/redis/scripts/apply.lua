@@ -77,6 +77,25 @@ local function window_of(key, legacy)
   return windows[key]
 end
 
+-- The delivered sets deliveries write, each trimmed once (`now` is the same for every change):
+-- key -> {recipient hash -> the latest confirmation of this call}, written at the end (ZADD GT).
+-- What one call writes is read back from here, so a failure after a confirmation in the same call
+-- sees it. A confirmation at or before the window's start is not kept: the sorted set is trimmed
+-- to the window, and a failure reads only confirmations inside it.
+local delivered_sets = {}
+local function delivered_of(key, start)
+  local confirmed = delivered_sets[key]
+  if not confirmed then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', tg_fmt(start))
+    confirmed = {}
+    delivered_sets[key] = confirmed
+  end
+  return confirmed
+end
+-- The daily HyperLogLogs deliveries add to: key -> recipient hashes, added in one PFADD at the
+-- end (a HyperLogLog does not depend on the order of what it is given).
+local days = {}
+
 -- Whether an event at `at` ('' = now) is not older than the last applied to this item; if so,
 -- it becomes the last.
 local function newer(key, field, at)
@@ -170,11 +189,13 @@ while i <= #ARGV do
     local member, status = ARGV[i + 8], ARGV[i + 9]
     local at = tg_event_time(ARGV[i + 10], now)
     local start = now - window
-    redis.call('ZREMRANGEBYSCORE', delivered_key, '-inf', tg_fmt(start))
+    local confirmed = delivered_of(delivered_key, start)
     local contact = w:contact(member)
     if status == 'd' then
-      redis.call('ZADD', delivered_key, 'GT', tg_fmt(at), member)
-      tg_keep_scores(delivered_key, window, now)
+      -- A confirmation already outside the window is read by nothing (see `delivered_of`).
+      if at > start and at > (confirmed[member] or 0) then
+        confirmed[member] = at
+      end
       if contact then
         -- The day of the delivery by this clock, among the three keys around the caller's.
         local offset = math.floor(at / DAY_US) - tonumber(ARGV[i + 7])
@@ -182,11 +203,15 @@ while i <= #ARGV do
         if offset >= -1 and offset <= 1 then
           day = KEYS[tonumber(ARGV[i + 5 + offset])]
         end
-        redis.call('PFADD', day, member)
-        redis.call('PEXPIRE', day, ARGV[4])
+        local members = days[day]
+        if not members then
+          members = {}
+          days[day] = members
+        end
+        members[#members + 1] = member
       end
     else
-      local delivered = tonumber(redis.call('ZSCORE', delivered_key, member))
+      local delivered = confirmed[member] or tonumber(redis.call('ZSCORE', delivered_key, member))
       local delivered_in_window = delivered and delivered > start
       if contact and contact <= at and not delivered_in_window then
         w:remove(member, nil)
@@ -253,6 +278,25 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 for key in pairs(touched) do
   tg_keep_meta(key, ttl, window, now)
+end
+for key, confirmed in pairs(delivered_sets) do
+  local args = {}
+  for member, at in pairs(confirmed) do
+    args[#args + 1] = tg_fmt(at)
+    args[#args + 1] = member
+  end
+  for j = 1, #args, 200 do
+    redis.call('ZADD', key, 'GT', unpack(args, j, math.min(j + 199, #args)))
+  end
+  if #args > 0 then
+    tg_keep_scores(key, window, now)
+  end
+end
+for key, members in pairs(days) do
+  for j = 1, #members, 200 do
+    redis.call('PFADD', key, unpack(members, j, math.min(j + 199, #members)))
+  end
+  redis.call('PEXPIRE', key, ARGV[4])
 end
 for _, w in pairs(windows) do
   w:flush()
