@@ -153,7 +153,7 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
         Some(t) => println!(
             "throughput    {} msg/s per number unless listed ({} listed), bursts of {}",
             t.default_mps,
-            settings.throughput_numbers.len(),
+            settings.throughput.numbers.len(),
             humantime::format_duration(t.burst)
         ),
         None => println!("throughput    off"),

@@ -21,7 +21,7 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::formatting::{sanitize_label_value, write_help_line, write_type_line};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::policy::rate::{MetaError, ThroughputRule};
+use crate::policy::rate::{MetaError, ThroughputLevels};
 use crate::policy::{Decision, Limit, Projection, Quality, Reason, ScopeKey, SenderStatus};
 use crate::store::{PortfolioState, StoreError, UsageSnapshot};
 
@@ -662,21 +662,6 @@ pub const THROUGHPUT_MPS: &str = "tiergate_throughput_mps";
 /// at a pair's rate.
 const PACED_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// The throughput levels in force: `[policy.throughput]`'s rule and its `numbers`.
-#[derive(Debug, Clone)]
-pub struct ThroughputLevels {
-    pub rule: ThroughputRule,
-    /// Phone number id → configured messages per second.
-    pub numbers: BTreeMap<String, u32>,
-}
-
-impl ThroughputLevels {
-    /// A number's level: configured, else `learnt` from Meta, else the default.
-    pub fn level(&self, number: &str, learnt: Option<u32>) -> u32 {
-        self.rule.mps(self.numbers.get(number).copied(), learnt)
-    }
-}
-
 impl Labels {
     /// The same labels, exporting the governor's per-number throughput series with `levels`
     /// (`None`: `[policy.throughput]` is off, and those series are not exported).
@@ -899,8 +884,8 @@ mod tests {
         off.render(&mut out);
         assert!(!out.contains(THROUGHPUT_MPS), "{out}");
 
-        let rule = ThroughputRule { default_mps: 80, burst: Duration::ZERO };
-        let levels = ThroughputLevels { rule, numbers: [("n2".to_owned(), 20)].into() };
+        let rule = crate::policy::rate::ThroughputRule { default_mps: 80, burst: Duration::ZERO };
+        let levels = ThroughputLevels { rule: Some(rule), numbers: [("n2".to_owned(), 20)].into() };
         let on = Labels::new(2, []).with_throughput(Some(levels));
         assert!(on.throughput_unknown("acme", "n1"));
         portfolio(&on, "acme", &state);

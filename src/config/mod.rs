@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::hashing::{RecipientHasher, MIN_KEY_LEN};
-use crate::policy::rate::{PairRule, ThroughputRule};
+use crate::policy::rate::{PairRule, ThroughputLevels, ThroughputRule};
 use crate::policy::{self, Ladder, Limit, Mode, Ruleset, ScopeMode, Tier};
 use crate::store::redis::{RedisOptions, Topology, TopologyConfig};
 use crate::store::{Rates, Windows};
@@ -457,8 +457,8 @@ pub struct Settings {
     pub metrics: MetricsConfig,
     /// The rate rules in force (`[policy.throughput]`, `[policy.pair_rate]`).
     pub rates: Rates,
-    /// Phone number id → configured messages per second (`[policy.throughput] numbers`).
-    pub throughput_numbers: BTreeMap<String, u32>,
+    /// Each number's throughput level (`[policy.throughput]`, on or off, and its `numbers`).
+    pub throughput: ThroughputLevels,
     /// `policy.mode`.
     pub mode: Mode,
     /// `[[portfolios]] mode`, by portfolio id.
@@ -656,6 +656,7 @@ impl Config {
                 StoreSettings::Redis { hasher, options }
             }
         };
+        let rates = self.rates()?;
         Ok(Settings {
             server: self.server.clone(),
             scope: p.scope,
@@ -675,8 +676,8 @@ impl Config {
             portfolios: self.portfolios.iter().map(|p| p.id.clone()).collect(),
             metrics: self.metrics.clone(),
             state_ttl: s.state_ttl,
-            rates: self.rates()?,
-            throughput_numbers: p.throughput.numbers.clone(),
+            rates,
+            throughput: ThroughputLevels { rule: rates.throughput, numbers: p.throughput.numbers.clone() },
             mode: p.mode,
             portfolio_modes,
         })
@@ -957,7 +958,7 @@ mod tests {
                     burst = 3\n\n[[portfolios]]\nid = \"acme\"\nmode = \"enforce\"\n";
         let s = Config::from_toml(toml).unwrap().validate().unwrap();
         assert_eq!(s.rates.throughput, Some(ThroughputRule { default_mps: 80, burst: Duration::ZERO }));
-        assert_eq!(s.throughput_numbers, BTreeMap::from([("1001".to_owned(), 1000)]));
+        assert_eq!(s.throughput.numbers, BTreeMap::from([("1001".to_owned(), 1000)]));
         assert_eq!(s.rates.pair, Some(PairRule { interval: Duration::from_secs(10), burst: 3 }));
         assert_eq!(s.mode, Mode::Shadow);
         assert_eq!(s.portfolio_modes, BTreeMap::from([("acme".to_owned(), Mode::Enforce)]));
@@ -967,7 +968,7 @@ mod tests {
         // Numbers are checked while the rule is off too, so turning it on cannot fail later.
         let listed = Config::from_toml("[policy.throughput]\nnumbers = { \"1001\" = 1000 }").unwrap();
         let listed = listed.validate().unwrap();
-        assert_eq!((listed.rates.throughput, listed.throughput_numbers.len()), (None, 1));
+        assert_eq!((listed.rates.throughput, listed.throughput.numbers.len()), (None, 1));
     }
 
     #[test]

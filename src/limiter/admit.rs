@@ -118,7 +118,7 @@ impl Limiter {
         let sender_blocked = sender
             .as_ref()
             .is_some_and(|s| self.blocked_senders.get(&input.portfolio_id).is_some_and(|b| b.contains(s)));
-        let op_sender_mps = sender.as_ref().and_then(|s| self.throughput_numbers.get(s)).copied();
+        let op_sender_mps = sender.as_ref().and_then(|s| self.throughput.configured(s));
         let op = AdmitOp {
             member: self.hasher.recipient(recipient.as_str()),
             service_member: sender.as_ref().map(|s| self.hasher.service_window(s, recipient.as_str())),

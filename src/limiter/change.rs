@@ -381,7 +381,7 @@ impl Limiter {
         self.rates.throughput.map(|rule| Change::Traffic {
             sender: sender.to_owned(),
             rule,
-            configured_mps: self.throughput_numbers.get(sender).copied(),
+            configured_mps: self.throughput.configured(sender),
             at,
         })
     }

@@ -32,6 +32,7 @@ use async_trait::async_trait;
 use crate::config::{OnError, PortfolioAccess, Settings, TierSource};
 use crate::hashing::{LeaseSigner, RecipientHasher};
 use crate::metrics;
+use crate::policy::rate::ThroughputLevels;
 use crate::policy::{Ladder, Micros, Mode, Ruleset, ScopeKey, ScopeMode, Tier};
 use crate::store::{Change, PortfolioState, Rates, ScopeReport, Store, StoreError};
 
@@ -77,8 +78,8 @@ pub struct Limiter {
     coalesce: coalesce::Coalescer,
     /// The rate rules (`[policy.throughput]`, `[policy.pair_rate]`).
     rates: Rates,
-    /// Phone number id → configured messages per second.
-    throughput_numbers: BTreeMap<String, u32>,
+    /// Each number's configured throughput level.
+    throughput: ThroughputLevels,
     /// `policy.mode`, and `[[portfolios]] mode` winning over it.
     mode: Mode,
     portfolio_modes: BTreeMap<String, Mode>,
@@ -100,10 +101,7 @@ pub trait StoreWatch: Send + Sync + 'static {
 impl Limiter {
     /// A limiter over `store` with the validated settings.
     pub fn new(settings: &Settings, store: Arc<dyn Store>) -> Limiter {
-        let levels = settings
-            .rates
-            .throughput
-            .map(|rule| metrics::ThroughputLevels { rule, numbers: settings.throughput_numbers.clone() });
+        let levels = settings.throughput.rule.is_some().then(|| settings.throughput.clone());
         let labels = metrics::Labels::new(settings.metrics.max_portfolios, settings.portfolios.iter().cloned())
             .with_throughput(levels);
         metrics::start(&labels, &settings.portfolios);
@@ -136,7 +134,7 @@ impl Limiter {
             store_watch: None,
             coalesce: coalesce::Coalescer::default(),
             rates: settings.rates,
-            throughput_numbers: settings.throughput_numbers.clone(),
+            throughput: settings.throughput.clone(),
             mode: settings.mode,
             portfolio_modes: settings.portfolio_modes.clone(),
             backoff_episodes: change::BackoffEpisodes::default(),
@@ -147,16 +145,6 @@ impl Limiter {
     /// by UpdatePortfolio, kept in the store, wins over both.
     pub(crate) fn configured_mode(&self, portfolio: &str) -> Mode {
         self.portfolio_modes.get(portfolio).copied().unwrap_or(self.mode)
-    }
-
-    /// A number's throughput level in force: configured, else `learnt` from Meta, else
-    /// `[policy.throughput] default_mps` (Meta's default while the rule is off).
-    pub(crate) fn throughput_mps(&self, number: &str, learnt: Option<u32>) -> u32 {
-        let configured = self.throughput_numbers.get(number).copied();
-        match self.rates.throughput {
-            Some(rule) => rule.mps(configured, learnt),
-            None => configured.or(learnt).unwrap_or(crate::policy::DEFAULT_THROUGHPUT_MPS),
-        }
     }
 
     /// The same limiter, telling `watch` of every transient store failure.

@@ -138,7 +138,7 @@ impl Limiter {
             throughput_mps: state
                 .senders
                 .iter()
-                .map(|(id, s)| (id.clone(), self.throughput_mps(id, s.throughput_mps)))
+                .map(|(id, s)| (id.clone(), self.throughput.level(id, s.throughput_mps)))
                 .collect(),
             state,
             usage,

@@ -13,6 +13,7 @@
 //!   and a burst of up to `burst` messages inside one `interval` borrows the intervals it skips,
 //!   which are then waited out (after a burst of 20 at 6 s, 2 minutes). See [`PairState`].
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::{micros, Category, Decision, Effect, Micros, Mode, Outcome, Reason, MIN_RETRY_AFTER};
@@ -51,6 +52,32 @@ impl ThroughputRule {
     /// The level a number sends at: configured for it, else learnt from Meta, else the default.
     pub fn mps(&self, configured: Option<u32>, learnt: Option<u32>) -> u32 {
         configured.or(learnt).unwrap_or(self.default_mps).max(1)
+    }
+}
+
+/// Every number's throughput level: the rule (`None` while `[policy.throughput]` is off) and the
+/// levels configured per number. The one place a number's level in force is worked out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThroughputLevels {
+    pub rule: Option<ThroughputRule>,
+    /// Phone number id → configured messages per second (`[policy.throughput] numbers`).
+    pub numbers: BTreeMap<String, u32>,
+}
+
+impl ThroughputLevels {
+    /// The level configured for a number, which wins over what Meta reports.
+    pub fn configured(&self, number: &str) -> Option<u32> {
+        self.numbers.get(number).copied()
+    }
+
+    /// A number's level in force: configured, else `learnt` from Meta, else the rule's default
+    /// (Meta's default while the rule is off).
+    pub fn level(&self, number: &str, learnt: Option<u32>) -> u32 {
+        let configured = self.configured(number);
+        match self.rule {
+            Some(rule) => rule.mps(configured, learnt),
+            None => configured.or(learnt).unwrap_or(super::DEFAULT_THROUGHPUT_MPS),
+        }
     }
 }
 
@@ -115,11 +142,6 @@ impl PairRule {
         let tat = s.tat.max(at.saturating_add(micros(self.interval)));
         PairState { tat, burst_start: tat }
     }
-
-    /// How long a pair's schedule matters after `at`: a store may forget it then.
-    pub fn kept_until(&self, s: PairState) -> Micros {
-        s.tat
-    }
 }
 
 /// Whether Meta's per-user marketing limit keeps this message from a user capped until `until`.
@@ -166,14 +188,15 @@ pub fn schedule(r: &RateSnapshot, now: Micros, max_wait: Micros) -> Schedule {
         };
         return Schedule { verdict: Err(denial), throughput_tat: None, pair: None };
     }
-    take(r, now + wait, Ok(wait))
+    take(r, now, wait)
 }
 
-/// Takes both slots of a message at `at`, whatever it owes: a message sent anyway (shadow mode)
-/// still uses the number and the pair.
-pub fn take(r: &RateSnapshot, at: Micros, verdict: Result<Micros, (Reason, Duration)>) -> Schedule {
+/// Takes both slots of a message that goes `wait` µs after `now`, whatever it owes: a message
+/// sent anyway (shadow mode) still uses the number and the pair.
+pub fn take(r: &RateSnapshot, now: Micros, wait: Micros) -> Schedule {
+    let at = now + wait;
     Schedule {
-        verdict,
+        verdict: Ok(wait),
         throughput_tat: r.throughput.map(|(tat, interval, _)| throughput_take(tat, at, interval)),
         pair: r.pair.map(|(s, rule)| rule.take(s, at)),
     }
@@ -249,7 +272,7 @@ pub fn govern(
                 shadow: Some(would_be),
                 retry_after: None,
                 wait: 0,
-                schedule: take(rates, now, Ok(0)),
+                schedule: take(rates, now, 0),
             }
         }
     }
@@ -423,6 +446,17 @@ mod tests {
             (g.reason, g.effect, g.retry_after),
             (Reason::ThroughputExceeded, Effect::Nothing, Some(Duration::from_millis(30)))
         );
+    }
+
+    #[test]
+    fn a_numbers_level_is_configured_else_learnt_else_the_default() {
+        let rule = ThroughputRule { default_mps: 40, burst: Duration::ZERO };
+        let on = ThroughputLevels { rule: Some(rule), numbers: [("n1".to_owned(), 1_000)].into() };
+        assert_eq!(on.level("n1", Some(20)), 1_000);
+        assert_eq!(on.level("n2", Some(20)), 20);
+        assert_eq!(on.level("n2", None), 40);
+        let off = ThroughputLevels { rule: None, ..on };
+        assert_eq!(off.level("n2", None), crate::policy::DEFAULT_THROUGHPUT_MPS, "Meta's default while off");
     }
 
     #[test]
