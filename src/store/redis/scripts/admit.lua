@@ -276,11 +276,7 @@ for i = 18, #ARGV, 11 do
   end
   -- The usage after this message: the count is kept; only the oldest contact is read.
   local count = w:count()
-  local next_slot = 0
-  local oldest = w:first()
-  if oldest then
-    next_slot = oldest + window
-  end
+  local next_slot = w:next_slot()
   if threshold then
     -- Until the count drops below the threshold: the contact at rank count - threshold
     -- leaves (the oldest only when the count is at the threshold). With none (a cap or

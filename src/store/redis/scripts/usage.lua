@@ -23,11 +23,7 @@ local tier, limit = tg_meta(KEYS[2], ARGV[2], ARGV[3])
 local w = tg_window(KEYS[1], KEYS[3], now, window, nil)
 w:trim()
 local counted = w:count()
-local next_slot = 0
-local oldest = w:first()
-if oldest then
-  next_slot = oldest + window
-end
+local next_slot = w:next_slot()
 w:flush()
 -- KEYS[DAYS_FROM] is the day after the caller's; today by this clock is `first`.
 local first = DAYS_FROM + 1 + tonumber(ARGV[4]) - math.floor(now / DAY_US)

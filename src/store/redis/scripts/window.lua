@@ -104,6 +104,21 @@ end
 
 -- Opens the window at `key` (legacy sorted set at `legacy`) as of `now`. `layout` ({load, chunk,
 -- chunk_span, bucket_span}) is needed only by calls that write contacts.
+-- The first entry of a score-ordered chunk or bucket `value` still in the window, given that
+-- entry `lo` has left (its score <= `trimmed`) and entry `hi` has not (or is one past the last).
+local function tgw_first_kept(value, lo, hi, offset, trimmed)
+  local base = tgw_base(value)
+  while hi - lo > 1 do
+    local mid = math.floor((lo + hi) / 2)
+    if base + offset(value, mid) <= trimmed then
+      lo = mid
+    else
+      hi = mid
+    end
+  end
+  return hi
+end
+
 local function tg_window(key, legacy, now, window, layout)
   local w = setmetatable({key = key, legacy = legacy, now = now, window = window, layout = layout,
     values = {}, dirty = {}, wrote = false}, TgWindow)
@@ -188,15 +203,7 @@ function TgWindow:trim()
       self:put(name, string.sub(c, 1, TGW_BASE))
     else
       -- The first entry has left and the last has not: find the first that has not.
-      local lo, hi = 0, count - 1
-      while hi - lo > 1 do
-        local mid = math.floor((lo + hi) / 2)
-        if base + tgw_chunk_offset(c, mid) <= self.trimmed then
-          lo = mid
-        else
-          hi = mid
-        end
-      end
+      local hi = tgw_first_kept(c, 0, count - 1, tgw_chunk_offset, self.trimmed)
       self.n = self.n - hi
       self:tally(self.head, -hi)
       self:put(name, string.sub(c, 1, TGW_BASE) .. string.sub(c, TGW_BASE + 1 + TGW_STEP * hi))
@@ -289,6 +296,12 @@ function TgWindow:first()
   return self.n > 0 and self.oldest or nil
 end
 
+-- When the oldest contact leaves the window (0: nothing counted), as Usage.next_slot_at reports.
+function TgWindow:next_slot()
+  local oldest = self:first()
+  return oldest and oldest + self.window or 0
+end
+
 -- The bucket a recipient hash falls in (linear hashing).
 function TgWindow:bucket_of(member)
   local h = struct.unpack('>I4', member)
@@ -348,16 +361,8 @@ function TgWindow:clean(b)
   if count == 0 or base + tgw_bucket_offset(b, 0) > self.trimmed then
     return b
   end
-  -- Entries [0, lo] have left; hi is the first that has not (count: none).
-  local lo, hi = 0, count
-  while hi - lo > 1 do
-    local mid = math.floor((lo + hi) / 2)
-    if base + tgw_bucket_offset(b, mid) <= self.trimmed then
-      lo = mid
-    else
-      hi = mid
-    end
-  end
+  -- Entry 0 has left; hi is the first that has not (count: none).
+  local hi = tgw_first_kept(b, 0, count, tgw_bucket_offset, self.trimmed)
   self.m = self.m - hi
   return string.sub(b, 1, TGW_BASE) .. string.sub(b, TGW_BASE + 1 + TGW_ENTRY * hi)
 end
